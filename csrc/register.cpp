@@ -1,0 +1,40 @@
+// The one registration file of hybrid_engine._C: Python classes through pybind11, tensor ops
+// through TORCH_LIBRARY (torch.ops.hybrid_engine.*).
+#include <torch/extension.h>
+
+#include "block_allocator.h"
+
+namespace py = pybind11;
+using hybrid_engine::BlockAllocator;
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "hybrid_engine compiled extension";
+
+  static py::exception<hybrid_engine::OutOfBlocks> out_of_blocks(m, "OutOfBlocksError", PyExc_RuntimeError);
+  py::register_exception_translator([](std::exception_ptr p) {
+    try {
+      if (p) std::rethrow_exception(p);
+    } catch (const hybrid_engine::OutOfBlocks& e) {
+      py::set_error(out_of_blocks, e.what());
+    } catch (const hybrid_engine::UnknownSequence& e) {
+      py::set_error(PyExc_KeyError, e.what());
+    }
+  });
+
+  py::class_<BlockAllocator>(m, "BlockAllocator", "Paged KV-cache block allocator (see hybrid_engine.BlockAllocator).")
+      .def(py::init<int64_t, int64_t>(), py::arg("num_blocks"), py::arg("block_size"))
+      .def_property_readonly("num_blocks", &BlockAllocator::num_blocks)
+      .def_property_readonly("block_size", &BlockAllocator::block_size)
+      .def_property_readonly("num_free_blocks", &BlockAllocator::num_free_blocks)
+      .def("allocate", &BlockAllocator::allocate, py::arg("seq_id"), py::arg("num_tokens"),
+           "Reserve ceil(num_tokens / block_size) blocks for a new sequence's first tokens.")
+      .def("append", &BlockAllocator::append, py::arg("seq_ids"),
+           "One new token per sequence: returns (slots int64 [n], copies int64 [k, 2] of (src, dst) blocks to copy first).")
+      .def("fork", &BlockAllocator::fork, py::arg("parent_id"), py::arg("child_id"),
+           "The child shares all of the parent's blocks (reference counted, copy-on-write).")
+      .def("free", &BlockAllocator::free, py::arg("seq_id"), "Give the sequence's blocks back.")
+      .def("num_tokens", &BlockAllocator::num_tokens, py::arg("seq_id"))
+      .def("block_table", &BlockAllocator::block_table, py::arg("seq_ids"),
+           "int32 [n, max blocks among them], padded with -1.")
+      .def("ref_count", &BlockAllocator::ref_count, py::arg("block"), "How many sequences hold this block.");
+}
