@@ -1,0 +1,1 @@
+"""Benchmarks: each prints the baseline and ours side by side from one run and writes JSON."""
