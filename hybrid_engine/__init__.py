@@ -5,3 +5,9 @@ from hybrid_engine._C import BlockAllocator, OutOfBlocksError
 
 __all__ = ["BlockAllocator", "OutOfBlocksError"]
 __version__ = "0.1.0"
+
+from hybrid_engine.generation import GenerationOutput, Generator, generate  # noqa: E402
+from hybrid_engine.kv_cache import PagedKVCache  # noqa: E402
+from hybrid_engine.models import from_hf  # noqa: E402
+
+__all__ += ["generate", "Generator", "GenerationOutput", "PagedKVCache", "from_hf"]

@@ -1,0 +1,107 @@
+"""CausalLM: what every inference model shares (construction, forward over the paged cache, LM
+head on selected positions, loading through the weight map)."""
+from collections.abc import Mapping
+
+import torch
+from torch import nn
+
+from hybrid_engine import kernels
+from hybrid_engine.models.layers import AttentionBatch, DecoderLayer, TensorParallel
+from hybrid_engine.models.weights import WeightMap, load_weights
+
+CPU_DTYPES = (torch.float32, torch.bfloat16)
+
+
+def check_dtype(dtype: torch.dtype, device: torch.device) -> None:
+    if device.type == "cpu" and dtype not in CPU_DTYPES:
+        raise ValueError(f"dtype {dtype} is not supported on the CPU (float16 matrix products run at a few "
+                         f"hundred MFLOP/s there); use torch.float32 or torch.bfloat16")
+    if dtype not in (*CPU_DTYPES, torch.float16):
+        raise ValueError(f"dtype must be float32, bfloat16 or float16, got {dtype}")
+
+
+class CausalLM(nn.Module):
+    """A decoder-only LM over a paged KV cache. Subclasses build embeddings, layers and head from a
+    `transformers` config and describe their weights with `weight_map`.
+
+    Constructing one allocates empty weights for (config, tp_rank, tp_size, dtype): the resharder
+    fills `model.state_dict()` tensors in place; `from_hf` fills them from a full state dict.
+    """
+    config_class: type = None
+
+    def __init__(self, config, tp_rank: int = 0, tp_size: int = 1, tp_group=None,
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
+        super().__init__()
+        device = torch.device(device)
+        check_dtype(dtype, device)
+        self.config, self.dtype, self.device = config, dtype, device
+        self.tp = TensorParallel(tp_rank, tp_size, tp_group)
+        self.factory = {"dtype": dtype, "device": device}
+        self.layers = nn.ModuleList(self.build_layer(i) for i in range(config.num_hidden_layers))
+        attention = self.layers[0].attn
+        self.num_kv_heads, self.head_dim = attention.num_kv_heads, attention.head_dim
+
+    # --- what a model family defines -------------------------------------------------------
+    @classmethod
+    def weight_map(cls, config, tp_size: int = 1) -> WeightMap:
+        raise NotImplementedError
+
+    def build_layer(self, index: int) -> DecoderLayer:
+        raise NotImplementedError
+
+    def embed(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def final(self, h: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
+        """Hidden states of the last layer -> input of the LM head."""
+        raise NotImplementedError
+
+    @property
+    def max_positions(self) -> int:
+        return self.config.max_position_embeddings
+
+    # --- shared ---------------------------------------------------------------------------
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.config.vocab_size
+
+    @property
+    def lm_head_weight(self) -> torch.Tensor:
+        return (self.embed_tokens if self.config.tie_word_embeddings else self.lm_head).weight
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, batch: AttentionBatch,
+                kv_caches: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        """input_ids, positions [T] -> hidden states [T, head input dim]; writes K/V of the T tokens."""
+        h, residual = self.embed(input_ids, positions), None
+        for layer, (k_cache, v_cache) in zip(self.layers, kv_caches):
+            h, residual = layer(h, residual, positions, batch, k_cache, v_cache)
+        return self.final(h, residual)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Only the rows that get sampled go through the LM head."""
+        return kernels.linear_act(hidden, self.lm_head_weight, None, "none")
+
+    @classmethod
+    def from_hf(cls, model_or_state_dict, config=None, *, dtype: torch.dtype | None = None,
+                tp_rank: int = 0, tp_size: int = 1, tp_group=None, device: torch.device | str | None = None):
+        """Convert a `transformers` causal LM (or its state dict plus config) once into the inference
+        layout and dtype; with tp_size > 1, keep only rank tp_rank's slices."""
+        state_dict = as_state_dict(model_or_state_dict)
+        config = config if config is not None else model_or_state_dict.config
+        first = next(iter(state_dict.values()))
+        model = cls(config, tp_rank, tp_size, tp_group, dtype or first.dtype, device or first.device)
+        with torch.no_grad():
+            load_weights(dict(model.named_buffers()), cls.weight_map(config, tp_size), state_dict, tp_rank, tp_size)
+        return model
+
+
+def as_state_dict(model_or_state_dict) -> Mapping[str, torch.Tensor]:
+    if isinstance(model_or_state_dict, Mapping):
+        return model_or_state_dict
+    if isinstance(model_or_state_dict, nn.Module):
+        return model_or_state_dict.state_dict()
+    raise TypeError(f"expected a transformers model or a state dict, got {type(model_or_state_dict).__name__}")

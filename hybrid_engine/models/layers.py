@@ -1,0 +1,194 @@
+"""Building blocks of the inference graphs: tensor-parallel linears, paged attention, MLP, norms.
+
+Weights are buffers (no autograd) in the inference layout: packed QKV and packed gate/up are
+column-parallel (each rank holds a block of output rows), the attention output projection and the
+second MLP linear are row-parallel (each rank holds a block of input columns, partial sums are
+all-reduced). Norms, embeddings and the LM head are replicated.
+"""
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from hybrid_engine import kernels
+
+
+@dataclass(frozen=True)
+class TensorParallel:
+    """This process's place in its tensor-parallel group."""
+    rank: int = 0
+    size: int = 1
+    group: object = None
+
+    def __post_init__(self):
+        if not 0 <= self.rank < self.size:
+            raise ValueError(f"tp_rank must be in [0, tp_size={self.size}), got {self.rank}")
+
+    def divide(self, n: int, what: str) -> int:
+        if n % self.size:
+            raise ValueError(f"{what}={n} is not divisible by tp_size={self.size}")
+        return n // self.size
+
+    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        if self.size > 1:
+            dist.all_reduce(x, group=self.group)
+        return x
+
+
+@dataclass
+class AttentionBatch:
+    """Where this forward's tokens live in the paged KV cache.
+
+    Prefill: the tokens of several sequences packed without padding, split by cu_seqlens (int32
+    [S + 1]). Decode: one token per sequence, attending to context_lens (int32 [B], including the
+    new token) tokens found through block_tables (int32 [B, max blocks]).
+    """
+    slots: torch.Tensor
+    cu_seqlens: torch.Tensor | None = None
+    block_tables: torch.Tensor | None = None
+    context_lens: torch.Tensor | None = None
+
+    @property
+    def is_prefill(self) -> bool:
+        return self.cu_seqlens is not None
+
+
+def empty(*shape: int, like: dict) -> torch.Tensor:
+    return torch.empty(*shape, dtype=like["dtype"], device=like["device"])
+
+
+class Linear(nn.Module):
+    """y = act(x W^T + b). A column-parallel linear is this with W holding this rank's output rows."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, factory: dict):
+        super().__init__()
+        self.register_buffer("weight", empty(out_features, in_features, like=factory))
+        self.register_buffer("bias", empty(out_features, like=factory) if bias else None)
+
+    def forward(self, x: torch.Tensor, activation: str = "none") -> torch.Tensor:
+        return kernels.linear_act(x, self.weight, self.bias, activation)
+
+
+class RowParallelLinear(Linear):
+    """W holds this rank's input columns: partial products are summed over the group, then the bias
+    (replicated) is added once."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, tp: TensorParallel, factory: dict):
+        super().__init__(in_features, out_features, bias, factory)
+        self.tp = tp
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.tp.size == 1:
+            return super().forward(x)
+        y = self.tp.all_reduce(kernels.linear_act(x, self.weight, None, "none"))
+        return y if self.bias is None else y.add_(self.bias)
+
+
+class Norm(nn.Module):
+    """LayerNorm or RMSNorm fused with the residual add: returns (norm(x + residual), x + residual)."""
+
+    def __init__(self, dim: int, eps: float, rms: bool, factory: dict):
+        super().__init__()
+        self.eps, self.rms = eps, rms
+        self.register_buffer("weight", empty(dim, like=factory))
+        self.register_buffer("bias", None if rms else empty(dim, like=factory))
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.rms:
+            return kernels.add_rms_norm(x, residual, self.weight, self.eps)
+        return kernels.add_layer_norm(x, residual, self.weight, self.bias, self.eps)
+
+
+class RotaryEmbedding:
+    """Rotate-half RoPE (the Hugging Face LLaMA layout) from precomputed cos/sin tables."""
+
+    def __init__(self, inv_freq: torch.Tensor, attention_scaling: float, max_positions: int, factory: dict):
+        freqs = torch.outer(torch.arange(max_positions, dtype=torch.float32), inv_freq.float().cpu())
+        self.cos = (freqs.cos() * attention_scaling).to(**factory)
+        self.sin = (freqs.sin() * attention_scaling).to(**factory)
+
+    def __call__(self, positions: torch.Tensor, *xs: torch.Tensor) -> list[torch.Tensor]:
+        cos, sin = self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)
+        out = []
+        for x in xs:
+            x1, x2 = x.chunk(2, dim=-1)
+            out.append(torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1))
+        return out
+
+
+class Attention(nn.Module):
+    """Packed QKV projection, optional RoPE, K/V written to the paged cache, varlen prefill or paged
+    decode attention, row-parallel output projection."""
+
+    def __init__(self, hidden: int, num_heads: int, num_kv_heads: int, head_dim: int, qkv_bias: bool,
+                 out_bias: bool, tp: TensorParallel, factory: dict, rotary: RotaryEmbedding | None = None):
+        super().__init__()
+        self.num_heads = tp.divide(num_heads, "num_attention_heads")
+        self.num_kv_heads = tp.divide(num_kv_heads, "num_key_value_heads")
+        self.head_dim, self.rotary = head_dim, rotary
+        q_size, kv_size = self.num_heads * head_dim, self.num_kv_heads * head_dim
+        self.split_sizes = [q_size, kv_size, kv_size]
+        self.qkv = Linear(hidden, q_size + 2 * kv_size, qkv_bias, factory)
+        self.out = RowParallelLinear(q_size, hidden, out_bias, tp, factory)
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, batch: AttentionBatch, k_cache: torch.Tensor,
+                v_cache: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.qkv(x).split(self.split_sizes, dim=-1)
+        q = q.unflatten(-1, (self.num_heads, self.head_dim))
+        k = k.unflatten(-1, (self.num_kv_heads, self.head_dim))
+        v = v.unflatten(-1, (self.num_kv_heads, self.head_dim))
+        if self.rotary is not None:
+            q, k = self.rotary(positions, q, k)
+        kernels.write_kv(k, v, k_cache, v_cache, batch.slots)
+        if batch.is_prefill:
+            o = kernels.prefill_attention(q, k, v, batch.cu_seqlens)
+        else:
+            o = kernels.decode_attention(q, k_cache, v_cache, batch.block_tables, batch.context_lens)
+        return self.out(o.flatten(1))
+
+
+class MLP(nn.Module):
+    """up (column-parallel, packed [gate; up] when gated) -> activation -> down (row-parallel)."""
+
+    def __init__(self, hidden: int, ffn: int, activation: str, gated: bool, bias: bool, tp: TensorParallel,
+                 factory: dict):
+        super().__init__()
+        ffn = tp.divide(ffn, "intermediate size")
+        self.activation, self.gated = activation, gated
+        self.up = Linear(hidden, ffn * (2 if gated else 1), bias, factory)
+        self.down = RowParallelLinear(ffn, hidden, bias, tp, factory)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gated:
+            return self.down(kernels.silu_and_mul(self.up(x)))
+        return self.down(self.up(x, self.activation))
+
+
+class DecoderLayer(nn.Module):
+    """One transformer block, pre-norm (residual carried to the next norm) or post-norm (OPT-350m)."""
+
+    def __init__(self, attn: Attention, mlp: MLP, attn_norm: Norm, mlp_norm: Norm, pre_norm: bool):
+        super().__init__()
+        self.attn, self.mlp, self.attn_norm, self.mlp_norm, self.pre_norm = attn, mlp, attn_norm, mlp_norm, pre_norm
+
+    def forward(self, h: torch.Tensor, residual: torch.Tensor | None, positions: torch.Tensor,
+                batch: AttentionBatch, k_cache: torch.Tensor, v_cache: torch.Tensor):
+        if self.pre_norm:
+            x, residual = self.attn_norm(h, residual)
+            x, residual = self.mlp_norm(self.attn(x, positions, batch, k_cache, v_cache), residual)
+            return self.mlp(x), residual
+        h, _ = self.attn_norm(self.attn(h, positions, batch, k_cache, v_cache), h)
+        h, _ = self.mlp_norm(self.mlp(h), h)
+        return h, None
+
+
+class Embedding(nn.Module):
+    """A replicated lookup table (token or learned position embeddings, or a tied LM head)."""
+
+    def __init__(self, num_embeddings: int, dim: int, factory: dict):
+        super().__init__()
+        self.register_buffer("weight", empty(num_embeddings, dim, like=factory))
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return nn.functional.embedding(ids, self.weight)
