@@ -1,23 +1,236 @@
-"""Fused inference ops. Each public function validates its inputs and dispatches by device:
-Triton for CUDA tensors, C++ (torch.ops.hybrid_engine) for CPU tensors where it wins, and the
-plain-torch reference otherwise.
+"""Fused inference ops: one public function per op, shapes and names as in `reference`.
 
-PROVISIONAL: every op currently runs the reference; validation and the Triton/C++ paths come
-with the kernels issue.
+Each function validates its inputs (a ValueError naming the argument; no bad index ever reaches
+a kernel), then dispatches by the device of the inputs:
+
+- CUDA tensors: Triton kernels (`hybrid_engine.kernels.triton`, imported on first use).
+- CPU tensors: the C++ kernels `torch.ops.hybrid_engine.decode_attention/prefill_attention`
+  when the extension has them, the float32 reference for attention otherwise; every other op
+  runs plain torch in the inputs' own dtype (`native`). CPU dtypes: float32 and bfloat16
+  (float16 matrix work on the CPU is about 1000x slower, so it is rejected).
+
+`use_backend(name)` forces a path inside a `with` block (per thread/task, via a ContextVar):
+"triton" (also on CPU tensors: that is how tests run the Triton interpreter), "cpp" (CPU
+attention only), "torch" (`native`; `reference` for attention), "reference", or "auto".
+
+Inputs other than the caches are made contiguous (a no-op when they already are); the caches
+are written in place and must be contiguous.
 """
-from hybrid_engine.kernels import reference
-from hybrid_engine.kernels.reference import (
-    add_layer_norm,
-    add_rms_norm,
-    copy_blocks,
-    decode_attention,
-    linear_act,
-    prefill_attention,
-    silu_and_mul,
-    write_kv,
-)
+import contextlib
+import contextvars
+import functools
+import importlib
+import math
+from collections.abc import Iterator
+
+import torch
+
+from hybrid_engine.kernels import native, reference
+from hybrid_engine.kernels import validate as check
+
+BACKENDS = ("auto", "triton", "cpp", "torch", "reference")
+_CPP_OPS = ("decode_attention", "prefill_attention")
+_backend_override = contextvars.ContextVar("hybrid_engine_kernels_backend", default="auto")
 
 __all__ = [
-    "reference", "write_kv", "copy_blocks", "prefill_attention", "decode_attention",
+    "BACKENDS", "use_backend", "reference", "write_kv", "copy_blocks", "prefill_attention", "decode_attention",
     "linear_act", "silu_and_mul", "add_layer_norm", "add_rms_norm",
 ]
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[None]:
+    """Run the ops inside the block on one backend (see the module docstring)."""
+    if name not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
+    token = _backend_override.set(name)
+    try:
+        yield
+    finally:
+        _backend_override.reset(token)
+
+
+@functools.cache
+def _has_cpp(op: str) -> bool:
+    return hasattr(torch.ops.hybrid_engine, op)
+
+
+def _backend(op: str, device: torch.device) -> str:
+    forced = _backend_override.get()
+    has_cpp = op in _CPP_OPS and _has_cpp(op)
+    if forced == "auto":
+        return "triton" if device.type == "cuda" else "cpp" if has_cpp else "torch"
+    if forced == "cpp" and not (has_cpp and device.type == "cpu"):
+        raise RuntimeError(f"{op} has no C++ kernel for {device.type} tensors in this build of hybrid_engine._C")
+    return forced
+
+
+def _float_dtypes(device: torch.device, backend: str) -> tuple[torch.dtype, ...]:
+    native_cpu = device.type == "cpu" and backend in ("cpp", "torch")
+    return check.CPU_DTYPES if native_cpu else check.GPU_DTYPES
+
+
+def _triton(module: str):
+    return importlib.import_module(f"hybrid_engine.kernels.triton.{module}")
+
+
+def _route(op: str, *tensors: torch.Tensor | None) -> tuple[str, tuple[torch.dtype, ...]]:
+    """Backend and allowed float dtypes for tensors given as name=value pairs."""
+    device = check.check_devices(**dict(tensors))
+    backend = _backend(op, device)
+    return backend, _float_dtypes(device, backend)
+
+
+def write_kv(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+             slots: torch.Tensor) -> None:
+    """Write key/value [T, KVH, D] into the paged caches at slots int64 [T]; slot -1 is skipped."""
+    backend, dtypes = _route("write_kv", ("key", key), ("value", value), ("k_cache", k_cache),
+                             ("v_cache", v_cache), ("slots", slots))
+    check.check_cache_pair(k_cache, v_cache, dtypes)
+    check.check_float("key", key, 3, dtypes)
+    check.check_same("value", value, "key", key)
+    if key.shape[1:] != k_cache.shape[2:]:
+        raise ValueError(f"key {tuple(key.shape)} does not match the [KVH, D] of k_cache {tuple(k_cache.shape)}")
+    check.check_slots(slots, key.shape[0], k_cache.shape[0] * k_cache.shape[1])
+    if key.shape[0] == 0:
+        return
+    key, value, slots = key.contiguous(), value.contiguous(), slots.contiguous()
+    if backend == "triton":
+        _triton("write_kv").write_kv(key, value, k_cache, v_cache, slots)
+    else:
+        (reference if backend == "reference" else native).write_kv(key, value, k_cache, v_cache, slots)
+
+
+def copy_blocks(k_cache: torch.Tensor, v_cache: torch.Tensor, copies: torch.Tensor) -> None:
+    """Copy whole cache blocks, copies int64 [k, 2] of (src_block, dst_block).
+
+    No Triton kernel: torch's gather/scatter already copies at memory bandwidth and this runs only
+    at copy-on-write, so every backend but "reference" uses `native.copy_blocks`.
+    """
+    backend, dtypes = _route("copy_blocks", ("k_cache", k_cache), ("v_cache", v_cache), ("copies", copies))
+    check.check_cache_pair(k_cache, v_cache, dtypes)
+    check.check_copies(copies, k_cache.shape[0])
+    if copies.shape[0]:
+        (reference if backend == "reference" else native).copy_blocks(k_cache, v_cache, copies.long())
+
+
+def _check_qkv(q: torch.Tensor, k_name: str, k: torch.Tensor, v_name: str, v: torch.Tensor,
+               dtypes: tuple[torch.dtype, ...], k_ndim: int) -> None:
+    check.check_float("q", q, 3, dtypes)
+    check.check_float(k_name, k, k_ndim, dtypes)
+    check.check_same(k_name, k, "q", q, slice(-1, None))
+    check.check_same(v_name, v, k_name, k)
+    check.check_heads(q.shape[1], k.shape[-2])
+
+
+def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, *,
+                      causal: bool = True, scale: float | None = None) -> torch.Tensor:
+    """Attention within each sequence of a packed batch: q [T, H, D], k/v [T, KVH, D], cu_seqlens int32 [B+1]."""
+    backend, dtypes = _route("prefill_attention", ("q", q), ("k", k), ("v", v), ("cu_seqlens", cu_seqlens))
+    _check_qkv(q, "k", k, "v", v, dtypes, 3)
+    if k.shape[0] != q.shape[0]:
+        raise ValueError(f"k has {k.shape[0]} tokens but q has {q.shape[0]}")
+    check.check_cu_seqlens(cu_seqlens, q.shape[0])
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    q, k, v, cu_seqlens = q.contiguous(), k.contiguous(), v.contiguous(), cu_seqlens.contiguous()
+    if backend == "triton":
+        return _triton("prefill_attention").prefill_attention(q, k, v, cu_seqlens, bool(causal), scale)
+    if backend == "cpp":
+        return torch.ops.hybrid_engine.prefill_attention(q, k, v, cu_seqlens, bool(causal), scale)
+    return reference.prefill_attention(q, k, v, cu_seqlens, causal=bool(causal), scale=scale)
+
+
+def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+                     context_lens: torch.Tensor, *, scale: float | None = None) -> torch.Tensor:
+    """One query per sequence over its paged cache: q [B, H, D], block_tables int32 [B, W] (-1 padded),
+    context_lens int32 [B] (>= 1). Returns [B, H, D]."""
+    backend, dtypes = _route("decode_attention", ("q", q), ("k_cache", k_cache), ("v_cache", v_cache),
+                             ("block_tables", block_tables), ("context_lens", context_lens))
+    check.check_cache_pair(k_cache, v_cache, dtypes)
+    _check_qkv(q, "k_cache", k_cache, "v_cache", v_cache, dtypes, 4)
+    num_blocks, block_size = k_cache.shape[:2]
+    check.check_block_tables(block_tables, context_lens, q.shape[0], num_blocks, block_size)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    q, block_tables, context_lens = q.contiguous(), block_tables.contiguous(), context_lens.contiguous()
+    if backend == "triton":
+        return _triton("decode_attention").decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale)
+    if backend == "cpp":
+        return torch.ops.hybrid_engine.decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale)
+    return reference.decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale=scale)
+
+
+def linear_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, activation: str) -> torch.Tensor:
+    """activation(x @ weight.T + bias): x [..., K], weight [N, K], bias [N] or None."""
+    backend, dtypes = _route("linear_act", ("x", x), ("weight", weight), ("bias", bias))
+    if activation not in reference.ACTIVATIONS:
+        raise ValueError(f"activation must be one of {sorted(reference.ACTIVATIONS)}, got {activation!r}")
+    check.check_float("x", x, None, dtypes)
+    check.check_float("weight", weight, 2, dtypes)
+    check.check_same("weight", weight, "x", x, slice(-1, None))
+    _check_vector("bias", bias, weight.shape[0], x)
+    x, weight, bias = x.contiguous(), weight.contiguous(), _contiguous(bias)
+    if backend == "triton":
+        return _triton("linear_act").linear_act(x, weight, bias, activation)
+    return (reference if backend == "reference" else native).linear_act(x, weight, bias, activation)
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """silu(x[..., :I]) * x[..., I:] for x [..., 2I]."""
+    backend, dtypes = _route("silu_and_mul", ("x", x))
+    check.check_float("x", x, None, dtypes)
+    if x.dim() == 0 or x.shape[-1] % 2:
+        raise ValueError(f"x must have an even last dimension [..., 2I], got shape {tuple(x.shape)}")
+    x = x.contiguous()
+    if backend == "triton":
+        return _triton("silu_and_mul").silu_and_mul(x)
+    return (reference if backend == "reference" else native).silu_and_mul(x)
+
+
+def _contiguous(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.contiguous()
+
+
+def _check_vector(name: str, t: torch.Tensor | None, size: int, like: torch.Tensor) -> None:
+    """An optional per-feature parameter: [size] in the dtype of like."""
+    if t is not None:
+        check.check_float(name, t, 1, (like.dtype,))
+        if t.shape[0] != size:
+            raise ValueError(f"{name} has {t.shape[0]} entries, expected {size}")
+
+
+def _check_norm(op: str, x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
+                bias: torch.Tensor | None) -> str:
+    backend, dtypes = _route(op, ("x", x), ("residual", residual), ("weight", weight), ("bias", bias))
+    check.check_float("x", x, None, dtypes)
+    if x.dim() == 0:
+        raise ValueError("x must have a feature dimension")
+    if residual is not None:
+        check.check_same("residual", residual, "x", x)
+    _check_vector("weight", weight, x.shape[-1], x)
+    _check_vector("bias", bias, x.shape[-1], x)
+    return backend
+
+
+def add_layer_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, bias: torch.Tensor | None,
+                   eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(layer_norm(x + residual), x + residual); residual may be None (then new_residual is x)."""
+    backend = _check_norm("add_layer_norm", x, residual, weight, bias)
+    return _add_norm(backend, x, residual, weight, bias, eps, rms=False)
+
+
+def add_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
+                 eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rms_norm(x + residual), x + residual); residual may be None (then new_residual is x)."""
+    backend = _check_norm("add_rms_norm", x, residual, weight, None)
+    return _add_norm(backend, x, residual, weight, None, eps, rms=True)
+
+
+def _add_norm(backend: str, x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
+              bias: torch.Tensor | None, eps: float, rms: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    if backend == "triton":
+        return _triton("add_norm").add_norm(x.contiguous(), _contiguous(residual), weight.contiguous(),
+                                            _contiguous(bias), float(eps), rms)
+    impl = reference if backend == "reference" else native
+    if rms:
+        return impl.add_rms_norm(x, residual, weight, eps)
+    return impl.add_layer_norm(x, residual, weight, bias, eps)
