@@ -53,8 +53,8 @@ class Generator:
             self.cache = PagedKVCache.for_model(self.model, memory_bytes=kv_cache_bytes,
                                                 memory_fraction=kv_cache_fraction, block_size=block_size)
         self.fixed_budget = self.cache is not None
+        self.stats: dict[str, int] = {}  # of the last call: prefills, decode_steps, preemptions
 
-    @torch.inference_mode()
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
                  max_new_tokens: int = 20, min_new_tokens: int = 0, do_sample: bool = False,
                  temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, num_return_sequences: int = 1,
@@ -62,7 +62,7 @@ class Generator:
                  seed: int | None = None, generator: torch.Generator | None = None) -> GenerationOutput:
         """Like transformers' generate on left-padded input_ids [B, L] (attention_mask 1 = token).
         eos_token_id / pad_token_id default to the model config's; pass eos_token_id=[] for none.
-        Unlike transformers' generation_config, top_k defaults to 0 (off)."""
+        top_k=0 and top_p=1 disable those filters."""
         options = sampling_options(self.model.config, max_new_tokens, min_new_tokens, do_sample, temperature,
                                    top_k, top_p, eos_token_id, pad_token_id, self.model.device)
         input_ids, attention_mask = check_prompts(self.model, input_ids, attention_mask, max_new_tokens)
@@ -74,7 +74,12 @@ class Generator:
             generator = torch.Generator(self.model.device).manual_seed(seed)
         run = Run(self.model, self._cache_for(attention_mask, num_return_sequences, max_new_tokens), options,
                   input_ids, attention_mask, num_return_sequences, generator, self.max_prefill_tokens)
-        return run.execute()
+        with torch.inference_mode():
+            output = run.execute()
+        self.stats = run.stats
+        # Outside inference mode, so that a trainer can feed the results to autograd-tracked forwards.
+        return GenerationOutput(output.sequences.clone(), output.attention_mask.clone(),
+                                output.generated_lengths.clone())
 
     def _cache_for(self, attention_mask: torch.Tensor, n: int, max_new_tokens: int) -> PagedKVCache:
         """Check that every sequence fits alone, and size the cache when no budget was given."""
@@ -166,6 +171,7 @@ class Run:
         self.running_rows = torch.empty(0, dtype=torch.int64, device=device)
         self.context_lens = torch.empty(0, dtype=torch.int32, device=device)
         self.last_tokens = torch.empty(0, dtype=torch.int64, device=device)
+        self.stats = {"prefills": 0, "decode_steps": 0, "preemptions": 0}
 
     def execute(self) -> GenerationOutput:
         try:
@@ -199,6 +205,7 @@ class Run:
 
     def prefill(self, groups: list[Group]) -> None:
         """All groups' tokens packed into one forward; each row samples from its group's last logits."""
+        self.stats["prefills"] += 1
         lens = torch.tensor([len(g.tokens) for g in groups], device=self.out.device)
         for group in groups:
             self.alloc.allocate(group.rows[0], len(group.tokens))
@@ -226,6 +233,7 @@ class Run:
 
     def decode(self) -> None:
         """One token for every running row."""
+        self.stats["decode_steps"] += 1
         slots, copies = self.append()
         if copies.numel():
             self.cache.copy_blocks(copies.to(self.out.device))
@@ -251,6 +259,7 @@ class Run:
 
     def preempt_newest(self) -> None:
         """Free the newest row; it waits at the front to be recomputed from its tokens so far."""
+        self.stats["preemptions"] += 1
         row = self.running[-1]
         self.alloc.free(row)
         generated = self.out[row, self.first_new:self.first_new + int(self.num_generated[row])]

@@ -1,0 +1,206 @@
+"""The generation loop against transformers' generate on tiny random models: greedy token equality,
+EOS and padding layout, forks, preemption under a KV budget, sampling, bad inputs."""
+import pytest
+import torch
+from test_models import CONFIGS, VOCAB, hf_model, hf_logits, ragged_prompts
+from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
+
+import hybrid_engine
+from hybrid_engine import Generator, from_hf
+from hybrid_engine.sampling import filter_logits
+
+PAD = 1
+LENGTHS, WIDTH = [7, 13, 2, 10], 13
+
+
+def hf_greedy(hf, ids, mask, new_tokens: int, eos, min_new_tokens: int = 0) -> torch.Tensor:
+    out = hf.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=new_tokens,
+                      min_new_tokens=min_new_tokens, eos_token_id=eos, pad_token_id=PAD)
+    # transformers stops when every row is done; ours always has max_new_tokens columns.
+    return torch.nn.functional.pad(out, (0, ids.shape[1] + new_tokens - out.shape[1]), value=PAD)
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_greedy_matches_hf_on_ragged_prompts(name):
+    hf = hf_model(name)
+    ids, mask = ragged_prompts(LENGTHS, WIDTH, pad=PAD)
+    out = hybrid_engine.generate(hf, ids, mask, max_new_tokens=20, min_new_tokens=20, eos_token_id=2,
+                                 pad_token_id=PAD)
+    expected = hf_greedy(hf, ids, mask, 20, eos=2, min_new_tokens=20)
+    assert torch.equal(out.sequences, expected)
+    assert torch.equal(out.generated_lengths, torch.full((len(LENGTHS),), 20))
+    assert torch.equal(out.attention_mask, torch.cat([mask, torch.ones(len(LENGTHS), 20, dtype=mask.dtype)], 1))
+
+
+def eos_emitted_midway(sequences: torch.Tensor, width: int) -> int:
+    """A token greedy decoding emits in row 0 around step 4 but not before: a mid-sequence EOS."""
+    new = sequences[0, width:].tolist()
+    return next(t for i, t in enumerate(new) if i >= 3 and t not in new[:i])
+
+
+@pytest.mark.parametrize("name", ["opt_post", "llama_gqa"])
+def test_eos_midway_pads_like_hf(name):
+    hf = hf_model(name)
+    ids, mask = ragged_prompts(LENGTHS, WIDTH, pad=PAD)
+    free_run = hybrid_engine.generate(hf, ids, mask, max_new_tokens=16, eos_token_id=[], pad_token_id=PAD)
+    eos = [eos_emitted_midway(free_run.sequences, WIDTH), 2]
+    out = hybrid_engine.generate(hf, ids, mask, max_new_tokens=16, eos_token_id=eos, pad_token_id=PAD)
+    expected = hf_greedy(hf, ids, mask, 16, eos=eos)
+    assert torch.equal(out.sequences, expected)
+    lengths = out.generated_lengths
+    assert 4 <= lengths[0] < 16
+    new_mask = out.attention_mask[:, WIDTH:]
+    assert torch.equal(new_mask.sum(1), lengths)
+    assert bool((out.sequences[:, WIDTH:][new_mask == 0] == PAD).all())
+
+
+def test_min_new_tokens_holds_back_eos():
+    hf = hf_model("llama_tied")
+    ids, mask = ragged_prompts(LENGTHS, WIDTH, pad=PAD)
+    free_run = hybrid_engine.generate(hf, ids, mask, max_new_tokens=12, eos_token_id=[], pad_token_id=PAD)
+    eos = free_run.sequences[0, WIDTH + 1].item()
+    out = hybrid_engine.generate(hf, ids, mask, max_new_tokens=12, min_new_tokens=5, eos_token_id=eos,
+                                 pad_token_id=PAD)
+    assert torch.equal(out.sequences, hf_greedy(hf, ids, mask, 12, eos=eos, min_new_tokens=5))
+    assert bool((out.generated_lengths >= 5).all())
+
+
+def test_num_return_sequences_greedy_equals_repeated_prompts():
+    hf = hf_model("opt_pre")
+    ids, mask = ragged_prompts(LENGTHS, WIDTH, pad=PAD)
+    generator = Generator(hf, block_size=4)
+    forked = generator.generate(ids, mask, max_new_tokens=10, num_return_sequences=3, eos_token_id=2,
+                                pad_token_id=PAD)
+    repeated = generator.generate(ids.repeat_interleave(3, 0), mask.repeat_interleave(3, 0), max_new_tokens=10,
+                                  eos_token_id=2, pad_token_id=PAD)
+    assert torch.equal(forked.sequences, repeated.sequences)
+
+
+def test_forked_samples_follow_their_own_prefix():
+    """Samples forked from one prompt (whose last block is shared, then copied on write) each pick
+    tokens among the top 2 of the HF model run on that sample's own full sequence."""
+    hf = hf_model("llama_gqa")
+    ids, mask = ragged_prompts([6, 9], 9, pad=PAD)  # not multiples of the block size
+    out = Generator(hf, block_size=4).generate(ids, mask, max_new_tokens=8, do_sample=True, top_k=2,
+                                               num_return_sequences=4, eos_token_id=[], seed=3)
+    rows = out.sequences
+    assert len({tuple(r) for r in rows[:4].tolist()}) > 1, "samples did not diverge: nothing tested"
+    logits = hf(input_ids=rows, attention_mask=out.attention_mask).logits
+    top2 = logits[:, 9 - 1:-1].topk(2, dim=-1).indices
+    assert bool((top2 == rows[:, 9:, None]).any(-1).all())
+
+
+def test_tiny_kv_budget_preempts_and_matches_unconstrained():
+    hf = hf_model("opt_post")
+    ids, mask = ragged_prompts(LENGTHS * 2, WIDTH, pad=PAD)
+    options = dict(max_new_tokens=18, min_new_tokens=18, eos_token_id=2, pad_token_id=PAD)
+    free = Generator(hf, block_size=4).generate(ids, mask, **options)
+    model = from_hf(hf)
+    block_bytes = hybrid_engine.PagedKVCache.block_bytes(model, 4)
+    tight = Generator(model, kv_cache_bytes=14 * block_bytes, block_size=4)  # one sequence needs 8 blocks
+    out = tight.generate(ids, mask, **options)
+    assert tight.stats["preemptions"] > 0
+    assert torch.equal(out.sequences, free.sequences)
+    assert tight.cache.allocator.num_free_blocks == tight.cache.num_blocks
+
+
+def test_sequence_larger_than_budget_fails_before_work():
+    model = from_hf(hf_model("opt_pre"))
+    generator = Generator(model, kv_cache_bytes=3 * hybrid_engine.PagedKVCache.block_bytes(model, 4), block_size=4)
+    ids, mask = ragged_prompts([10], 10)
+    with pytest.raises(ValueError, match="KV cache budget holds 3 blocks.*needs 5"):
+        generator.generate(ids, mask, max_new_tokens=10)
+
+
+def test_generator_reuses_its_cache():
+    generator = Generator(hf_model("llama_tied"))
+    ids, mask = ragged_prompts(LENGTHS, WIDTH, pad=PAD)
+    first = generator.generate(ids, mask, max_new_tokens=6, eos_token_id=[])
+    cache = generator.cache
+    second = generator.generate(ids[:2], mask[:2], max_new_tokens=6, eos_token_id=[])
+    assert generator.cache is cache
+    assert torch.equal(second.sequences, first.sequences[:2])
+
+
+def test_sampling_reproducible_with_seed_and_generator():
+    hf = hf_model("opt_proj")
+    ids, mask = ragged_prompts(LENGTHS, WIDTH, pad=PAD)
+    generator = Generator(hf)
+    options = dict(max_new_tokens=12, do_sample=True, temperature=1.3, top_p=0.9, eos_token_id=[])
+    a = generator.generate(ids, mask, seed=7, **options).sequences
+    b = generator.generate(ids, mask, generator=torch.Generator().manual_seed(7), **options).sequences
+    c = generator.generate(ids, mask, seed=8, **options).sequences
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
+
+
+def test_bf16_greedy_follows_hf_bf16_for_a_few_tokens():
+    """bf16 rounding differs between implementations, so only the first tokens must agree."""
+    hf = hf_model("llama_gqa")
+    ids, mask = ragged_prompts(LENGTHS, WIDTH, pad=PAD)
+    out = hybrid_engine.generate(from_hf(hf, dtype=torch.bfloat16), ids, mask, max_new_tokens=3, eos_token_id=[])
+    expected = hf_greedy(hf.to(torch.bfloat16), ids, mask, 3, eos=None)
+    assert (out.sequences == expected).float().mean() >= 0.9
+
+
+@pytest.mark.parametrize("top_k,top_p", [(1, 1.0), (5, 1.0), (0, 0.5), (0, 0.93), (7, 0.8), (400, 0.3)])
+def test_filtering_keeps_what_hf_warpers_keep(top_k, top_p):
+    g = torch.Generator().manual_seed(top_k)
+    logits = torch.randn(6, VOCAB, generator=g) * 3
+    logits[0, :20] = logits[0, 0]  # ties at the boundary
+    expected = logits.clone()
+    if top_k:
+        expected = TopKLogitsWarper(top_k)(None, expected)
+    if top_p < 1:
+        expected = TopPLogitsWarper(top_p)(None, expected)
+    ours = filter_logits(logits, top_k, top_p)
+    assert torch.equal(torch.isfinite(ours), torch.isfinite(expected))
+    assert torch.equal(ours[torch.isfinite(ours)], logits[torch.isfinite(ours)])
+
+
+BAD_INPUTS = {
+    "empty batch": (dict(input_ids=torch.zeros(0, 5, dtype=torch.long)), "input_ids"),
+    "float ids": (dict(input_ids=torch.rand(2, 5)), "input_ids"),
+    "mask shape": (dict(attention_mask=torch.ones(2, 4, dtype=torch.long)), "attention_mask"),
+    "all padding row": (dict(attention_mask=torch.tensor([[0] * 5, [1] * 5])), "attention_mask"),
+    "right padding": (dict(attention_mask=torch.tensor([[1, 1, 1, 0, 0], [1] * 5])), "attention_mask"),
+    "token id": (dict(input_ids=torch.tensor([[3, 4, 5, VOCAB, 6], [3] * 5])), "input_ids"),
+    "negative token": (dict(input_ids=torch.tensor([[3, 4, 5, -1, 6], [3] * 5])), "input_ids"),
+    "prompt too long": (dict(input_ids=torch.full((2, 81), 5), attention_mask=torch.ones(2, 81, dtype=torch.long)),
+                        "input_ids"),
+    "too many new tokens": (dict(max_new_tokens=76), "max_new_tokens"),
+    "zero new tokens": (dict(max_new_tokens=0), "max_new_tokens"),
+    "min above max": (dict(max_new_tokens=3, min_new_tokens=4), "min_new_tokens"),
+    "top_p zero": (dict(do_sample=True, top_p=0.0), "top_p"),
+    "top_p above one": (dict(do_sample=True, top_p=1.5), "top_p"),
+    "temperature zero": (dict(do_sample=True, temperature=0.0), "temperature"),
+    "negative top_k": (dict(do_sample=True, top_k=-1), "top_k"),
+    "no samples": (dict(num_return_sequences=0), "num_return_sequences"),
+    "eos out of vocab": (dict(eos_token_id=[2, VOCAB + 5]), "eos_token_id"),
+}
+
+
+@pytest.fixture(scope="module")
+def small_generator():
+    return Generator(hf_model("opt_pre"))
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_input_raises_value_error_naming_it(case, small_generator):
+    overrides, argument = BAD_INPUTS[case]
+    kwargs = dict(input_ids=torch.full((2, 5), 5), attention_mask=torch.ones(2, 5, dtype=torch.long),
+                  max_new_tokens=4)
+    kwargs.update(overrides)
+    with pytest.raises(ValueError, match=argument):
+        small_generator.generate(**kwargs)
+    assert small_generator.cache is None or \
+        small_generator.cache.allocator.num_free_blocks == small_generator.cache.num_blocks
+
+
+def test_prefill_logits_of_generate_match_hf_forward():
+    """The first token comes from the packed prefill's last positions: same as HF's argmax."""
+    hf = hf_model("opt_proj")
+    ids, mask = ragged_prompts(LENGTHS, WIDTH, pad=PAD)
+    out = hybrid_engine.generate(hf, ids, mask, max_new_tokens=1, eos_token_id=[])
+    last = hf_logits(hf, ids, mask)[mask.sum(1).cumsum(0) - 1]
+    assert torch.equal(out.sequences[:, -1], last.argmax(-1))
