@@ -3,6 +3,7 @@
 #include <torch/extension.h>
 
 #include "block_allocator.h"
+#include "cpu/attention.h"
 
 namespace py = pybind11;
 using hybrid_engine::BlockAllocator;
@@ -37,4 +38,16 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("block_table", &BlockAllocator::block_table, py::arg("seq_ids"),
            "int32 [n, max blocks among them], padded with -1.")
       .def("ref_count", &BlockAllocator::ref_count, py::arg("block"), "How many sequences hold this block.");
+}
+
+// Tensor ops: schemas (the contract hybrid_engine.kernels dispatches to) and their CPU kernels.
+TORCH_LIBRARY(hybrid_engine, m) {
+  m.def("decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, Tensor context_lens, "
+        "float scale) -> Tensor");
+  m.def("prefill_attention(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens, bool causal, float scale) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(hybrid_engine, CPU, m) {
+  m.impl("decode_attention", &hybrid_engine::cpu::decode_attention);
+  m.impl("prefill_attention", &hybrid_engine::cpu::prefill_attention);
 }

@@ -1,0 +1,191 @@
+// Paged decode attention on the CPU: one query token per sequence against its K/V read straight
+// from the paged cache through the block table.
+//
+// Decode is memory-bandwidth bound (each K/V byte is used by one GQA group of queries), so the
+// loop order is chosen for the memory system: a task is (sequence, range of kv heads) and walks
+// the sequence's blocks token by token, reading the task's heads of each token as one contiguous
+// run. Whole blocks stream sequentially through the hardware prefetchers, and each K/V row is
+// loaded once for its whole GQA query group. Softmax is online per block (fp32 running max, sum
+// and accumulator), so scores never exceed one block per head.
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "attention.h"
+#include "vec.h"
+
+namespace hybrid_engine::cpu {
+namespace {
+
+constexpr const char* kOp = "decode_attention";
+
+struct DecodeParams {
+  const void* q;
+  const void* k_cache;
+  const void* v_cache;
+  void* out;
+  const int32_t* block_tables;
+  const int32_t* context_lens;
+  int64_t num_heads, num_kv_heads, head_dim, block_size, max_blocks;
+  int64_t kv_heads_per_task;  // a task is (sequence, kv_heads_per_task consecutive kv heads)
+  float scale;
+};
+
+int64_t padded_block(const DecodeParams& p) { return (p.block_size + kLanes - 1) / kLanes * kLanes; }
+
+// Scratch floats of one task: queries and accumulators [heads, D], scores [heads, padded block],
+// running max and sum [heads].
+int64_t scratch_floats(const DecodeParams& p) {
+  const int64_t heads = p.kv_heads_per_task * (p.num_heads / p.num_kv_heads);
+  return heads * (2 * p.head_dim + padded_block(p) + 2);
+}
+
+template <typename T>
+HE_INLINE void prefetch_block(const T* block, int64_t tokens, int64_t token_stride, int64_t run) {
+  for (int64_t t = 0; t < tokens; ++t) {
+    const char* row = reinterpret_cast<const char*>(block + t * token_stride);
+    for (int64_t byte = 0; byte < run * int64_t(sizeof(T)); byte += 64) __builtin_prefetch(row + byte, 0, 3);
+  }
+}
+
+// Attention of the query heads of kv heads [kv0, kv0 + kvn) of sequence b.
+template <typename T>
+HE_INLINE void decode_task(const DecodeParams& p, int64_t b, int64_t kv0, int64_t kvn, float* scratch) {
+  const int64_t group = p.num_heads / p.num_kv_heads, D = p.head_dim, block_size = p.block_size;
+  const int64_t heads = kvn * group, stride = padded_block(p), token_stride = p.num_kv_heads * D;
+  float* q = scratch;
+  float* acc = q + heads * D;
+  float* scores = acc + heads * D;
+  float* row_max = scores + heads * stride;
+  float* row_sum = row_max + heads;
+
+  const T* q_src = static_cast<const T*>(p.q) + (b * p.num_heads + kv0 * group) * D;
+  for (int64_t i = 0; i < heads * D; ++i) q[i] = to_float(q_src[i]) * p.scale;
+  std::fill(acc, acc + heads * D, 0.f);
+  std::fill(row_max, row_max + heads, -INFINITY);
+  std::fill(row_sum, row_sum + heads, 0.f);
+
+  const int64_t context_len = p.context_lens[b];
+  const int32_t* block_table = p.block_tables + b * p.max_blocks;
+  const int64_t num_blocks = (context_len + block_size - 1) / block_size;
+  auto block_base = [&](const void* cache, int64_t i) {
+    return static_cast<const T*>(cache) + (int64_t(block_table[i]) * block_size * p.num_kv_heads + kv0) * D;
+  };
+  for (int64_t blk = 0; blk < num_blocks; ++blk) {
+    const int64_t n = std::min(block_size, context_len - blk * block_size);
+    const T* k = block_base(p.k_cache, blk);
+    const T* v = block_base(p.v_cache, blk);
+    if (blk + 1 < num_blocks) {  // the next block is elsewhere in memory: start fetching it now
+      prefetch_block(block_base(p.k_cache, blk + 1), block_size, token_stride, kvn * D);
+      prefetch_block(block_base(p.v_cache, blk + 1), block_size, token_stride, kvn * D);
+    }
+    for (int64_t h = 0; h < heads; ++h) std::fill(scores + h * stride + n, scores + (h + 1) * stride, -INFINITY);
+    for (int64_t t = 0; t < n; ++t)
+      for (int64_t j = 0; j < kvn; ++j)
+        for (int64_t g = 0; g < group; ++g) {
+          const int64_t h = j * group + g;
+          scores[h * stride + t] = dot(q + h * D, k + t * token_stride + j * D, D);
+        }
+    for (int64_t h = 0; h < heads; ++h)
+      online_softmax_step(scores + h * stride, stride, row_max[h], row_sum[h], acc + h * D, D);
+    for (int64_t t = 0; t < n; ++t)
+      for (int64_t j = 0; j < kvn; ++j)
+        for (int64_t g = 0; g < group; ++g) {
+          const int64_t h = j * group + g;
+          axpy(acc + h * D, scores[h * stride + t], v + t * token_stride + j * D, D);
+        }
+  }
+
+  T* out = static_cast<T*>(p.out) + (b * p.num_heads + kv0 * group) * D;
+  for (int64_t h = 0; h < heads; ++h)
+    for (int64_t d = 0; d < D; ++d) out[h * D + d] = from_float<T>(acc[h * D + d] / row_sum[h]);
+}
+
+template <typename T>
+HE_INLINE void decode_range(const DecodeParams& p, int64_t begin, int64_t end) {
+  std::vector<float> scratch(scratch_floats(p));
+  const int64_t tasks_per_seq = p.num_kv_heads / p.kv_heads_per_task;
+  for (int64_t task = begin; task < end; ++task) {
+    const int64_t b = task / tasks_per_seq, kv0 = task % tasks_per_seq * p.kv_heads_per_task;
+    decode_task<T>(p, b, kv0, p.kv_heads_per_task, scratch.data());
+  }
+}
+
+HE_MULTIVERSION(run_decode, decode_range, DecodeParams)
+
+void check_inputs(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                  const at::Tensor& block_tables, const at::Tensor& context_lens, double scale) {
+  check_input(q, kOp, "q", 3, "[batch, num_heads, head_dim]");
+  check_input(k_cache, kOp, "k_cache", 4, "[num_blocks, block_size, num_kv_heads, head_dim]");
+  check_input(v_cache, kOp, "v_cache", 4, "[num_blocks, block_size, num_kv_heads, head_dim]");
+  check_input(block_tables, kOp, "block_tables", 2, "[batch, max_blocks]");
+  check_input(context_lens, kOp, "context_lens", 1, "[batch]");
+  check_float_dtype(q, kOp, "q");
+  check_same_dtype(k_cache, q, kOp, "k_cache");
+  check_same_dtype(v_cache, q, kOp, "v_cache");
+  check_int32(block_tables, kOp, "block_tables");
+  check_int32(context_lens, kOp, "context_lens");
+  TORCH_CHECK(v_cache.sizes() == k_cache.sizes(), kOp, ": v_cache shape ", v_cache.sizes(),
+              " must equal k_cache shape ", k_cache.sizes());
+  TORCH_CHECK(k_cache.size(3) == q.size(2), kOp, ": head_dim of k_cache (", k_cache.size(3),
+              ") must equal head_dim of q (", q.size(2), ")");
+  TORCH_CHECK(k_cache.size(1) > 0, kOp, ": k_cache block_size must be positive");
+  check_gqa(q.size(1), k_cache.size(2), kOp);
+  TORCH_CHECK(block_tables.size(0) == q.size(0), kOp, ": block_tables has ", block_tables.size(0),
+              " rows but q has batch ", q.size(0));
+  TORCH_CHECK(context_lens.size(0) == q.size(0), kOp, ": context_lens has ", context_lens.size(0),
+              " entries but q has batch ", q.size(0));
+  TORCH_CHECK(std::isfinite(scale), kOp, ": scale must be finite, got ", scale);
+}
+
+// Out-of-range indices must never reach the kernel: every block a sequence reads must exist.
+void check_indices(const at::Tensor& block_tables, const at::Tensor& context_lens, int64_t num_blocks,
+                   int64_t block_size) {
+  const int64_t max_blocks = block_tables.size(1);
+  const int32_t* tables = block_tables.data_ptr<int32_t>();
+  const int32_t* lens = context_lens.data_ptr<int32_t>();
+  for (int64_t b = 0; b < context_lens.size(0); ++b) {
+    TORCH_CHECK(lens[b] >= 1 && lens[b] <= max_blocks * block_size, kOp, ": context_lens[", b, "] = ", lens[b],
+                " is out of range: must be in [1, max_blocks * block_size = ", max_blocks * block_size, "]");
+    for (int64_t i = 0; i < (lens[b] + block_size - 1) / block_size; ++i) {
+      const int32_t block = tables[b * max_blocks + i];
+      TORCH_CHECK(block >= 0 && block < num_blocks, kOp, ": block_tables[", b, ", ", i, "] = ", block,
+                  " is not a valid block id (the cache has ", num_blocks, " blocks; context_lens[", b, "] = ",
+                  lens[b], " needs this entry)");
+    }
+  }
+}
+
+// Enough tasks to keep every thread busy (and balanced when batch < threads), none smaller than a
+// kv head; the count must divide num_kv_heads.
+int64_t kv_heads_per_task(int64_t batch, int64_t num_kv_heads) {
+  const int64_t wanted_splits = (2 * at::get_num_threads() + batch - 1) / std::max<int64_t>(batch, 1);
+  int64_t splits = std::min(wanted_splits, num_kv_heads);
+  while (num_kv_heads % splits != 0) ++splits;
+  return num_kv_heads / splits;
+}
+
+}  // namespace
+
+at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                            const at::Tensor& block_tables, const at::Tensor& context_lens, double scale) {
+  check_inputs(q, k_cache, v_cache, block_tables, context_lens, scale);
+  check_indices(block_tables, context_lens, k_cache.size(0), k_cache.size(1));
+  at::Tensor out = at::empty_like(q);
+  if (q.numel() == 0) return out;
+  DecodeParams p{q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), out.data_ptr(),
+                 block_tables.data_ptr<int32_t>(), context_lens.data_ptr<int32_t>(),
+                 q.size(1), k_cache.size(2), q.size(2), k_cache.size(1), block_tables.size(1),
+                 kv_heads_per_task(q.size(0), k_cache.size(2)), static_cast<float>(scale)};
+  const int64_t tasks = q.size(0) * (p.num_kv_heads / p.kv_heads_per_task);
+  at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
+    if (q.scalar_type() == at::kBFloat16)
+      run_decode<uint16_t>(p, begin, end);
+    else
+      run_decode<float>(p, begin, end);
+  });
+  return out;
+}
+
+}  // namespace hybrid_engine::cpu
