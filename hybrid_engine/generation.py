@@ -216,8 +216,9 @@ class Run:
         bs = self.cache.block_size
         slots = block_tables[seq_of_token, positions // bs] * bs + positions % bs
         hidden = self.model(torch.cat([g.tokens for g in groups]), positions,
-                            AttentionBatch(slots, cu_seqlens=cu_seqlens), self.cache.layers)
-        logits = self.model.compute_logits(hidden[cu_seqlens[1:].long() - 1])
+                            AttentionBatch(slots, cu_seqlens=cu_seqlens), self.cache.layers,
+                            select=cu_seqlens[1:].long() - 1)
+        logits = self.model.compute_logits(hidden)
         for group in groups:
             for child in group.rows[1:]:
                 self.alloc.fork(group.rows[0], child)

@@ -74,11 +74,14 @@ class CausalLM(nn.Module):
         return (self.embed_tokens if self.config.tie_word_embeddings else self.lm_head).weight
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, batch: AttentionBatch,
-                kv_caches: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
-        """input_ids, positions [T] -> hidden states [T, head input dim]; writes K/V of the T tokens."""
+                kv_caches: list[tuple[torch.Tensor, torch.Tensor]], select: torch.Tensor | None = None) -> torch.Tensor:
+        """input_ids, positions [T] -> hidden states [T, head input dim] (only rows `select` if given,
+        e.g. each prompt's last token); writes K/V of all T tokens."""
         h, residual = self.embed(input_ids, positions), None
         for layer, (k_cache, v_cache) in zip(self.layers, kv_caches):
             h, residual = layer(h, residual, positions, batch, k_cache, v_cache)
+        if select is not None:
+            h, residual = h[select], None if residual is None else residual[select]
         return self.final(h, residual)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,147 @@
+"""Generation: Hugging Face `generate` against hybrid_engine's Generator on the same random weights,
+same prompts, same forced length, in one process with the same thread and OpenMP settings.
+
+    python -m bench.generation --model opt-125m [--dtype bf16] [--batch 16] [--prompt-len 256]
+                               [--new-tokens 256] [--out results/generation-opt-125m-fp32.json]
+
+Decode step time = (time of a full run - time of a prefill-only run) / (new tokens - 1), measured
+the same way for both sides. The floor of a decode step is the larger of (weights + KV bytes read)
+/ copy bandwidth and decode FLOPs / GEMM rate, both measured in this run.
+"""
+import bench  # noqa: F401  (sets OMP_WAIT_POLICY=PASSIVE before torch is imported)
+
+import argparse
+import os
+import time
+from pathlib import Path
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM
+
+from bench.common import copy_bandwidth, gemm_rate, print_environment, print_table, write_json
+from hybrid_engine import Generator, from_hf
+
+# Real configurations (hard-coded: nothing is downloaded); weights are random.
+MODELS = {
+    "opt-125m": lambda: OPTConfig(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, ffn_dim=3072,
+                                  vocab_size=50272, max_position_embeddings=2048, word_embed_proj_dim=768),
+    "opt-350m": lambda: OPTConfig(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, ffn_dim=4096,
+                                  vocab_size=50272, max_position_embeddings=2048, word_embed_proj_dim=512,
+                                  do_layer_norm_before=False),
+    "opt-1.3b": lambda: OPTConfig(hidden_size=2048, num_hidden_layers=24, num_attention_heads=32, ffn_dim=8192,
+                                  vocab_size=50272, max_position_embeddings=2048, word_embed_proj_dim=2048),
+    "llama-1.1b": lambda: LlamaConfig(hidden_size=2048, num_hidden_layers=22, num_attention_heads=32,
+                                      num_key_value_heads=4, intermediate_size=5632, vocab_size=32000,
+                                      max_position_embeddings=2048, rms_norm_eps=1e-5, tie_word_embeddings=False),
+}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def vm_hwm_bytes() -> int:
+    """Resident high-water mark since the last reset_hwm()."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
+def reset_hwm() -> None:
+    Path("/proc/self/clear_refs").write_text("5")  # "5" resets the peak RSS (Linux >= 4.0)
+
+
+def timed(fn) -> tuple[float, int]:
+    """(seconds, peak RSS bytes during fn)."""
+    reset_hwm()
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start, vm_hwm_bytes()
+
+
+def measure(name: str, run, batch: int, new_tokens: int) -> dict:
+    """Prefill-only run, then full run; decode steps are the difference."""
+    run(1)  # warm-up: allocator caches, lazily built kernels
+    prefill_s, _ = timed(lambda: run(1))
+    total_s, peak = timed(lambda: run(new_tokens))
+    step_s = (total_s - prefill_s) / (new_tokens - 1)
+    return {"side": name, "prefill_ms": prefill_s * 1e3, "decode_ms_per_step": step_s * 1e3,
+            "tokens_per_s": batch * new_tokens / total_s, "total_s": total_s, "peak_rss_gib": peak / 2**30}
+
+
+def decode_floor(model, args, dtype: torch.dtype) -> dict:
+    """Lower bounds of one decode step at the mean context length, from rates measured now."""
+    c = model.config
+    weight_bytes = sum(t.numel() * t.element_size() for name, t in model.state_dict().items()
+                       if "embed_positions" not in name and not (name == "embed_tokens.weight" and
+                                                                 not c.tie_word_embeddings))
+    context = args.prompt_len + args.new_tokens / 2
+    kv_bytes = 2 * model.num_layers * args.batch * context * model.num_kv_heads * model.head_dim * dtype.itemsize
+    heads_dim = c.num_attention_heads * model.head_dim
+    matmul_params = sum(t.numel() for name, t in model.state_dict().items() if t.dim() == 2 and "embed" not in name)
+    if c.tie_word_embeddings:
+        matmul_params += model.lm_head_weight.numel()
+    flops = 2 * args.batch * matmul_params + 4 * args.batch * context * heads_dim * model.num_layers
+    bandwidth = copy_bandwidth()
+    ffn = getattr(c, "ffn_dim", None) or c.intermediate_size
+    rate = gemm_rate(args.batch, c.hidden_size, ffn, dtype)
+    memory_ms, compute_ms = (weight_bytes + kv_bytes) / bandwidth * 1e3, flops / rate * 1e3
+    return {"weight_bytes": weight_bytes, "kv_bytes_mean": kv_bytes, "copy_bandwidth_gbs": bandwidth / 1e9,
+            "decode_flops": flops, "gemm_gflops": rate / 1e9, "memory_floor_ms": memory_ms,
+            "compute_floor_ms": compute_ms, "floor_ms": max(memory_ms, compute_ms)}
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", choices=sorted(MODELS), default="opt-125m", help="configuration to build (random weights)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="weights and KV cache dtype, both sides")
+    p.add_argument("--batch", type=int, default=16, help="prompts per generate call")
+    p.add_argument("--prompt-len", type=int, default=256, help="tokens per prompt (no padding)")
+    p.add_argument("--new-tokens", type=int, default=256, help="tokens generated per prompt (EOS disabled)")
+    p.add_argument("--block-size", type=int, default=16, help="KV cache block size (tokens)")
+    p.add_argument("--skip-hf", action="store_true", help="only run ours (for profiling; no ratios)")
+    p.add_argument("--out", default=None, help="JSON path (default results/generation-<model>-<dtype>.json)")
+    return p.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
+    env = print_environment()
+    dtype = DTYPES[args.dtype]
+    torch.manual_seed(0)
+    hf = (OPTForCausalLM if args.model.startswith("opt") else LlamaForCausalLM)(MODELS[args.model]()).eval()
+    hf.to(dtype)
+    prompts = torch.randint(3, hf.config.vocab_size, (args.batch, args.prompt_len))
+    mask = torch.ones_like(prompts)
+    generator = Generator(from_hf(hf, dtype=dtype), block_size=args.block_size)
+
+    def ours(n):
+        return generator.generate(prompts, mask, max_new_tokens=n, min_new_tokens=n, eos_token_id=[])
+
+    def theirs(n):
+        with torch.inference_mode():
+            return hf.generate(input_ids=prompts, attention_mask=mask, do_sample=False, max_new_tokens=n,
+                               min_new_tokens=n, eos_token_id=None, pad_token_id=hf.config.pad_token_id)
+
+    rows = [measure("hybrid_engine", ours, args.batch, args.new_tokens)]
+    if not args.skip_hf:
+        rows.insert(0, measure("hf_generate", theirs, args.batch, args.new_tokens))
+    floor = decode_floor(generator.model, args, dtype)
+    for row in rows:
+        row["x_floor"] = row["decode_ms_per_step"] / floor["floor_ms"]
+    print(f"{args.model} {args.dtype} batch {args.batch} prompt {args.prompt_len} new {args.new_tokens} "
+          f"(OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}, threads {torch.get_num_threads()})")
+    print_table(rows, ["side", "prefill_ms", "decode_ms_per_step", "tokens_per_s", "peak_rss_gib", "x_floor"])
+    print("floor per decode step: " + ", ".join(f"{k}={v:.4g}" for k, v in floor.items()))
+    result = {"args": vars(args), "environment": env, "rows": rows, "floor": floor, "ours_stats": generator.stats}
+    if not args.skip_hf:
+        hf_row, our_row = rows
+        result["speedup_decode"] = hf_row["decode_ms_per_step"] / our_row["decode_ms_per_step"]
+        result["speedup_prefill"] = hf_row["prefill_ms"] / our_row["prefill_ms"]
+        result["speedup_tokens_per_s"] = our_row["tokens_per_s"] / hf_row["tokens_per_s"]
+        print(f"ours vs HF: decode step {result['speedup_decode']:.2f}x faster, prefill "
+              f"{result['speedup_prefill']:.2f}x, tokens/s {result['speedup_tokens_per_s']:.2f}x; "
+              f"ours at {our_row['x_floor']:.2f}x the floor")
+    write_json(args.out or f"results/generation-{args.model}-{args.dtype}.json", result)
+
+
+if __name__ == "__main__":
+    main()
