@@ -1,7 +1,6 @@
 #include "block_allocator.h"
 
 #include <limits>
-#include <unordered_set>
 
 namespace hybrid_engine {
 
@@ -76,14 +75,14 @@ void BlockAllocator::allocate(int64_t seq_id, int64_t num_tokens) {
 std::tuple<at::Tensor, at::Tensor> BlockAllocator::append(const std::vector<int64_t>& seq_ids) {
   const int64_t n = static_cast<int64_t>(seq_ids.size());
   std::vector<Sequence*> seqs(n);
-  std::unordered_set<int64_t> seen;
-  seen.reserve(n);
+  const int64_t call = ++append_calls_;
   int64_t needed = 0;
   for (int64_t i = 0; i < n; ++i) {
-    if (!seen.insert(seq_ids[i]).second) {
+    seqs[i] = &find(seq_ids[i]);
+    if (seqs[i]->last_append_call == call) {
       throw std::invalid_argument("append: " + seq_name(seq_ids[i]) + " is listed more than once");
     }
-    seqs[i] = &find(seq_ids[i]);
+    seqs[i]->last_append_call = call;
     needed += needs_block(*seqs[i]);
   }
   require_free(needed, "append(" + std::to_string(n) + " sequences)");

@@ -45,6 +45,7 @@ class BlockAllocator {
   struct Sequence {
     std::vector<int32_t> blocks;
     int64_t num_tokens = 0;
+    int64_t last_append_call = 0;  // detects a sequence listed twice in one append without a hash set
   };
 
   const Sequence& find(int64_t seq_id) const;
@@ -59,6 +60,7 @@ class BlockAllocator {
   std::vector<int32_t> free_blocks_;
   std::vector<int32_t> ref_counts_;
   std::unordered_map<int64_t, Sequence> seqs_;
+  int64_t append_calls_ = 0;
 };
 
 }  // namespace hybrid_engine

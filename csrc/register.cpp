@@ -8,6 +8,40 @@
 namespace py = pybind11;
 using hybrid_engine::BlockAllocator;
 
+namespace {
+
+// Sequence ids arrive once per decode step for the whole batch: read a list or tuple of ints with
+// the CPython fast accessors (pybind11's generic caster costs more than the allocator itself),
+// take an int64 tensor as it is, and leave any other sequence to pybind11.
+std::vector<int64_t> seq_ids_from(py::handle ids) {
+  if (PyList_Check(ids.ptr()) || PyTuple_Check(ids.ptr())) {
+    PyObject* fast = ids.ptr();
+    const Py_ssize_t n = PySequence_Fast_GET_SIZE(fast);
+    PyObject** items = PySequence_Fast_ITEMS(fast);
+    std::vector<int64_t> out(n);
+    for (Py_ssize_t i = 0; i < n; ++i) {
+      out[i] = PyLong_AsLongLong(items[i]);
+      if (out[i] == -1 && PyErr_Occurred()) throw py::error_already_set();
+    }
+    return out;
+  }
+  if (THPVariable_Check(ids.ptr())) {
+    at::Tensor t = THPVariable_Unpack(ids.ptr());
+    TORCH_CHECK(t.dim() == 1 && t.scalar_type() == at::kLong && t.device().is_cpu(),
+                "seq_ids as a tensor must be a 1-D int64 CPU tensor, got ", t.dim(), "-D ", t.scalar_type(), " on ", t.device());
+    t = t.contiguous();
+    return std::vector<int64_t>(t.data_ptr<int64_t>(), t.data_ptr<int64_t>() + t.numel());
+  }
+  try {
+    if (!PyUnicode_Check(ids.ptr()) && !PyBytes_Check(ids.ptr())) return ids.cast<std::vector<int64_t>>();
+  } catch (const py::cast_error&) {
+  }
+  throw py::type_error("seq_ids must be a sequence of ints or a 1-D int64 tensor, got " +
+                       std::string(py::str(py::type::of(ids).attr("__name__"))));
+}
+
+}  // namespace
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "hybrid_engine compiled extension";
 
@@ -29,13 +63,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def_property_readonly("num_free_blocks", &BlockAllocator::num_free_blocks)
       .def("allocate", &BlockAllocator::allocate, py::arg("seq_id"), py::arg("num_tokens"),
            "Reserve ceil(num_tokens / block_size) blocks for a new sequence's first tokens.")
-      .def("append", &BlockAllocator::append, py::arg("seq_ids"),
+      .def("append", [](BlockAllocator& a, py::handle ids) { return a.append(seq_ids_from(ids)); }, py::arg("seq_ids"),
            "One new token per sequence: returns (slots int64 [n], copies int64 [k, 2] of (src, dst) blocks to copy first).")
       .def("fork", &BlockAllocator::fork, py::arg("parent_id"), py::arg("child_id"),
            "The child shares all of the parent's blocks (reference counted, copy-on-write).")
       .def("free", &BlockAllocator::free, py::arg("seq_id"), "Give the sequence's blocks back.")
       .def("num_tokens", &BlockAllocator::num_tokens, py::arg("seq_id"))
-      .def("block_table", &BlockAllocator::block_table, py::arg("seq_ids"),
+      .def("block_table", [](const BlockAllocator& a, py::handle ids) { return a.block_table(seq_ids_from(ids)); }, py::arg("seq_ids"),
            "int32 [n, max blocks among them], padded with -1.")
       .def("ref_count", &BlockAllocator::ref_count, py::arg("block"), "How many sequences hold this block.");
 }

@@ -240,3 +240,22 @@ class AllocatorMachine(RuleBasedStateMachine):
 
 AllocatorMachine.TestCase.settings = settings(max_examples=300, stateful_step_count=40, deadline=None)
 test_allocator_matches_model = AllocatorMachine.TestCase
+
+
+def test_seq_ids_as_list_tuple_range_or_int64_tensor():
+    results = []
+    for ids in ([4, 9], (4, 9), range(4, 10, 5), torch.tensor([4, 9])):
+        a = BlockAllocator(8, 2)
+        a.allocate(4, 3)
+        a.allocate(9, 2)
+        results.append([t.tolist() for t in a.append(ids)] + [a.block_table(ids).tolist()])
+    assert all(r == results[0] for r in results)
+
+
+@pytest.mark.parametrize("ids", ["ab", 5, {1: 2}, [1.5], torch.tensor([1.0]), torch.tensor([[1]])])
+def test_seq_ids_of_wrong_type(ids):
+    a = BlockAllocator(8, 2)
+    a.allocate(1, 1)
+    with pytest.raises((TypeError, RuntimeError), match="seq_ids|integer"):
+        a.append(ids)
+    assert a.num_tokens(1) == 1
