@@ -15,43 +15,41 @@ def cache() -> torch.Tensor:
     return torch.randn(NUM_BLOCKS, BLOCK_SIZE, KV_HEADS, HEAD_DIM)
 
 
-def write_kv(key=None, value=None, k_cache=None, v_cache=None, slots=None):
-    kernels.write_kv(torch.randn(3, KV_HEADS, HEAD_DIM) if key is None else key,
-                     torch.randn(3, KV_HEADS, HEAD_DIM) if value is None else value,
-                     cache() if k_cache is None else k_cache, cache() if v_cache is None else v_cache,
-                     torch.tensor([0, -1, 95]) if slots is None else slots)
+def int32(*values) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.int32)
+
+
+# Each helper calls an op with valid arguments except the ones a case overrides.
+def write_kv(**overrides):
+    args = dict(key=torch.randn(3, KV_HEADS, HEAD_DIM), value=torch.randn(3, KV_HEADS, HEAD_DIM), k_cache=cache(),
+                v_cache=cache(), slots=torch.tensor([0, -1, 95]))
+    kernels.write_kv(**(args | overrides))
 
 
 def copy_blocks(copies):
     kernels.copy_blocks(cache(), cache(), copies)
 
 
-def prefill(q=None, k=None, v=None, cu_seqlens=None):
-    kernels.prefill_attention(torch.randn(5, 4, HEAD_DIM) if q is None else q,
-                              torch.randn(5, KV_HEADS, HEAD_DIM) if k is None else k,
-                              torch.randn(5, KV_HEADS, HEAD_DIM) if v is None else v,
-                              torch.tensor([0, 2, 5], dtype=torch.int32) if cu_seqlens is None else cu_seqlens)
+def prefill(**overrides):
+    args = dict(q=torch.randn(5, 4, HEAD_DIM), k=torch.randn(5, KV_HEADS, HEAD_DIM),
+                v=torch.randn(5, KV_HEADS, HEAD_DIM), cu_seqlens=int32(0, 2, 5))
+    kernels.prefill_attention(**(args | overrides))
 
 
-def decode(q=None, k_cache=None, block_tables=None, context_lens=None):
-    kernels.decode_attention(torch.randn(2, 4, HEAD_DIM) if q is None else q, cache() if k_cache is None else k_cache,
-                             cache(),
-                             torch.tensor([[3, -1], [0, 5]], dtype=torch.int32) if block_tables is None else block_tables,
-                             torch.tensor([16, 20], dtype=torch.int32) if context_lens is None else context_lens)
+def decode(**overrides):
+    args = dict(q=torch.randn(2, 4, HEAD_DIM), k_cache=cache(), v_cache=cache(),
+                block_tables=int32(3, -1, 0, 5).view(2, 2), context_lens=int32(16, 20))
+    kernels.decode_attention(**(args | overrides))
 
 
-def linear(x=None, weight=None, bias=None, activation="gelu"):
-    kernels.linear_act(torch.randn(3, 32) if x is None else x, torch.randn(16, 32) if weight is None else weight,
-                       bias, activation)
+def linear(**overrides):
+    args = dict(x=torch.randn(3, 32), weight=torch.randn(16, 32), bias=None, activation="gelu")
+    kernels.linear_act(**(args | overrides))
 
 
-def layer_norm(x=None, residual=None, weight=None, bias=None):
-    kernels.add_layer_norm(torch.randn(3, 32) if x is None else x, residual,
-                           torch.randn(32) if weight is None else weight, bias, 1e-5)
-
-
-def int32(*values) -> torch.Tensor:
-    return torch.tensor(values, dtype=torch.int32)
+def layer_norm(**overrides):
+    args = dict(x=torch.randn(3, 32), residual=None, weight=torch.randn(32), bias=None, eps=1e-5)
+    kernels.add_layer_norm(**(args | overrides))
 
 
 BAD_INPUTS = {

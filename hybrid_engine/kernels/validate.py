@@ -50,6 +50,11 @@ def check_same(name: str, t: torch.Tensor, like_name: str, like: torch.Tensor, d
         raise ValueError(f"{name} has shape {tuple(t.shape)}, incompatible with {like_name} {tuple(like.shape)}")
 
 
+def bounds(t: torch.Tensor) -> tuple[int, int]:
+    """(min, max) of a non-empty index tensor, with one host sync."""
+    return tuple(torch.stack(t.aminmax()).tolist())
+
+
 def check_contiguous(name: str, t: torch.Tensor) -> None:
     """For outputs written in place (caches): a copy would silently drop the writes."""
     if not t.is_contiguous():
@@ -72,17 +77,20 @@ def check_slots(slots: torch.Tensor, num_tokens: int, num_slots: int) -> None:
     check_index("slots", slots, 1, INDEX_DTYPES)
     if slots.shape[0] != num_tokens:
         raise ValueError(f"slots has {slots.shape[0]} entries for {num_tokens} tokens of key")
-    if slots.numel() and bool(((slots < -1) | (slots >= num_slots)).any()):
-        raise ValueError(f"slots must be -1 (skip) or in [0, {num_slots}), got min {int(slots.min())} "
-                         f"max {int(slots.max())}")
+    if slots.numel():
+        lo, hi = bounds(slots)
+        if lo < -1 or hi >= num_slots:
+            raise ValueError(f"slots must be -1 (skip) or in [0, {num_slots}), got min {lo} max {hi}")
 
 
 def check_copies(copies: torch.Tensor, num_blocks: int) -> None:
     check_index("copies", copies, 2, INDEX_DTYPES)
     if copies.shape[1] != 2:
         raise ValueError(f"copies must be [k, 2] (src_block, dst_block), got shape {tuple(copies.shape)}")
-    if copies.numel() and bool(((copies < 0) | (copies >= num_blocks)).any()):
-        raise ValueError(f"copies holds block ids outside [0, {num_blocks})")
+    if copies.numel():
+        lo, hi = bounds(copies)
+        if lo < 0 or hi >= num_blocks:
+            raise ValueError(f"copies holds block ids outside [0, {num_blocks}), got min {lo} max {hi}")
     # Copies run in one batch, not in order: a destination written twice or read as a source
     # would depend on scheduling.
     dst = copies[:, 1]
@@ -98,16 +106,21 @@ def check_block_tables(block_tables: torch.Tensor, context_lens: torch.Tensor, b
         raise ValueError(f"block_tables {tuple(block_tables.shape)} and context_lens {tuple(context_lens.shape)} "
                          f"must have one row per query, batch {batch}")
     width = block_tables.shape[1]
-    lens = context_lens.long()
-    bad_len = (lens < 1) | (lens > width * block_size)
-    used = torch.arange(width, device=lens.device) < (lens[:, None] + block_size - 1) // block_size
-    bad_block = used & ((block_tables < 0) | (block_tables >= num_blocks))
-    if not bool(bad_len.any() | bad_block.any()):
+    if batch == 0:
         return
-    if bool(bad_len.any()):
+    if width == 0:
+        raise ValueError("block_tables has no columns")
+    # Entry j of a table is used when it holds one of the first context_len tokens.
+    used = torch.arange(0, width * block_size, block_size, dtype=torch.int32,
+                        device=block_tables.device) < context_lens[:, None]
+    lo, hi, shortest, longest = torch.stack([*torch.where(used, block_tables, 0).aminmax(),
+                                             *context_lens.aminmax()]).tolist()
+    if shortest < 1 or longest > width * block_size:
         raise ValueError(f"context_lens must be in [1, {width * block_size}] (block_tables width {width} x "
-                         f"block_size {block_size}), got {context_lens.tolist()}")
-    raise ValueError(f"block_tables holds block ids outside [0, {num_blocks}) within the context")
+                         f"block_size {block_size}), got min {shortest} max {longest}")
+    if lo < 0 or hi >= num_blocks:
+        raise ValueError(f"block_tables holds block ids outside [0, {num_blocks}) within the context "
+                         f"(min {lo}, max {hi})")
 
 
 def check_cu_seqlens(cu_seqlens: torch.Tensor, num_tokens: int) -> None:

@@ -44,8 +44,9 @@ def add_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tenso
     out = torch.empty_like(x2)
     residual2 = None if residual is None else residual.reshape(rows, hidden)
     new_residual = x2 if residual is None else torch.empty_like(x2)
+    block = triton.next_power_of_2(hidden)
     _add_norm_kernel[(rows,)](
         x2, residual2, weight, bias, out, new_residual, x2.stride(0), 0 if residual2 is None else residual2.stride(0),
         out.stride(0), new_residual.stride(0), eps, HIDDEN=hidden, HAS_RESIDUAL=residual is not None,
-        HAS_BIAS=bias is not None, RMS=rms, BLOCK=triton.next_power_of_2(hidden))
+        HAS_BIAS=bias is not None, RMS=rms, BLOCK=block, num_warps=min(max(block // 256, 1), 16))
     return out.view(x.shape), x if residual is None else new_residual.view(x.shape)
