@@ -7,7 +7,7 @@ import torch
 from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM
 
 from hybrid_engine.kv_cache import PagedKVCache
-from hybrid_engine.models import AttentionBatch, from_hf, model_class
+from hybrid_engine.models import AttentionBatch, empty_model, from_hf, model_class, packed_shape, weight_map
 
 VOCAB = 311
 
@@ -119,10 +119,11 @@ def test_unsupported_rope_type_raises():
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_weight_map_covers_model_and_checkpoint(name):
     hf = hf_model(name)
-    cls = model_class(hf.config)
-    wmap = cls.weight_map(hf.config)
-    model = cls(hf.config)
+    wmap = weight_map(hf.config)
+    model = empty_model(hf.config, tp_rank=1, tp_size=2, dtype=torch.bfloat16)
     assert set(wmap) == set(model.state_dict())
+    for name, tensor in model.state_dict().items():
+        assert tuple(tensor.shape) == packed_shape(wmap[name], 2) and tensor.dtype == torch.bfloat16
     hf_state = hf.state_dict()
     for sources in wmap.values():
         for source in sources:

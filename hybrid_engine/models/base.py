@@ -43,7 +43,10 @@ class CausalLM(nn.Module):
 
     # --- what a model family defines -------------------------------------------------------
     @classmethod
-    def weight_map(cls, config, tp_size: int = 1) -> WeightMap:
+    def weight_map(cls, config) -> WeightMap:
+        """Inference tensor name (a key of `model.state_dict()`) -> its Hugging Face sources, in
+        packing order, each with its full shape and TP split. The map does not depend on the TP
+        degree: rank r of t holds `WeightSource.shard_range(r, t)` of every source."""
         raise NotImplementedError
 
     def build_layer(self, index: int) -> DecoderLayer:
@@ -98,7 +101,7 @@ class CausalLM(nn.Module):
         first = next(iter(state_dict.values()))
         model = cls(config, tp_rank, tp_size, tp_group, dtype or first.dtype, device or first.device)
         with torch.no_grad():
-            load_weights(dict(model.named_buffers()), cls.weight_map(config, tp_size), state_dict, tp_rank, tp_size)
+            load_weights(dict(model.named_buffers()), cls.weight_map(config), state_dict, tp_rank, tp_size)
         return model
 
 

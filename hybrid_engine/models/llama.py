@@ -63,7 +63,7 @@ class LlamaForInference(CausalLM):
         return self.final_norm(h, residual)[0]
 
     @classmethod
-    def weight_map(cls, config: LlamaConfig, tp_size: int = 1) -> WeightMap:
+    def weight_map(cls, config: LlamaConfig) -> WeightMap:
         c, e = config, config.hidden_size
         wmap: WeightMap = {"embed_tokens.weight": replicated("model.embed_tokens.weight", c.vocab_size, e),
                            **norm_entries("final_norm", "model.norm", e, bias=False)}

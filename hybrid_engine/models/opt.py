@@ -62,7 +62,7 @@ class OPTForInference(CausalLM):
         return self.project_out(h) if self.project_out is not None else h
 
     @classmethod
-    def weight_map(cls, config: OPTConfig, tp_size: int = 1) -> WeightMap:
+    def weight_map(cls, config: OPTConfig) -> WeightMap:
         c, e, p, w = config, config.hidden_size, "model.decoder.", config.word_embed_proj_dim
         wmap: WeightMap = {
             "embed_tokens.weight": replicated(p + "embed_tokens.weight", c.vocab_size, w),

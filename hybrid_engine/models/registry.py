@@ -6,6 +6,7 @@ from torch import nn
 from hybrid_engine.models.base import CausalLM
 from hybrid_engine.models.llama import LlamaForInference
 from hybrid_engine.models.opt import OPTForInference
+from hybrid_engine.models.weights import WeightMap
 
 MODELS: dict[type, type[CausalLM]] = {cls.config_class: cls for cls in (OPTForInference, LlamaForInference)}
 
@@ -18,6 +19,17 @@ def model_class(config) -> type[CausalLM]:
         raise ValueError(f"unsupported architecture {type(config).__name__} "
                          f"({getattr(config, 'model_type', '?')}); supported: {supported}")
     return cls
+
+
+def empty_model(config, tp_rank: int = 0, tp_size: int = 1, tp_group=None, dtype: torch.dtype = torch.float32,
+                device: torch.device | str = "cpu") -> CausalLM:
+    """Uninitialised inference weights of this rank, to be filled in place (e.g. by the resharder)
+    through `model.state_dict()`, whose keys are those of `weight_map(config)`."""
+    return model_class(config)(config, tp_rank, tp_size, tp_group, dtype, device)
+
+
+def weight_map(config) -> WeightMap:
+    return model_class(config).weight_map(config)
 
 
 def from_hf(model: nn.Module | dict, config=None, *, dtype: torch.dtype | None = None, tp_rank: int = 0,
