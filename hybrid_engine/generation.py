@@ -91,7 +91,8 @@ class Generator:
                                  f"tokens, but one sequence (prompt + max_new_tokens) needs {max(blocks)}: "
                                  f"raise kv_cache_bytes / kv_cache_fraction or lower max_new_tokens")
             return self.cache
-        needed = sum(blocks) * n
+        # Plus the spare block per row that admission keeps, so that all rows go in one prefill.
+        needed = (sum(blocks) + len(blocks)) * n
         if self.cache is None or self.cache.num_blocks < needed:
             self.cache = None  # free the old pools before allocating the larger ones
             self.cache = PagedKVCache.for_model(self.model, num_blocks=needed, block_size=self.block_size)
