@@ -118,6 +118,27 @@ def test_prefill_attention_strided_inputs(path):
     assert_matches(kernels.prefill_attention(q, k, v, cu_seqlens), expected)
 
 
+def test_decode_attention_strided_query(path):
+    k_cache, v_cache = kv_cache(8, 16, 2, 64, path)
+    block_tables, lens = paged_tables([40, 7], 16, 8)
+    q = randn(2, 3, 4, 64, dtype=path)[:, 1]  # the q of a fused [B, 3, H, D] projection
+    expected = reference.decode_attention(q, k_cache, v_cache, block_tables, lens)
+    assert_matches(kernels.decode_attention(q, k_cache, v_cache, block_tables, lens), expected)
+
+
+def test_row_views(path):
+    """Column slices (row stride > width) and a transposed weight, for the row-wise ops."""
+    wide = randn(4, 200, dtype=path)
+    x, residual = wide[:, :64], wide[:, 100:164]
+    weight = randn(64, 48, dtype=path, scale=0.125).t()
+    assert_matches(kernels.linear_act(x, weight, None, "silu"), reference.linear_act(x, weight, None, "silu"))
+    assert_matches(kernels.silu_and_mul(wide[:, :96]), reference.silu_and_mul(wide[:, :96]))
+    norm_weight = randn(64, dtype=path)
+    for actual, expected in zip(kernels.add_rms_norm(x, residual, norm_weight, 1e-6),
+                                reference.add_rms_norm(x, residual, norm_weight, 1e-6)):
+        assert_matches(actual, expected)
+
+
 @pytest.mark.parametrize("block_size,kv_heads,head_dim", [(16, 2, 64), (32, 1, 80), (16, 4, 128)])
 def test_write_kv(elementwise_path, block_size, kv_heads, head_dim):
     dtype = elementwise_path
@@ -126,7 +147,7 @@ def test_write_kv(elementwise_path, block_size, kv_heads, head_dim):
     slots = torch.randperm(num_slots)[:9]
     slots[[2, 5]] = -1
     slots[0] = num_slots - 1  # the last slot of the last block
-    key, value = randn(9, kv_heads, head_dim, dtype=dtype), randn(9, kv_heads, head_dim, dtype=dtype)
+    key, value = randn(9, 2, kv_heads, head_dim, dtype=dtype).unbind(1)  # views of a fused projection
     expected_k, expected_v = k_cache.clone(), v_cache.clone()
     reference.write_kv(key, value, expected_k, expected_v, slots)
     kernels.write_kv(key, value, k_cache, v_cache, slots)

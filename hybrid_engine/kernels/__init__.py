@@ -13,8 +13,9 @@ a kernel), then dispatches by the device of the inputs:
 "triton" (also on CPU tensors: that is how tests run the Triton interpreter), "cpp" (CPU
 attention only), "torch" (`native`; `reference` for attention), "reference", or "auto".
 
-Inputs other than the caches are made contiguous (a no-op when they already are); the caches
-are written in place and must be contiguous.
+Inputs may be strided views (e.g. q/k/v split from one fused projection): each backend copies
+only what it cannot index (the C++ kernels take contiguous tensors, the Triton kernels need a
+unit stride on the last dimension). The caches are written in place and must be contiguous.
 """
 import contextlib
 import contextvars
@@ -94,7 +95,6 @@ def write_kv(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_ca
     check.check_slots(slots, key.shape[0], k_cache.shape[0] * k_cache.shape[1])
     if key.shape[0] == 0:
         return
-    key, value, slots = key.contiguous(), value.contiguous(), slots.contiguous()
     if backend == "triton":
         _triton("write_kv").write_kv(key, value, k_cache, v_cache, slots)
     else:
@@ -132,11 +132,10 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seql
         raise ValueError(f"k has {k.shape[0]} tokens but q has {q.shape[0]}")
     check.check_cu_seqlens(cu_seqlens, q.shape[0])
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    q, k, v, cu_seqlens = q.contiguous(), k.contiguous(), v.contiguous(), cu_seqlens.contiguous()
     if backend == "triton":
         return _triton("prefill_attention").prefill_attention(q, k, v, cu_seqlens, bool(causal), scale)
     if backend == "cpp":
-        return torch.ops.hybrid_engine.prefill_attention(q, k, v, cu_seqlens, bool(causal), scale)
+        return torch.ops.hybrid_engine.prefill_attention(*_contiguous(q, k, v, cu_seqlens), bool(causal), scale)
     return reference.prefill_attention(q, k, v, cu_seqlens, causal=bool(causal), scale=scale)
 
 
@@ -151,11 +150,11 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     num_blocks, block_size = k_cache.shape[:2]
     check.check_block_tables(block_tables, context_lens, q.shape[0], num_blocks, block_size)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    q, block_tables, context_lens = q.contiguous(), block_tables.contiguous(), context_lens.contiguous()
     if backend == "triton":
         return _triton("decode_attention").decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale)
     if backend == "cpp":
-        return torch.ops.hybrid_engine.decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale)
+        return torch.ops.hybrid_engine.decode_attention(*_contiguous(q, k_cache, v_cache, block_tables, context_lens),
+                                                        scale)
     return reference.decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale=scale)
 
 
@@ -168,7 +167,6 @@ def linear_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     check.check_float("weight", weight, 2, dtypes)
     check.check_same("weight", weight, "x", x, slice(-1, None))
     _check_vector("bias", bias, weight.shape[0], x)
-    x, weight, bias = x.contiguous(), weight.contiguous(), _contiguous(bias)
     if backend == "triton":
         return _triton("linear_act").linear_act(x, weight, bias, activation)
     return (reference if backend == "reference" else native).linear_act(x, weight, bias, activation)
@@ -180,14 +178,13 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     check.check_float("x", x, None, dtypes)
     if x.dim() == 0 or x.shape[-1] % 2:
         raise ValueError(f"x must have an even last dimension [..., 2I], got shape {tuple(x.shape)}")
-    x = x.contiguous()
     if backend == "triton":
         return _triton("silu_and_mul").silu_and_mul(x)
     return (reference if backend == "reference" else native).silu_and_mul(x)
 
 
-def _contiguous(t: torch.Tensor | None) -> torch.Tensor | None:
-    return None if t is None else t.contiguous()
+def _contiguous(*tensors: torch.Tensor) -> list[torch.Tensor]:
+    return [t.contiguous() for t in tensors]
 
 
 def _check_vector(name: str, t: torch.Tensor | None, size: int, like: torch.Tensor) -> None:
@@ -228,8 +225,7 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.T
 def _add_norm(backend: str, x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
               bias: torch.Tensor | None, eps: float, rms: bool) -> tuple[torch.Tensor, torch.Tensor]:
     if backend == "triton":
-        return _triton("add_norm").add_norm(x.contiguous(), _contiguous(residual), weight.contiguous(),
-                                            _contiguous(bias), float(eps), rms)
+        return _triton("add_norm").add_norm(x, residual, weight, bias, float(eps), rms)
     impl = reference if backend == "reference" else native
     if rms:
         return impl.add_rms_norm(x, residual, weight, eps)

@@ -24,3 +24,14 @@ def require_dot_dtype(name: str, dtype: torch.dtype) -> None:
     if interpreting() and dtype == torch.bfloat16:
         raise ValueError(f"{name}: bfloat16 matrix products do not run under TRITON_INTERPRET=1; "
                          "use float32 or float16 there (bf16 is tested on the CPU path)")
+
+
+def unit_stride(t: torch.Tensor | None) -> torch.Tensor | None:
+    """Kernels index the last dimension with stride 1 and take the other strides as arguments, so
+    views such as q/k/v split from one fused projection need no copy."""
+    return t if t is None or t.stride(-1) == 1 else t.contiguous()
+
+
+def packed_rows(t: torch.Tensor) -> torch.Tensor:
+    """t with each t[i] contiguous, for kernels that read a row of t as one flat run."""
+    return t if t.shape[0] == 0 or t[0].is_contiguous() else t.contiguous()

@@ -11,6 +11,8 @@ import torch
 import triton
 import triton.language as tl
 
+from hybrid_engine.kernels.triton import unit_stride
+
 
 @triton.jit
 def _add_norm_kernel(x_ptr, residual_ptr, weight_ptr, bias_ptr, out_ptr, new_residual_ptr, x_stride,
@@ -38,12 +40,13 @@ def _add_norm_kernel(x_ptr, residual_ptr, weight_ptr, bias_ptr, out_ptr, new_res
 
 def add_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, bias: torch.Tensor | None,
              eps: float, rms: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """x, residual [..., N] with unit strides on N; weight, bias [N]."""
-    x2 = x.reshape(-1, x.shape[-1])
+    """x, residual [..., N]; weight, bias [N]."""
+    x2 = unit_stride(x.reshape(-1, x.shape[-1]))
     rows, hidden = x2.shape
-    out = torch.empty_like(x2)
-    residual2 = None if residual is None else residual.reshape(rows, hidden)
-    new_residual = x2 if residual is None else torch.empty_like(x2)
+    out = torch.empty(rows, hidden, dtype=x.dtype, device=x.device)
+    residual2 = None if residual is None else unit_stride(residual.reshape(rows, hidden))
+    weight, bias = weight.contiguous(), None if bias is None else bias.contiguous()
+    new_residual = x2 if residual is None else torch.empty_like(out)
     block = triton.next_power_of_2(hidden)
     _add_norm_kernel[(rows,)](
         x2, residual2, weight, bias, out, new_residual, x2.stride(0), 0 if residual2 is None else residual2.stride(0),

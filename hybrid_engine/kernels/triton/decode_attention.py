@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from hybrid_engine.kernels.triton import dot_precision, interpreting, require_dot_dtype
+from hybrid_engine.kernels.triton import dot_precision, interpreting, require_dot_dtype, unit_stride
 from hybrid_engine.kernels.triton.online_softmax import online_softmax_step
 
 LOG2E = 1.4426950408889634
@@ -84,8 +84,9 @@ def _decode_reduce_kernel(acc_ptr, m_ptr, l_ptr, context_lens_ptr, out_ptr, out_
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                      context_lens: torch.Tensor, scale: float) -> torch.Tensor:
-    """q [B, H, D] with a unit stride on D; contiguous caches; validated tables and lengths."""
+    """q [B, H, D]; contiguous caches; validated tables and lengths."""
     require_dot_dtype("q", q.dtype)
+    q, block_tables, context_lens = unit_stride(q), unit_stride(block_tables), context_lens.contiguous()
     batch, num_heads, head_dim = q.shape
     _, cache_block, kv_heads, _ = k_cache.shape
     # Small tiles keep the interpreter fast and still exercise several splits on short contexts.

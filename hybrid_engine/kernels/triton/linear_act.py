@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from hybrid_engine.kernels.triton import dot_precision, interpreting, require_dot_dtype
+from hybrid_engine.kernels.triton import dot_precision, interpreting, require_dot_dtype, unit_stride
 
 TWO_SQRT_2_OVER_PI = tl.constexpr(1.5957691216057308)
 INV_SQRT_2 = tl.constexpr(0.7071067811865476)
@@ -70,9 +70,9 @@ else:
 
 
 def linear_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, activation: str) -> torch.Tensor:
-    """x [..., K] and weight [N, K] with unit strides on K; bias [N] or None."""
+    """x [..., K], weight [N, K], bias [N] or None."""
     require_dot_dtype("x", x.dtype)
-    x2 = x.reshape(-1, x.shape[-1])
+    x2, weight, bias = unit_stride(x.reshape(-1, x.shape[-1])), unit_stride(weight), unit_stride(bias)
     M, K = x2.shape
     N = weight.shape[0]
     out = torch.empty(M, N, dtype=x.dtype, device=x.device)

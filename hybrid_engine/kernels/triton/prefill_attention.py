@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from hybrid_engine.kernels.triton import dot_precision, require_dot_dtype
+from hybrid_engine.kernels.triton import dot_precision, require_dot_dtype, unit_stride
 from hybrid_engine.kernels.triton.online_softmax import online_softmax_step
 
 LOG2E = 1.4426950408889634
@@ -62,8 +62,9 @@ def _prefill_attention_kernel(q_ptr, k_ptr, v_ptr, out_ptr, cu_seqlens_ptr, qk_s
 
 def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, causal: bool,
                       scale: float) -> torch.Tensor:
-    """q [T, H, D], k/v [T, KVH, D], each with a unit stride on D; cu_seqlens int32 [B+1]."""
+    """q [T, H, D], k/v [T, KVH, D]; validated cu_seqlens int32 [B+1]."""
     require_dot_dtype("q", q.dtype)
+    q, k, v, cu_seqlens = unit_stride(q), unit_stride(k), unit_stride(v), cu_seqlens.contiguous()
     out = torch.empty_like(q)
     max_seqlen = int(cu_seqlens.diff().max())
     block_m = block_n = 64

@@ -6,6 +6,8 @@ import torch
 import triton
 import triton.language as tl
 
+from hybrid_engine.kernels.triton import unit_stride
+
 
 @triton.jit
 def _silu_and_mul_kernel(x_ptr, out_ptr, x_stride, out_stride, INTER: tl.constexpr, BLOCK: tl.constexpr):
@@ -19,8 +21,8 @@ def _silu_and_mul_kernel(x_ptr, out_ptr, x_stride, out_stride, INTER: tl.constex
 
 
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
-    """x [..., 2I] with a unit stride on the last dimension."""
-    x2 = x.reshape(-1, x.shape[-1])
+    """x [..., 2I]."""
+    x2 = unit_stride(x.reshape(-1, x.shape[-1]))
     inter = x2.shape[1] // 2
     out = torch.empty(x2.shape[0], inter, dtype=x.dtype, device=x.device)
     block = min(triton.next_power_of_2(inter), 1024)

@@ -11,6 +11,8 @@ import torch
 import triton
 import triton.language as tl
 
+from hybrid_engine.kernels.triton import packed_rows
+
 
 @triton.jit
 def _write_kv_kernel(key_ptr, value_ptr, k_cache_ptr, v_cache_ptr, slots_ptr, key_stride, value_stride,
@@ -29,7 +31,8 @@ def _write_kv_kernel(key_ptr, value_ptr, k_cache_ptr, v_cache_ptr, slots_ptr, ke
 
 def write_kv(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
              slots: torch.Tensor) -> None:
-    """key/value [T, KVH, D] with contiguous [KVH, D] rows; caches contiguous."""
+    """key/value [T, KVH, D]; contiguous caches; validated slots."""
+    key, value, slots = packed_rows(key), packed_rows(value), slots.contiguous()
     row = key.shape[1] * key.shape[2]
     block = min(triton.next_power_of_2(row), 1024)
     grid = (key.shape[0], triton.cdiv(row, block))
