@@ -36,24 +36,34 @@ def blocks_for(num_tokens: int, block_size: int) -> int:
 
 
 class Generator:
-    """Generates with one model and one KV cache that lives as long as this object.
+    """Generates with one model and one KV cache that lives as long as this object (or until
+    free_cache(), e.g. while the model trains).
 
-    The cache is sized by kv_cache_bytes or kv_cache_fraction (of the memory free at construction);
-    with neither, it is sized to hold every sequence of the first call and grown only when a later
-    call needs more. max_prefill_tokens bounds the tokens packed into one prefill forward.
-    The library never changes torch's thread settings; set them (and OMP_WAIT_POLICY) yourself.
+    The cache is sized by kv_cache_bytes or kv_cache_fraction (of the memory available when it is
+    allocated); with neither, it is sized to hold every sequence of the first call and grown only
+    when a later call needs more. max_prefill_tokens bounds the tokens packed into one prefill
+    forward. The library never changes torch's thread settings; set them (and OMP_WAIT_POLICY)
+    yourself.
     """
 
     def __init__(self, model, *, kv_cache_bytes: int | None = None, kv_cache_fraction: float | None = None,
                  block_size: int = 16, max_prefill_tokens: int = 8192):
+        if block_size < 1 or max_prefill_tokens < 1:
+            raise ValueError(f"block_size and max_prefill_tokens must be >= 1, got {block_size}, {max_prefill_tokens}")
         self.model = model if isinstance(model, CausalLM) else from_hf(model)
         self.block_size, self.max_prefill_tokens = block_size, max_prefill_tokens
-        self.cache = None
+        self.budget = None
         if kv_cache_bytes is not None or kv_cache_fraction is not None:
-            self.cache = PagedKVCache.for_model(self.model, memory_bytes=kv_cache_bytes,
-                                                memory_fraction=kv_cache_fraction, block_size=block_size)
-        self.fixed_budget = self.cache is not None
+            self.budget = {"memory_bytes": kv_cache_bytes, "memory_fraction": kv_cache_fraction}
+        self.cache = self._allocate_budget() if self.budget else None  # a bad budget fails here, not later
         self.stats: dict[str, int] = {}  # of the last call: prefills, decode_steps, preemptions
+
+    def free_cache(self) -> None:
+        """Give the KV cache memory back; the next call allocates it again."""
+        self.cache = None
+
+    def _allocate_budget(self) -> PagedKVCache:
+        return PagedKVCache.for_model(self.model, **self.budget, block_size=self.block_size)
 
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
                  max_new_tokens: int = 20, min_new_tokens: int = 0, do_sample: bool = False,
@@ -85,7 +95,9 @@ class Generator:
         """Check that every sequence fits alone, and size the cache when no budget was given."""
         # The last sampled token is never fed back, so a sequence holds at most L + max_new_tokens - 1.
         blocks = [blocks_for(int(length) + max_new_tokens - 1, self.block_size) for length in attention_mask.sum(1)]
-        if self.fixed_budget:
+        if self.budget:
+            if self.cache is None:
+                self.cache = self._allocate_budget()
             if max(blocks) > self.cache.num_blocks:
                 raise ValueError(f"the KV cache budget holds {self.cache.num_blocks} blocks of {self.block_size} "
                                  f"tokens, but one sequence (prompt + max_new_tokens) needs {max(blocks)}: "

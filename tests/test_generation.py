@@ -120,6 +120,9 @@ def test_generator_reuses_its_cache():
     second = generator.generate(ids[:2], mask[:2], max_new_tokens=6, eos_token_id=[])
     assert generator.cache is cache
     assert torch.equal(second.sequences, first.sequences[:2])
+    generator.free_cache()
+    third = generator.generate(ids[:2], mask[:2], max_new_tokens=6, eos_token_id=[])
+    assert torch.equal(third.sequences, first.sequences[:2])
 
 
 def test_sampling_reproducible_with_seed_and_generator():
