@@ -11,7 +11,11 @@ a kernel), then dispatches by the device of the inputs:
 
 `use_backend(name)` forces a path inside a `with` block (per thread/task, via a ContextVar):
 "triton" (also on CPU tensors: that is how tests run the Triton interpreter), "cpp" (CPU
-attention only), "torch" (`native`; `reference` for attention), "reference", or "auto".
+attention only; RuntimeError for other ops), "torch" (`native`; `reference` for attention),
+"reference", or "auto" (the default described above):
+
+    with kernels.use_backend("triton"):   # TRITON_INTERPRET=1 must be set before triton loads
+        out = kernels.decode_attention(q, k_cache, v_cache, block_tables, context_lens)
 
 Inputs may be strided views (e.g. q/k/v split from one fused projection): each backend copies
 only what it cannot index (the C++ kernels take contiguous tensors, the Triton kernels need a
@@ -22,6 +26,7 @@ import contextvars
 import functools
 import importlib
 import math
+import types
 from collections.abc import Iterator
 
 import torch
@@ -71,13 +76,13 @@ def _float_dtypes(device: torch.device, backend: str) -> tuple[torch.dtype, ...]
     return check.CPU_DTYPES if native_cpu else check.GPU_DTYPES
 
 
-def _triton(module: str):
+def _triton(module: str) -> types.ModuleType:
     return importlib.import_module(f"hybrid_engine.kernels.triton.{module}")
 
 
-def _route(op: str, *tensors: torch.Tensor | None) -> tuple[str, tuple[torch.dtype, ...]]:
-    """Backend and allowed float dtypes for tensors given as name=value pairs."""
-    device = check.check_devices(**dict(tensors))
+def _route(op: str, *named: tuple[str, torch.Tensor | None]) -> tuple[str, tuple[torch.dtype, ...]]:
+    """Backend and allowed float dtypes for the op's (name, tensor) arguments."""
+    device = check.check_devices(*named)
     backend = _backend(op, device)
     return backend, _float_dtypes(device, backend)
 

@@ -4,6 +4,12 @@ kernel, and copy_blocks on every device.
 Unlike `reference` (float32 compute, the test oracle) these never upcast: a bf16 GEMM runs about
 4x faster than fp32 on our CPUs (design.md section 4), and the norms' torch kernels already
 accumulate in float32 internally.
+
+Why no C++ kernels for these (measured 2026-11-26, bf16, OPT-1.3b decode shapes at batch 16,
+2 shared vCPUs, OMP_WAIT_POLICY=PASSIVE): add_layer_norm [16, 2048] 26 us, add_rms_norm 41 us,
+silu_and_mul [16, 11264] 69 us, against 2.2 ms for one [16, 2048] x [8192, 2048] linear_act
+(the fp32 reference takes 43 ms for it). A fused norm could save at most ~15 us per call: under 1%
+of a decode step, which the GEMMs dominate.
 """
 import torch
 import torch.nn.functional as F

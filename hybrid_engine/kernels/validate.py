@@ -29,16 +29,16 @@ def check_index(name: str, t: torch.Tensor, ndim: int, dtypes: tuple[torch.dtype
         raise ValueError(f"{name} must have dtype {' or '.join(map(str, dtypes))}, got {t.dtype}")
 
 
-def check_devices(**tensors: torch.Tensor | None) -> torch.device:
-    """All given tensors on one device; returns it."""
-    named = [(n, t) for n, t in tensors.items() if t is not None]
+def check_devices(*named: tuple[str, torch.Tensor | None]) -> torch.device:
+    """All given (name, tensor) pairs, None skipped, are tensors on one device; returns it."""
+    named = [(name, t) for name, t in named if t is not None]
     for name, t in named:
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
-    device = named[0][1].device
+    first_name, device = named[0][0], named[0][1].device
     for name, t in named[1:]:
         if t.device != device:
-            raise ValueError(f"{name} is on {t.device} but {named[0][0]} is on {device}")
+            raise ValueError(f"{name} is on {t.device} but {first_name} is on {device}")
     return device
 
 
