@@ -95,6 +95,7 @@ BAD_INPUTS = {
     "bias size": (lambda: linear(bias=torch.randn(32)), "bias"),
     "bias dtype": (lambda: linear(bias=torch.randn(16, dtype=torch.bfloat16)), "bias"),
     "integer x": (lambda: linear(x=torch.ones(3, 32, dtype=torch.int64)), "x"),
+    "scalar x": (lambda: linear(x=torch.tensor(1.0)), "x must have a feature"),
     "odd gate width": (lambda: kernels.silu_and_mul(torch.randn(3, 7)), "x"),
     "norm weight size": (lambda: layer_norm(weight=torch.randn(31)), "weight"),
     "residual shape": (lambda: layer_norm(residual=torch.randn(3, 31)), "residual"),

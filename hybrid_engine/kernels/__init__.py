@@ -181,7 +181,7 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     """silu(x[..., :I]) * x[..., I:] for x [..., 2I]."""
     backend, dtypes = _route("silu_and_mul", ("x", x))
     check.check_float("x", x, None, dtypes)
-    if x.dim() == 0 or x.shape[-1] % 2:
+    if x.shape[-1] % 2:
         raise ValueError(f"x must have an even last dimension [..., 2I], got shape {tuple(x.shape)}")
     if backend == "triton":
         return _triton("silu_and_mul").silu_and_mul(x)
@@ -204,8 +204,6 @@ def _check_norm(op: str, x: torch.Tensor, residual: torch.Tensor | None, weight:
                 bias: torch.Tensor | None) -> str:
     backend, dtypes = _route(op, ("x", x), ("residual", residual), ("weight", weight), ("bias", bias))
     check.check_float("x", x, None, dtypes)
-    if x.dim() == 0:
-        raise ValueError("x must have a feature dimension")
     if residual is not None:
         check.check_same("residual", residual, "x", x)
     _check_vector("weight", weight, x.shape[-1], x)

@@ -12,10 +12,13 @@ INDEX_DTYPES = (torch.int32, torch.int64)
 
 
 def check_float(name: str, t: torch.Tensor, ndim: int | None, dtypes: tuple[torch.dtype, ...]) -> None:
+    """ndim None: any rank with a feature dimension, [..., features]."""
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
     if ndim is not None and t.dim() != ndim:
         raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(t.shape)}")
+    if ndim is None and t.dim() == 0:
+        raise ValueError(f"{name} must have a feature dimension [..., features], got a scalar")
     if t.dtype not in dtypes:
         raise ValueError(f"{name} has dtype {t.dtype}; supported here: {', '.join(map(str, dtypes))}")
 
