@@ -3,10 +3,12 @@
 #include <torch/extension.h>
 
 #include "block_allocator.h"
+#include "reshard_plan.h"
 #include "cpu/attention.h"
 
 namespace py = pybind11;
 using hybrid_engine::BlockAllocator;
+using hybrid_engine::ReshardPlan;
 
 namespace {
 
@@ -38,6 +40,29 @@ std::vector<int64_t> seq_ids_from(py::handle ids) {
   }
   throw py::type_error("seq_ids must be a sequence of ints or a 1-D int64 tensor, got " +
                        std::string(py::str(py::type::of(ids).attr("__name__"))));
+}
+
+hybrid_engine::Split split_from(const std::string& name) {
+  if (name == "replicated") return hybrid_engine::Split::kReplicated;
+  if (name == "column") return hybrid_engine::Split::kColumn;
+  if (name == "row") return hybrid_engine::Split::kRow;
+  throw py::value_error("split must be 'replicated', 'column' or 'row', got '" + name + "'");
+}
+
+using SourceTuple = std::tuple<int64_t, int64_t, std::string, int64_t, int64_t>;
+
+ReshardPlan make_plan(const std::vector<SourceTuple>& sources, int64_t world_size, int64_t tp_size, int64_t rank) {
+  std::vector<hybrid_engine::SourceLayout> layouts;
+  for (const auto& [rows, cols, split, dst_tensor, dst_row] : sources) {
+    layouts.push_back({rows, cols, split_from(split), dst_tensor, dst_row});
+  }
+  return ReshardPlan(std::move(layouts), world_size, tp_size, rank);
+}
+
+py::list segment_tuples(const std::vector<hybrid_engine::Segment>& segments) {
+  py::list out;
+  for (const auto& s : segments) out.append(py::make_tuple(s.source, s.src_offset, s.dst_tensor, s.dst_offset, s.length));
+  return out;
 }
 
 }  // namespace
@@ -72,6 +97,24 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("block_table", [](const BlockAllocator& a, py::handle ids) { return a.block_table(seq_ids_from(ids)); }, py::arg("seq_ids"),
            "int32 [n, max blocks among them], padded with -1.")
       .def("ref_count", &BlockAllocator::ref_count, py::arg("block"), "How many sequences hold this block.");
+
+  py::class_<ReshardPlan>(m, "ReshardPlan",
+                          "Copy plan of one rank from the ZeRO-3 layout to tensor-parallel slices (see hybrid_engine.reshard).")
+      .def(py::init(&make_plan), py::arg("sources"), py::arg("world_size"), py::arg("tp_size"), py::arg("rank"),
+           "sources: list of (rows, cols, split, dst_tensor, dst_row), split in {'replicated', 'column', 'row'}.")
+      .def("send_counts", &ReshardPlan::send_counts, "int64 [world_size]: elements this rank sends to each peer.")
+      .def("recv_counts", &ReshardPlan::recv_counts, "int64 [world_size]: elements this rank receives from each peer.")
+      .def("shard_numel", &ReshardPlan::shard_numel, py::arg("source"))
+      .def("sends", [](const ReshardPlan& p, int64_t peer) { return segment_tuples(p.sends(peer)); }, py::arg("peer"),
+           "(source, src_offset, dst_tensor, dst_offset, length) segments sent to peer, in wire order.")
+      .def("recvs", [](const ReshardPlan& p, int64_t peer) { return segment_tuples(p.recvs(peer)); }, py::arg("peer"))
+      .def("local", [](const ReshardPlan& p) { return segment_tuples(p.local()); })
+      .def("pack", &ReshardPlan::pack, py::arg("shards"), py::arg("send"),
+           "Copy the segments for every peer out of this rank's shards into send, peers in rank order.")
+      .def("unpack", &ReshardPlan::unpack, py::arg("recv"), py::arg("dsts"),
+           "Copy received segments into the inference tensors, converting dtype.")
+      .def("copy_local", &ReshardPlan::copy_local, py::arg("shards"), py::arg("dsts"),
+           "Copy the segments this rank holds and needs itself.");
 }
 
 // Tensor ops: schemas (the contract hybrid_engine.kernels dispatches to) and their CPU kernels.

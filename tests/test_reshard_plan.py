@@ -1,0 +1,147 @@
+"""ReshardPlan on one process: N simulated ranks hold ZeRO-3 shards built here from full tensors
+(flatten, pad to a multiple of N, rank r keeps [r*c, (r+1)*c)); the exchange all_to_all_single
+would do is done by slicing buffers. Every rank must end with exactly its TP slices."""
+import itertools
+
+import pytest
+import torch
+
+from hybrid_engine._C import ReshardPlan
+
+SPLIT_DIM = {"replicated": None, "column": 0, "row": 1}
+
+
+def zero3_shards(full: torch.Tensor, world: int) -> list[torch.Tensor]:
+    flat = full.flatten()
+    c = -(-flat.numel() // world)
+    padded = torch.cat([flat, torch.full((c * world - flat.numel(),), float("nan"), dtype=flat.dtype)])
+    return [padded[r * c:(r + 1) * c].clone() for r in range(world)]
+
+
+def tp_slice(full: torch.Tensor, split: str, tp_rank: int, tp: int) -> torch.Tensor:
+    dim = SPLIT_DIM[split]
+    return full if dim is None else full.chunk(tp, dim=dim)[tp_rank]
+
+
+def needed_indices(shape: tuple[int, int], split: str, tp_rank: int, tp: int) -> torch.Tensor:
+    return tp_slice(torch.arange(shape[0] * shape[1]).view(shape), split, tp_rank, tp).flatten()
+
+
+def exchange(plans: list[ReshardPlan], shards: list[list[torch.Tensor]]) -> list[torch.Tensor]:
+    """What all_to_all_single delivers: rank d receives, from each s in rank order, s's chunk for d."""
+    world = len(plans)
+    sends = []
+    for plan, rank_shards in zip(plans, shards):
+        counts = plan.send_counts()
+        buf = torch.empty(int(counts.sum()), dtype=rank_shards[0].dtype)
+        plan.pack(rank_shards, buf)
+        sends.append(buf.split(counts.tolist()))
+    return [torch.cat([sends[s][d] for s in range(world)]) for d in range(world)]
+
+
+
+
+def run_plan(model, world: int, tp: int, src_dtype=torch.float32, dst_dtype=torch.float32):
+    torch.manual_seed(world * 10 + tp)
+    fulls = [torch.randn(shape).to(src_dtype) for _, shape, _ in model]
+    names = list(dict.fromkeys(name for name, _, _ in model))
+    sources, expected_parts = [], {}
+    for rank in range(world):
+        expected_parts[rank] = {n: [] for n in names}
+    dst_row = dict.fromkeys(names, 0)
+    for (name, (rows, cols), split), full in zip(model, fulls):
+        sources.append((rows, cols, split, names.index(name), dst_row[name]))
+        dst_row[name] += rows // tp if split == "column" else rows
+        for rank in range(world):
+            expected_parts[rank][name].append(tp_slice(full, split, rank % tp, tp).to(dst_dtype))
+    plans = [ReshardPlan(sources, world, tp, r) for r in range(world)]
+    shards = [[zero3_shards(f, world)[r] for f in fulls] for r in range(world)]
+    received = exchange(plans, shards)
+    results = []
+    for rank, plan in enumerate(plans):
+        expected = [torch.cat(expected_parts[rank][n]) for n in names]
+        dsts = [torch.full_like(e, float("nan")) for e in expected]
+        plan.copy_local(shards[rank], dsts)
+        plan.unpack(received[rank], dsts)
+        results.append((plan, dsts, expected))
+    return sources, results
+
+
+OPT_LIKE = [  # odd sizes on purpose: hidden 70, ffn 138, vocab 251, not multiples of the world size
+    ("embed", (251, 70), "replicated"),
+    ("qkv.weight", (70, 70), "column"), ("qkv.weight", (70, 70), "column"), ("qkv.weight", (70, 70), "column"),
+    ("qkv.bias", (70, 1), "column"), ("qkv.bias", (70, 1), "column"), ("qkv.bias", (70, 1), "column"),
+    ("out.weight", (70, 70), "row"), ("out.bias", (70, 1), "replicated"),
+    ("fc1.weight", (138, 70), "column"), ("fc2.weight", (70, 138), "row"),
+    ("norm.weight", (70, 1), "replicated"),
+]
+
+
+@pytest.mark.parametrize("world, tp", [(1, 1), (2, 1), (2, 2), (3, 1), (4, 2), (6, 2)])
+def test_every_rank_gets_exactly_its_tp_slices(world, tp):
+    _, results = run_plan(OPT_LIKE, world, tp)
+    for plan, dsts, expected in results:
+        for got, want in zip(dsts, expected):
+            assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("src_dtype, dst_dtype", [(torch.float32, torch.bfloat16), (torch.bfloat16, torch.bfloat16),
+                                                  (torch.bfloat16, torch.float32)])
+def test_dtype_is_converted_on_unpack(src_dtype, dst_dtype):
+    _, results = run_plan(OPT_LIKE, 4, 2, src_dtype, dst_dtype)
+    for _, dsts, expected in results:
+        assert all(g.dtype == dst_dtype and torch.equal(g, w) for g, w in zip(dsts, expected))
+
+
+@pytest.mark.parametrize("world, tp", [(2, 2), (2, 1), (4, 2), (3, 1)])
+def test_bytes_received_are_the_analytic_minimum(world, tp):
+    sources, results = run_plan(OPT_LIKE, world, tp)
+    for rank, (plan, _, _) in enumerate(results):
+        minimum = 0
+        for rows, cols, split, _, _ in sources:
+            c = -(-rows * cols // world)
+            needed = needed_indices((rows, cols), split, rank % tp, tp)
+            minimum += int(((needed < rank * c) | (needed >= (rank + 1) * c)).sum())
+        assert int(plan.recv_counts().sum()) == minimum
+        assert plan.recv_counts()[rank] == 0 and plan.send_counts()[rank] == 0
+    for s, d in itertools.product(range(world), repeat=2):
+        assert results[s][0].send_counts()[d] == results[d][0].recv_counts()[s]
+
+
+def test_world_2_tp_2_moves_no_column_bytes_and_a_quarter_of_row_bytes():
+    hidden = 64
+    model = [("qkv", (3 * hidden, hidden), "column"), ("out", (hidden, hidden), "row")]
+    sources, results = run_plan(model[:1], 2, 2)
+    assert all(int(plan.recv_counts().sum()) == 0 for plan, _, _ in results)
+    sources, results = run_plan(model[1:], 2, 2)
+    assert all(int(plan.recv_counts().sum()) == hidden * hidden // 4 for plan, _, _ in results)
+
+
+@pytest.mark.parametrize("sources, world, tp, match", [
+    ([(5, 4, "column", 0, 0)], 2, 2, "column-parallel but its 5 rows"),
+    ([(4, 5, "row", 0, 0)], 2, 2, "row-parallel but its 5 columns"),
+    ([(4, 4, "row", 0, 0)], 3, 2, "must be >= 1 and divide world_size"),
+    ([(4, 4, "row", 0, 0)], 2, 2, "rank 2 is outside"),
+    ([(0, 4, "row", 0, 0)], 2, 2, "has shape"),
+])
+def test_bad_plans_raise(sources, world, tp, match):
+    rank = 2 if "rank 2" in match else 0
+    with pytest.raises(RuntimeError, match=match):
+        ReshardPlan(sources, world, tp, rank)
+
+
+def test_bad_split_name_and_bad_buffers_raise():
+    with pytest.raises(ValueError, match="split must be"):
+        ReshardPlan([(4, 4, "rows", 0, 0)], 2, 2, 0)
+    plan = ReshardPlan([(4, 4, "row", 0, 0)], 2, 2, 0)
+    shard = torch.randn(8)
+    with pytest.raises(RuntimeError, match="expected 1 shards"):
+        plan.copy_local([shard, shard], [torch.empty(4, 2)])
+    with pytest.raises(RuntimeError, match="shard 0 has 3 elements"):
+        plan.copy_local([torch.randn(3)], [torch.empty(4, 2)])
+    with pytest.raises(RuntimeError, match="too small"):
+        plan.copy_local([shard], [torch.empty(4, 1)])
+    with pytest.raises(RuntimeError, match="send buffer"):
+        plan.pack([shard], torch.empty(1))
+    with pytest.raises(RuntimeError, match="only 0 were given"):
+        plan.unpack(torch.empty(8), [])
