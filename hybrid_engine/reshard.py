@@ -1,0 +1,169 @@
+"""Repartition the training weights into this rank's tensor-parallel inference weights.
+
+Under ZeRO-3 each parameter is flattened, padded to a multiple of the world size N, and rank r
+holds [r*c, (r+1)*c) in `param.ds_tensor` (checked against DeepSpeed's own partition numbers).
+The C++ ReshardPlan intersects what every rank holds with what every rank needs; each bucket of
+inference tensors then costs one pack, one all_to_all_single and one unpack, straight into the
+preallocated inference weights: nothing is gathered whole, and each rank receives only the bytes
+it needs and does not hold. Whole weights (a plain module, ZeRO stages 0-2) are sliced locally.
+"""
+import math
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from hybrid_engine._C import ReshardPlan
+from hybrid_engine.models.weights import WeightMap, WeightSource, load_weights
+
+
+def is_zero3(module: nn.Module) -> bool:
+    return any(hasattr(p, "ds_tensor") for p in module.parameters())
+
+
+@dataclass
+class Bucket:
+    names: list[str]               # inference tensors filled by this bucket, in plan order
+    sources: list[WeightSource]    # their sources, in plan order
+    plan: ReshardPlan
+
+
+@dataclass
+class ReshardStats:
+    seconds: float = 0.0
+    bytes_received: int = 0
+    bytes_sent: int = 0
+    peak_buffer_bytes: int = 0
+    buckets: int = 0
+    per_call: list = field(default_factory=list)
+
+
+class Resharder:
+    """Fills `targets` (inference tensor name -> this rank's tensor) from `module`'s parameters.
+
+    tp_rank/tp_size: this rank's place in its TP group (groups are contiguous ranks). bucket_bytes
+    bounds the bytes of source tensors exchanged per all_to_all, so extra memory is at most a
+    send and a receive buffer of one bucket, reused across calls.
+    """
+
+    def __init__(self, module: nn.Module, weight_map: WeightMap, targets: dict[str, torch.Tensor], *,
+                 tp_rank: int, tp_size: int, bucket_bytes: int = 64 << 20, group=None):
+        if bucket_bytes < 1:
+            raise ValueError(f"bucket_bytes must be >= 1, got {bucket_bytes}")
+        self.module, self.weight_map, self.targets = module, weight_map, targets
+        self.tp_rank, self.tp_size, self.bucket_bytes, self.group = tp_rank, tp_size, bucket_bytes, group
+        self.params = dict(module.named_parameters(remove_duplicate=False))
+        self.zero3 = is_zero3(module)
+        self.stats = ReshardStats()
+        self.buckets = self._plan_buckets() if self.zero3 else []
+        self.send_buffer = self.recv_buffer = None
+
+    def _world(self) -> tuple[int, int]:
+        if not dist.is_initialized():
+            return 1, 0
+        return dist.get_world_size(self.group), dist.get_rank(self.group)
+
+    def _param(self, source: WeightSource) -> nn.Parameter:
+        param = self.params.get(source.name)
+        if param is None:
+            raise ValueError(f"the actor has no parameter {source.name!r} (needed by the inference model)")
+        return param
+
+    def _check_zero3_layout(self, source: WeightSource, param: nn.Parameter, world: int) -> None:
+        numel = math.prod(source.shape)
+        c = -(-numel // world)
+        layout = (param.ds_numel, param.partition_numel(), param.padding_size(), dist.get_world_size(param.ds_process_group))
+        if layout != (numel, c, c * world - numel, world) or param.ds_tensor.numel() < c:
+            raise RuntimeError(
+                f"{source.name}: unexpected ZeRO-3 partition (numel, partition numel, padding, group size) = {layout}, "
+                f"expected {(numel, c, c * world - numel, world)}: this DeepSpeed version or configuration (e.g. "
+                f"hpZ/MiCS groups) lays shards out differently from what the resharder supports")
+
+    def _plan_buckets(self) -> list[Bucket]:
+        world, rank = self._world()
+        if world % self.tp_size:
+            raise ValueError(f"tp_size={self.tp_size} must divide the world size {world}")
+        buckets, names, sources, size = [], [], [], 0
+        for name, entry in self.weight_map.items():
+            for source in entry:
+                self._check_zero3_layout(source, self._param(source), world)
+            entry_bytes = sum(math.prod(s.shape) * self._param(s).ds_tensor.element_size() for s in entry)
+            if names and size + entry_bytes > self.bucket_bytes:
+                buckets.append(self._bucket(names, sources, world, rank))
+                names, sources, size = [], [], 0
+            names.append(name)
+            sources.extend(entry)
+            size += entry_bytes
+        if names:
+            buckets.append(self._bucket(names, sources, world, rank))
+        return buckets
+
+    def _bucket(self, names: list[str], sources: list[WeightSource], world: int, rank: int) -> Bucket:
+        layouts = []
+        for index, name in enumerate(names):
+            row = 0
+            for source in self.weight_map[name]:
+                rows, cols = source.shape[0], math.prod(source.shape[1:])
+                layouts.append((rows, cols, source.split, index, row))
+                row += rows // self.tp_size if source.split == "column" else rows
+        return Bucket(list(names), list(sources), ReshardPlan(layouts, world, self.tp_size, rank))
+
+    @torch.no_grad()
+    def reshard(self) -> ReshardStats:
+        start = time.perf_counter()
+        received = sent = 0
+        if not self.zero3:
+            load_weights(self.targets, self.weight_map, self.module.state_dict(), self.tp_rank, self.tp_size)
+        for bucket in self.buckets:
+            r, s = self._run(bucket)
+            received, sent = received + r, sent + s
+        self.stats.seconds, self.stats.bytes_received, self.stats.bytes_sent = time.perf_counter() - start, received, sent
+        self.stats.buckets = len(self.buckets)
+        self.stats.per_call.append({"seconds": self.stats.seconds, "bytes_received": received, "bytes_sent": sent})
+        return self.stats
+
+    def _run(self, bucket: Bucket) -> tuple[int, int]:
+        dsts = [self.targets[name] for name in bucket.names]
+        shards = [self._param(s).ds_tensor.view(-1) for s in bucket.sources]
+        if dsts[0].element_size() < shards[0].element_size():
+            # Convert before sending: the same rounding as after, for fewer bytes on the wire.
+            shards = [shard.to(dsts[0].dtype) for shard in shards]
+        send_counts, recv_counts = bucket.plan.send_counts(), bucket.plan.recv_counts()
+        send = self._buffer("send_buffer", int(send_counts.sum()), shards[0].dtype)
+        recv = self._buffer("recv_buffer", int(recv_counts.sum()), shards[0].dtype)
+        bucket.plan.pack(shards, send)
+        if self._world()[0] > 1:
+            dist.all_to_all_single(recv, send, recv_counts.tolist(), send_counts.tolist(), group=self.group)
+        bucket.plan.copy_local(shards, dsts)
+        bucket.plan.unpack(recv, dsts)
+        return recv.numel() * recv.element_size(), send.numel() * send.element_size()
+
+    def _buffer(self, attr: str, numel: int, dtype: torch.dtype) -> torch.Tensor:
+        buffer = getattr(self, attr)
+        if buffer is None or buffer.dtype != dtype or buffer.numel() < numel:
+            setattr(self, attr, None)
+            buffer = torch.empty(numel, dtype=dtype)
+            setattr(self, attr, buffer)
+            peak = sum(b.numel() * b.element_size() for b in (self.send_buffer, self.recv_buffer) if b is not None)
+            self.stats.peak_buffer_bytes = max(self.stats.peak_buffer_bytes, peak)
+        return buffer[:numel]
+
+    def release(self) -> None:
+        """Free the exchange buffers (the plans stay: they are small and reused)."""
+        self.send_buffer = self.recv_buffer = None
+
+
+def new_tp_group(tp_size: int):
+    """This rank's TP group (contiguous ranks). Every rank creates every group, in the same order,
+    as torch.distributed requires."""
+    world, rank = dist.get_world_size(), dist.get_rank()
+    if world % tp_size:
+        raise ValueError(f"tp_size={tp_size} must divide the world size {world}")
+    mine = None
+    for start in range(0, world, tp_size):
+        group = dist.new_group(list(range(start, start + tp_size)))
+        if start <= rank < start + tp_size:
+            mine = group
+    return mine
