@@ -4,22 +4,26 @@ same prompts, same forced length, in one process with the same thread and OpenMP
     python -m bench.generation --model opt-125m [--dtype bf16] [--batch 16] [--prompt-len 256]
                                [--new-tokens 256] [--out results/generation-opt-125m-fp32.json]
 
-Decode step time = (time of a full run - time of a prefill-only run) / (new tokens - 1), measured
-the same way for both sides. The floor of a decode step is the larger of (weights + KV bytes read)
-/ copy bandwidth and decode FLOPs / GEMM rate, both measured in this run.
+Both sides are timestamped at every next-token choice (HF: a logits processor; ours: the start of
+each decode step): prefill = first stamp - start of the call, decode step = median interval
+between stamps (the mean is reported too), so noise from other processes shows as spread rather
+than bias. The floor of a decode step is the larger of (weights + KV bytes read) / copy bandwidth
+and decode FLOPs / GEMM rate, both measured in this run.
 """
 import bench  # noqa: F401  (sets OMP_WAIT_POLICY=PASSIVE before torch is imported)
 
 import argparse
 import os
+import statistics
 import time
 from pathlib import Path
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM
+from transformers import LlamaConfig, LlamaForCausalLM, LogitsProcessor, LogitsProcessorList, OPTConfig, OPTForCausalLM
 
 from bench.common import copy_bandwidth, gemm_rate, print_environment, print_table, write_json
 from hybrid_engine import Generator, from_hf
+from hybrid_engine.generation import Run
 
 # Real configurations (hard-coded: nothing is downloaded); weights are random.
 MODELS = {
@@ -37,34 +41,53 @@ MODELS = {
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
-def vm_hwm_bytes() -> int:
-    """Resident high-water mark since the last reset_hwm()."""
+def status_bytes(field: str) -> int:
+    """A memory field of /proc/self/status (VmRSS, VmHWM) in bytes."""
     for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
+        if line.startswith(field + ":"):
             return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmHWM in /proc/self/status")
+    raise RuntimeError(f"no {field} in /proc/self/status")
 
 
-def reset_hwm() -> None:
-    Path("/proc/self/clear_refs").write_text("5")  # "5" resets the peak RSS (Linux >= 4.0)
+class StepClock(LogitsProcessor):
+    """Timestamps: reset() at the start of a call, then one per generated token."""
+
+    def __init__(self):
+        self.ticks: list[float] = []
+
+    def reset(self) -> None:
+        self.ticks = [time.perf_counter()]
+
+    def __call__(self, input_ids, scores):
+        self.ticks.append(time.perf_counter())
+        return scores
 
 
-def timed(fn) -> tuple[float, int]:
-    """(seconds, peak RSS bytes during fn)."""
-    reset_hwm()
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start, vm_hwm_bytes()
+def measure(name: str, run, clock: StepClock, batch: int, new_tokens: int) -> dict:
+    run(2)  # warm-up: allocator caches, lazily built kernels, KV cache pages
+    Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
+    before = status_bytes("VmRSS")
+    clock.reset()
+    run(new_tokens)
+    total_s = time.perf_counter() - clock.ticks[0]
+    steps = [b - a for a, b in zip(clock.ticks[1:], clock.ticks[2:])]
+    peak = status_bytes("VmHWM")
+    # Both models stay resident in this process: the growth over the RSS before the run is this side's.
+    return {"side": name, "prefill_ms": (clock.ticks[1] - clock.ticks[0]) * 1e3,
+            "decode_ms_per_step": statistics.median(steps) * 1e3, "decode_ms_mean": statistics.mean(steps) * 1e3,
+            "tokens_per_s": batch * new_tokens / total_s, "total_s": total_s, "peak_rss_gib": peak / 2**30,
+            "run_growth_gib": (peak - before) / 2**30}
 
 
-def measure(name: str, run, batch: int, new_tokens: int) -> dict:
-    """Prefill-only run, then full run; decode steps are the difference."""
-    run(1)  # warm-up: allocator caches, lazily built kernels
-    prefill_s, _ = timed(lambda: run(1))
-    total_s, peak = timed(lambda: run(new_tokens))
-    step_s = (total_s - prefill_s) / (new_tokens - 1)
-    return {"side": name, "prefill_ms": prefill_s * 1e3, "decode_ms_per_step": step_s * 1e3,
-            "tokens_per_s": batch * new_tokens / total_s, "total_s": total_s, "peak_rss_gib": peak / 2**30}
+def clock_decode_steps(clock: StepClock) -> None:
+    """Stamp the start of each of our decode steps (bench-only instrumentation)."""
+    decode = Run.decode
+
+    def stamped(run):
+        clock(None, None)
+        decode(run)
+
+    Run.decode = stamped
 
 
 def decode_floor(model, args, dtype: torch.dtype) -> dict:
@@ -113,23 +136,28 @@ def main() -> None:
     mask = torch.ones_like(prompts)
     generator = Generator(from_hf(hf, dtype=dtype), block_size=args.block_size)
 
+    our_clock, hf_clock = StepClock(), StepClock()
+
     def ours(n):
         return generator.generate(prompts, mask, max_new_tokens=n, min_new_tokens=n, eos_token_id=[])
 
     def theirs(n):
         with torch.inference_mode():
             return hf.generate(input_ids=prompts, attention_mask=mask, do_sample=False, max_new_tokens=n,
-                               min_new_tokens=n, eos_token_id=None, pad_token_id=hf.config.pad_token_id)
+                               min_new_tokens=n, eos_token_id=None, pad_token_id=hf.config.pad_token_id,
+                               logits_processor=LogitsProcessorList([hf_clock]))
 
-    rows = [measure("hybrid_engine", ours, args.batch, args.new_tokens)]
+    clock_decode_steps(our_clock)
+    rows = [measure("hybrid_engine", ours, our_clock, args.batch, args.new_tokens)]
     if not args.skip_hf:
-        rows.insert(0, measure("hf_generate", theirs, args.batch, args.new_tokens))
+        rows.insert(0, measure("hf_generate", theirs, hf_clock, args.batch, args.new_tokens))
     floor = decode_floor(generator.model, args, dtype)
     for row in rows:
         row["x_floor"] = row["decode_ms_per_step"] / floor["floor_ms"]
     print(f"{args.model} {args.dtype} batch {args.batch} prompt {args.prompt_len} new {args.new_tokens} "
           f"(OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}, threads {torch.get_num_threads()})")
-    print_table(rows, ["side", "prefill_ms", "decode_ms_per_step", "tokens_per_s", "peak_rss_gib", "x_floor"])
+    print_table(rows, ["side", "prefill_ms", "decode_ms_per_step", "decode_ms_mean", "tokens_per_s", "peak_rss_gib", "run_growth_gib",
+                      "x_floor"])
     print("floor per decode step: " + ", ".join(f"{k}={v:.4g}" for k, v in floor.items()))
     result = {"args": vars(args), "environment": env, "rows": rows, "floor": floor, "ours_stats": generator.stats}
     if not args.skip_hf:
