@@ -10,6 +10,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 #pragma GCC diagnostic ignored "-Wpsabi"  // 64-byte vectors only cross always_inline boundaries
 
@@ -18,6 +19,8 @@ namespace hybrid_engine::cpu {
 #define HE_INLINE inline __attribute__((always_inline))
 
 typedef float f32x16 __attribute__((vector_size(64)));
+typedef float f32x8 __attribute__((vector_size(32)));
+typedef float f32x4 __attribute__((vector_size(16)));
 typedef int32_t i32x16 __attribute__((vector_size(64)));
 typedef uint32_t u32x16 __attribute__((vector_size(64)));
 typedef uint16_t u16x16 __attribute__((vector_size(32)));
@@ -57,15 +60,38 @@ HE_INLINE f32x16 load16(const uint16_t* p) {
 }
 HE_INLINE void store16(float* p, f32x16 v) { std::memcpy(p, &v, sizeof(v)); }
 
+// Horizontal reductions as a tree of halvings: a lane-by-lane loop would be one long dependency
+// chain (no fast-math, so the compiler may not reorder it).
 HE_INLINE float hsum(f32x16 v) {
-  float s = 0.f;
-  for (int i = 0; i < kLanes; ++i) s += v[i];
-  return s;
+  const f32x8 a = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
+                  __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+  const f32x4 b = __builtin_shufflevector(a, a, 0, 1, 2, 3) + __builtin_shufflevector(a, a, 4, 5, 6, 7);
+  return (b[0] + b[2]) + (b[1] + b[3]);
 }
 HE_INLINE float hmax(f32x16 v) {
-  float m = v[0];
-  for (int i = 1; i < kLanes; ++i) m = v[i] > m ? v[i] : m;
-  return m;
+  const f32x8 lo = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7);
+  const f32x8 hi = __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+  const f32x8 a = lo > hi ? lo : hi;
+  const f32x4 blo = __builtin_shufflevector(a, a, 0, 1, 2, 3), bhi = __builtin_shufflevector(a, a, 4, 5, 6, 7);
+  const f32x4 b = blo > bhi ? blo : bhi;
+  return std::max(std::max(b[0], b[1]), std::max(b[2], b[3]));
+}
+
+// out[t] = hsum(part[t]) for 16 vectors at once: a transposing tree of two-source shuffles, about
+// two shuffles per result instead of five for 16 separate hsum calls.
+HE_INLINE f32x16 hsum16(const f32x16 (&part)[kLanes]) {
+  f32x16 c[8], e[4], g[2];
+  for (int i = 0; i < 8; ++i)
+    c[i] = __builtin_shufflevector(part[2 * i], part[2 * i + 1], 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
+           __builtin_shufflevector(part[2 * i], part[2 * i + 1], 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
+  for (int i = 0; i < 4; ++i)
+    e[i] = __builtin_shufflevector(c[2 * i], c[2 * i + 1], 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27) +
+           __builtin_shufflevector(c[2 * i], c[2 * i + 1], 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31);
+  for (int i = 0; i < 2; ++i)
+    g[i] = __builtin_shufflevector(e[2 * i], e[2 * i + 1], 0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28, 29) +
+           __builtin_shufflevector(e[2 * i], e[2 * i + 1], 2, 3, 6, 7, 10, 11, 14, 15, 18, 19, 22, 23, 26, 27, 30, 31);
+  return __builtin_shufflevector(g[0], g[1], 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30) +
+         __builtin_shufflevector(g[0], g[1], 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
 }
 
 // exp(x) to ~2 ulp (Cephes expf polynomial); 0 below -87 (so -inf gives 0), x <= 88 assumed:
@@ -84,30 +110,27 @@ HE_INLINE f32x16 exp16(f32x16 x) {
   return x < -87.0f ? f32x16{} : y * scale;
 }
 
-// sum_d a[d] * b[d] over n elements (a in fp32, b in the storage type).
-template <typename T>
-HE_INLINE float dot(const float* a, const T* b, int64_t n) {
-  f32x16 acc0{}, acc1{};
-  int64_t d = 0;
-  for (; d + 2 * kLanes <= n; d += 2 * kLanes) {
-    acc0 += load16(a + d) * load16(b + d);
-    acc1 += load16(a + d + kLanes) * load16(b + d + kLanes);
-  }
-  if (d + kLanes <= n) {
-    acc0 += load16(a + d) * load16(b + d);
-    d += kLanes;
-  }
-  float s = hsum(acc0 + acc1);
-  for (; d < n; ++d) s += a[d] * to_float(b[d]);
-  return s;
+// Rows in the storage type are read 32 elements at a time as two fp32 vectors. For bf16 these are
+// the even and the odd elements of the 32 (a shift and a mask of the same 32-bit words, no
+// shuffles: shuffle-port pressure is what limits a bf16 dot product), so the fp32 row they meet
+// (the query, the output accumulator) is kept in the matching "pair layout" (see pair_lane).
+HE_INLINE void load_pair(const float* p, f32x16& a, f32x16& b) {
+  a = load16(p);
+  b = load16(p + kLanes);
+}
+HE_INLINE void load_pair(const uint16_t* p, f32x16& a, f32x16& b) {
+  u32x16 w;
+  std::memcpy(&w, p, sizeof(w));
+  a = (f32x16)(w << 16);
+  b = (f32x16)(w & 0xffff0000u);
 }
 
-// y[d] += alpha * x[d] over n elements (y in fp32, x in the storage type).
+// Where element d of a row of n elements sits in the pair layout of storage type T.
 template <typename T>
-HE_INLINE void axpy(float* y, float alpha, const T* x, int64_t n) {
-  int64_t d = 0;
-  for (; d + kLanes <= n; d += kLanes) store16(y + d, load16(y + d) + alpha * load16(x + d));
-  for (; d < n; ++d) y[d] += alpha * to_float(x[d]);
+HE_INLINE int64_t pair_lane(int64_t d, int64_t n) {
+  if (std::is_same<T, float>::value || d >= n / (2 * kLanes) * (2 * kLanes)) return d;
+  const int64_t r = d % (2 * kLanes);
+  return d - r + (r % 2) * kLanes + r / 2;
 }
 
 HE_INLINE void scale_inplace(float* y, float alpha, int64_t n) {
