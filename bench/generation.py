@@ -19,9 +19,10 @@ import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM, LogitsProcessor, LogitsProcessorList, OPTConfig, OPTForCausalLM
 
-from bench.common import copy_bandwidth, gemm_rate, print_environment, print_table, write_json
+from bench.common import copy_bandwidth, gemm_rate, median_seconds, print_environment, print_table, write_json
 from hybrid_engine import Generator, from_hf
 from hybrid_engine.generation import Run
 
@@ -90,26 +91,32 @@ def clock_decode_steps(clock: StepClock) -> None:
     Run.decode = stamped
 
 
+def decode_weights(model) -> list[torch.Tensor]:
+    """The weight matrices one decode step multiplies by (embedding tables are only gathered)."""
+    mats = [t for name, t in model.state_dict().items() if t.dim() == 2 and not name.startswith("embed")]
+    return mats + ([model.lm_head_weight] if model.config.tie_word_embeddings else [])
+
+
 def decode_floor(model, args, dtype: torch.dtype) -> dict:
-    """Lower bounds of one decode step at the mean context length, from rates measured now."""
-    c = model.config
-    weight_bytes = sum(t.numel() * t.element_size() for name, t in model.state_dict().items()
-                       if "embed_positions" not in name and not (name == "embed_tokens.weight" and
-                                                                 not c.tie_word_embeddings))
+    """Lower bounds of one decode step at the mean context length, from rates measured now; plus the
+    measured time of multiplying [batch, in] by every weight matrix once (streaming weights, the
+    GEMM part no implementation avoids)."""
+    weights = decode_weights(model)
+    weight_bytes = sum(w.numel() * w.element_size() for w in weights)
     context = args.prompt_len + args.new_tokens / 2
     kv_bytes = 2 * model.num_layers * args.batch * context * model.num_kv_heads * model.head_dim * dtype.itemsize
-    heads_dim = c.num_attention_heads * model.head_dim
-    matmul_params = sum(t.numel() for name, t in model.state_dict().items() if t.dim() == 2 and "embed" not in name)
-    if c.tie_word_embeddings:
-        matmul_params += model.lm_head_weight.numel()
-    flops = 2 * args.batch * matmul_params + 4 * args.batch * context * heads_dim * model.num_layers
+    attention_flops = 4 * args.batch * context * model.config.num_attention_heads * model.head_dim * model.num_layers
+    flops = 2 * args.batch * sum(w.numel() for w in weights) + attention_flops
     bandwidth = copy_bandwidth()
-    ffn = getattr(c, "ffn_dim", None) or c.intermediate_size
-    rate = gemm_rate(args.batch, c.hidden_size, ffn, dtype)
+    ffn = getattr(model.config, "ffn_dim", None) or model.config.intermediate_size
+    rate = gemm_rate(args.batch, model.config.hidden_size, ffn, dtype)
+    inputs = {w.shape[1]: torch.randn(args.batch, w.shape[1]).to(dtype) for w in weights}
+    gemm_pass = median_seconds(lambda: [F.linear(inputs[w.shape[1]], w) for w in weights], repeat=3)
     memory_ms, compute_ms = (weight_bytes + kv_bytes) / bandwidth * 1e3, flops / rate * 1e3
     return {"weight_bytes": weight_bytes, "kv_bytes_mean": kv_bytes, "copy_bandwidth_gbs": bandwidth / 1e9,
             "decode_flops": flops, "gemm_gflops": rate / 1e9, "memory_floor_ms": memory_ms,
-            "compute_floor_ms": compute_ms, "floor_ms": max(memory_ms, compute_ms)}
+            "compute_floor_ms": compute_ms, "floor_ms": max(memory_ms, compute_ms),
+            "weights_gemm_pass_ms": gemm_pass * 1e3}
 
 
 def parse_args() -> argparse.Namespace:
