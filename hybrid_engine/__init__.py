@@ -11,3 +11,7 @@ from hybrid_engine.kv_cache import PagedKVCache  # noqa: E402
 from hybrid_engine.models import from_hf  # noqa: E402
 
 __all__ += ["generate", "Generator", "GenerationOutput", "PagedKVCache", "from_hf"]
+
+from hybrid_engine.engine import HybridEngine  # noqa: E402
+
+__all__ += ["HybridEngine"]

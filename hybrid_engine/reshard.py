@@ -41,18 +41,18 @@ class ReshardStats:
 
 
 class Resharder:
-    """Fills `targets` (inference tensor name -> this rank's tensor) from `module`'s parameters.
+    """Fills inference tensors (name -> this rank's tensor) from `module`'s parameters.
 
     tp_rank/tp_size: this rank's place in its TP group (groups are contiguous ranks). bucket_bytes
     bounds the bytes of source tensors exchanged per all_to_all, so extra memory is at most a
     send and a receive buffer of one bucket, reused across calls.
     """
 
-    def __init__(self, module: nn.Module, weight_map: WeightMap, targets: dict[str, torch.Tensor], *,
-                 tp_rank: int, tp_size: int, bucket_bytes: int = 64 << 20, group=None):
+    def __init__(self, module: nn.Module, weight_map: WeightMap, *, tp_rank: int, tp_size: int,
+                 bucket_bytes: int = 64 << 20, group=None):
         if bucket_bytes < 1:
             raise ValueError(f"bucket_bytes must be >= 1, got {bucket_bytes}")
-        self.module, self.weight_map, self.targets = module, weight_map, targets
+        self.module, self.weight_map = module, weight_map
         self.tp_rank, self.tp_size, self.bucket_bytes, self.group = tp_rank, tp_size, bucket_bytes, group
         self.params = dict(module.named_parameters(remove_duplicate=False))
         self.zero3 = is_zero3(module)
@@ -111,21 +111,22 @@ class Resharder:
         return Bucket(list(names), list(sources), ReshardPlan(layouts, world, self.tp_size, rank))
 
     @torch.no_grad()
-    def reshard(self) -> ReshardStats:
+    def reshard(self, targets: dict[str, torch.Tensor]) -> ReshardStats:
+        """Fill targets (e.g. `dict(empty_model(...).named_buffers())`) with this rank's slices."""
         start = time.perf_counter()
         received = sent = 0
         if not self.zero3:
-            load_weights(self.targets, self.weight_map, self.module.state_dict(), self.tp_rank, self.tp_size)
+            load_weights(targets, self.weight_map, self.module.state_dict(), self.tp_rank, self.tp_size)
         for bucket in self.buckets:
-            r, s = self._run(bucket)
+            r, s = self._run(bucket, targets)
             received, sent = received + r, sent + s
         self.stats.seconds, self.stats.bytes_received, self.stats.bytes_sent = time.perf_counter() - start, received, sent
         self.stats.buckets = len(self.buckets)
         self.stats.per_call.append({"seconds": self.stats.seconds, "bytes_received": received, "bytes_sent": sent})
         return self.stats
 
-    def _run(self, bucket: Bucket) -> tuple[int, int]:
-        dsts = [self.targets[name] for name in bucket.names]
+    def _run(self, bucket: Bucket, targets: dict[str, torch.Tensor]) -> tuple[int, int]:
+        dsts = [targets[name] for name in bucket.names]
         shards = [self._param(s).ds_tensor.view(-1) for s in bucket.sources]
         if dsts[0].element_size() < shards[0].element_size():
             # Convert before sending: the same rounding as after, for fewer bytes on the wire.

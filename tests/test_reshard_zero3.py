@@ -53,11 +53,11 @@ def zero3_worker(rank: int, world: int, family: str, tp: int, dtype: torch.dtype
     config, wmap = hf.config, weight_map(hf.config)
     model = empty_model(config, rank % tp, tp, new_tp_group(tp), dtype)
     targets = dict(model.named_buffers())
-    resharder = Resharder(engine.module, wmap, targets, tp_rank=rank % tp, tp_size=tp, bucket_bytes=8 << 10)
+    resharder = Resharder(engine.module, wmap, tp_rank=rank % tp, tp_size=tp, bucket_bytes=8 << 10)
     for target in targets.values():
         target.fill_(float("nan"))
-    first = resharder.reshard().bytes_received
-    second = resharder.reshard().bytes_received
+    first = resharder.reshard(targets).bytes_received
+    second = resharder.reshard(targets).bytes_received
     params = dict(engine.module.named_parameters(remove_duplicate=False))
     with deepspeed.zero.GatheredParameters(list(engine.module.parameters())):
         full = {name: p.detach().clone() for name, p in params.items()}
@@ -86,7 +86,7 @@ def test_whole_weights_are_sliced_locally(tp):
     for tp_rank in range(tp):
         model = empty_model(hf.config, tp_rank, tp, None, torch.float32)
         targets = dict(model.named_buffers())
-        stats = Resharder(hf, weight_map(hf.config), targets, tp_rank=tp_rank, tp_size=tp).reshard()
+        stats = Resharder(hf, weight_map(hf.config), tp_rank=tp_rank, tp_size=tp).reshard(targets)
         expected = dict(from_hf(hf, tp_rank=tp_rank, tp_size=tp).named_buffers())
         assert stats.bytes_received == 0
         assert all(torch.equal(targets[n], expected[n]) for n in expected)
@@ -97,7 +97,6 @@ def test_missing_parameter_is_a_clear_error():
     wmap = weight_map(hf.config)
     name = next(iter(wmap))
     broken = {**wmap, name: [type(s)(s.name + ".missing", s.shape, s.split) for s in wmap[name]]}
-    model = empty_model(hf.config, 0, 1, None, torch.float32)
 
     class FakeZero3(torch.nn.Module):
         def __init__(self):
@@ -106,4 +105,4 @@ def test_missing_parameter_is_a_clear_error():
             self.w.ds_tensor = self.w.data
 
     with pytest.raises(ValueError, match="has no parameter"):
-        Resharder(FakeZero3(), broken, dict(model.named_buffers()), tp_rank=0, tp_size=1)
+        Resharder(FakeZero3(), broken, tp_rank=0, tp_size=1)
