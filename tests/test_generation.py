@@ -208,3 +208,16 @@ def test_prefill_logits_of_generate_match_hf_forward():
     out = hybrid_engine.generate(hf, ids, mask, max_new_tokens=1, eos_token_id=[])
     last = hf_logits(hf, ids, mask)[mask.sum(1).cumsum(0) - 1]
     assert torch.equal(out.sequences[:, -1], last.argmax(-1))
+
+
+def test_kv_cache_sized_from_bytes_or_fraction():
+    model = from_hf(hf_model("llama_gqa"))
+    block_bytes = hybrid_engine.PagedKVCache.block_bytes(model, 8)
+    assert block_bytes == 2 * 2 * 8 * 2 * 16 * 4  # k and v, layers, block, kv heads, head_dim, fp32
+    cache = hybrid_engine.PagedKVCache.for_model(model, memory_bytes=5 * block_bytes + 7, block_size=8)
+    assert cache.num_blocks == 5 and tuple(cache.k.shape) == (2, 5, 8, 2, 16)
+    assert Generator(model, kv_cache_fraction=1e-6, block_size=8).cache.num_blocks >= 1
+    with pytest.raises(ValueError, match="memory_fraction"):
+        Generator(model, kv_cache_fraction=1.5)
+    with pytest.raises(ValueError, match="holds no KV block"):
+        Generator(model, kv_cache_bytes=block_bytes - 1, block_size=8)
