@@ -9,6 +9,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <type_traits>
 
@@ -168,20 +169,24 @@ HE_INLINE void online_softmax_step(float* scores, int64_t padded_len, float& row
 
 enum class Isa { kBaseline, kAvx2, kAvx512 };
 
+// The best instruction set of this CPU, or a lower one named by HYBRID_ENGINE_CPU_ISA
+// ("avx2", "baseline"), read once per process: lets tests run every variant on one machine.
 inline Isa best_isa() {
-#if defined(__x86_64__) && defined(__GNUC__)
   static const Isa isa = [] {
+    Isa best = Isa::kBaseline;
+#if defined(__x86_64__) && defined(__GNUC__)
     __builtin_cpu_init();
-    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) best = Isa::kAvx2;
+    if (best == Isa::kAvx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq"))
-      return Isa::kAvx512;
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return Isa::kAvx2;
-    return Isa::kBaseline;
+      best = Isa::kAvx512;
+#endif
+    const char* cap = std::getenv("HYBRID_ENGINE_CPU_ISA");
+    if (cap && std::strcmp(cap, "baseline") == 0) return Isa::kBaseline;
+    if (cap && std::strcmp(cap, "avx2") == 0) return std::min(best, Isa::kAvx2);
+    return best;
   }();
   return isa;
-#else
-  return Isa::kBaseline;
-#endif
 }
 
 #if defined(__x86_64__) && defined(__GNUC__)

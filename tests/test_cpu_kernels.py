@@ -1,0 +1,242 @@
+"""The C++ CPU kernels (torch.ops.hybrid_engine.*) called directly, against the plain-torch
+reference (hybrid_engine.kernels.reference), plus their own argument checks: the ops must be safe
+without the Python layer's validation in front of them.
+
+Each case draws fresh random inputs (never zeros); shapes cover head_dim 64/80/128 and odd ones,
+GQA ratios 1/2/4/8, block sizes 16/32 and ones that are not a multiple of 16, ragged lengths
+including 1 and lengths ending exactly on a block boundary, shuffled block tables and batch 1.
+"""
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import hybrid_engine  # noqa: F401  (loads hybrid_engine._C, which registers the ops)
+from hybrid_engine.kernels import reference
+
+ops = torch.ops.hybrid_engine
+DTYPES = [torch.float32, torch.bfloat16]
+TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
+HEAD_DIMS, GQA_RATIOS = (64, 80, 128), (1, 2, 4, 8)
+
+
+def assert_matches(actual: torch.Tensor, expected: torch.Tensor, tol: float | None = None) -> None:
+    tol = TOLERANCE[expected.dtype] if tol is None else tol
+    torch.testing.assert_close(actual, expected, atol=tol, rtol=tol)
+
+
+def randn(*shape: int, dtype: torch.dtype) -> torch.Tensor:
+    return torch.randn(*shape).to(dtype)
+
+
+def heads(group: int) -> tuple[int, int]:
+    """(num_heads, num_kv_heads) for a GQA ratio."""
+    kv_heads = 3 if group <= 2 else 2
+    return group * kv_heads, kv_heads
+
+
+def paged_inputs(context_lens: list[int], num_heads: int, num_kv_heads: int, head_dim: int, block_size: int,
+                 dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+    """q, k_cache, v_cache, block_tables (over shuffled blocks, -1 padded), context_lens; the cache
+    has spare blocks so that unused ones are never all that is read."""
+    needed = [-(-n // block_size) for n in context_lens]
+    num_blocks = sum(needed) + 3
+    blocks = torch.randperm(num_blocks).int()
+    block_tables = torch.full((len(context_lens), max(needed) + 2), -1, dtype=torch.int32)
+    start = 0
+    for row, count in enumerate(needed):
+        block_tables[row, :count] = blocks[start:start + count]
+        start += count
+    cache_shape = (num_blocks, block_size, num_kv_heads, head_dim)
+    return (randn(len(context_lens), num_heads, head_dim, dtype=dtype), randn(*cache_shape, dtype=dtype),
+            randn(*cache_shape, dtype=dtype), block_tables, torch.tensor(context_lens, dtype=torch.int32))
+
+
+def check_decode(context_lens: list[int], num_heads: int, num_kv_heads: int, head_dim: int, block_size: int,
+                 dtype: torch.dtype, scale: float | None = None, tol: float | None = None) -> None:
+    q, k_cache, v_cache, block_tables, lens = paged_inputs(context_lens, num_heads, num_kv_heads, head_dim,
+                                                           block_size, dtype)
+    scale = 1 / math.sqrt(head_dim) if scale is None else scale
+    out = ops.decode_attention(q, k_cache, v_cache, block_tables, lens, scale)
+    assert out.dtype == dtype and out.shape == q.shape
+    assert_matches(out, reference.decode_attention(q, k_cache, v_cache, block_tables, lens, scale=scale), tol)
+
+
+@pytest.mark.parametrize("block_size", [16, 32])
+@pytest.mark.parametrize("group", GQA_RATIOS)
+@pytest.mark.parametrize("head_dim", HEAD_DIMS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_decode_attention(dtype, head_dim, group, block_size):
+    torch.manual_seed(head_dim * 100 + group * 10 + block_size)
+    lens = [1, block_size, 3 * block_size, block_size + 1, 77]  # lone token, block boundaries, ragged
+    check_decode(lens, *heads(group), head_dim, block_size, dtype)
+
+
+@pytest.mark.parametrize("context_len", [1, 16, 300])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_decode_attention_batch_of_one(dtype, context_len):
+    torch.manual_seed(context_len)
+    check_decode([context_len], 32, 32, 64, 16, dtype)
+
+
+# Head sizes with a 16-element and a scalar tail, and block sizes that are not a multiple of the
+# 16 tokens the kernel scores at once.
+@pytest.mark.parametrize("head_dim,block_size", [(8, 16), (40, 8), (72, 24), (96, 5), (256, 48)])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_decode_attention_odd_sizes(dtype, head_dim, block_size):
+    torch.manual_seed(head_dim + block_size)
+    check_decode([1, block_size, 2 * block_size + 3, 50], 4, 2, head_dim, block_size, dtype)
+
+
+# Scores in the hundreds: a softmax without the running max would overflow exp. Rounding errors of
+# the scores (both sides fp32) are amplified 30x in the weights, hence the looser tolerance.
+def test_decode_attention_large_scores_stay_finite():
+    torch.manual_seed(0)
+    check_decode([5, 40, 129], 4, 2, 64, 16, torch.float32, scale=30.0, tol=1e-3)
+
+
+def test_decode_attention_reads_only_its_blocks():
+    """A NaN in a block the sequence does not own must not reach its output."""
+    torch.manual_seed(0)
+    q, k_cache, v_cache, block_tables, lens = paged_inputs([20, 33], 4, 2, 64, 16, torch.float32)
+    used = set(block_tables[block_tables >= 0].tolist())
+    unused = [b for b in range(k_cache.shape[0]) if b not in used]
+    k_cache[unused], v_cache[unused] = float("nan"), float("nan")
+    k_cache[block_tables[0, 1], 4:], v_cache[block_tables[0, 1], 4:] = float("nan"), float("nan")  # past token 20
+    out = ops.decode_attention(q, k_cache, v_cache, block_tables, lens, 0.125)
+    assert torch.isfinite(out).all()
+    assert_matches(out, reference.decode_attention(q, k_cache, v_cache, block_tables, lens, scale=0.125))
+
+
+def check_prefill(seq_lens: list[int], num_heads: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype,
+                  causal: bool, scale: float | None = None, tol: float | None = None) -> None:
+    total = sum(seq_lens)
+    q = randn(total, num_heads, head_dim, dtype=dtype)
+    k, v = randn(total, num_kv_heads, head_dim, dtype=dtype), randn(total, num_kv_heads, head_dim, dtype=dtype)
+    cu_seqlens = torch.tensor([0, *seq_lens], dtype=torch.int32).cumsum(0, dtype=torch.int32)
+    scale = 1 / math.sqrt(head_dim) if scale is None else scale
+    out = ops.prefill_attention(q, k, v, cu_seqlens, causal, scale)
+    assert out.dtype == dtype and out.shape == q.shape
+    assert_matches(out, reference.prefill_attention(q, k, v, cu_seqlens, causal=causal, scale=scale), tol)
+
+
+# 1-token sequences, one shorter than a key tile (64) and ones spanning several query tiles.
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+@pytest.mark.parametrize("group", GQA_RATIOS)
+@pytest.mark.parametrize("head_dim", HEAD_DIMS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_prefill_attention(dtype, head_dim, group, causal):
+    torch.manual_seed(head_dim * 10 + group)
+    check_prefill([1, 70, 3, 130, 1], *heads(group), head_dim, dtype, causal)
+
+
+@pytest.mark.parametrize("seq_lens", [[1], [200], [64, 0, 65]], ids=["one-token", "single", "with-empty"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_prefill_attention_batches(dtype, seq_lens):
+    torch.manual_seed(len(seq_lens))
+    check_prefill(seq_lens, 8, 2, 64, dtype, causal=True)
+
+
+@pytest.mark.parametrize("head_dim", [8, 40, 72])
+def test_prefill_attention_odd_head_dims(head_dim):
+    torch.manual_seed(head_dim)
+    check_prefill([17, 90], 6, 3, head_dim, torch.float32, causal=True)
+
+
+def test_prefill_attention_large_scores_stay_finite():
+    torch.manual_seed(0)
+    check_prefill([100, 7], 4, 2, 64, torch.float32, causal=True, scale=30.0, tol=1e-3)
+
+
+# Every instruction-set variant: this machine runs AVX-512, so the AVX2 and baseline builds of the
+# same kernels are forced through HYBRID_ENGINE_CPU_ISA in a child process (read once per process).
+ISA_CHECK = """
+import torch
+import test_cpu_kernels as t
+for dtype in t.DTYPES:
+    t.check_decode([1, 16, 45], 8, 2, 80, 16, dtype)
+    t.check_decode([33], 4, 4, 64, 32, dtype)
+    t.check_prefill([1, 70, 9], 8, 2, 80, dtype, causal=True)
+    t.check_prefill([20], 4, 4, 72, dtype, causal=False)
+"""
+
+
+@pytest.mark.parametrize("isa", ["avx2", "baseline"])
+def test_other_instruction_sets(isa):
+    env = {**os.environ, "HYBRID_ENGINE_CPU_ISA": isa, "PYTHONPATH": os.path.dirname(__file__)}
+    result = subprocess.run([sys.executable, "-c", ISA_CHECK], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+# Bad arguments raise RuntimeError naming the argument; none may reach the kernel.
+def decode_args(**changes) -> list:
+    q, k_cache, v_cache, block_tables, lens = paged_inputs([5, 20], 4, 2, 64, 16, torch.float32)
+    args = dict(q=q, k_cache=k_cache, v_cache=v_cache, block_tables=block_tables, context_lens=lens, scale=0.125)
+    for name, change in changes.items():
+        args[name] = change(args)
+    return list(args.values())
+
+
+def set_entry(name: str, index: tuple, value: int):
+    def change(args):
+        t = args[name].clone()
+        t[index] = value
+        return t
+    return change
+
+
+DECODE_ERRORS = {
+    "int q": (dict(q=lambda a: a["q"].int()), "q must be float32 or bfloat16"),
+    "fp16 q": (dict(q=lambda a: a["q"].half()), "q must be float32 or bfloat16"),
+    "cache dtype": (dict(k_cache=lambda a: a["k_cache"].bfloat16()), "k_cache must have q's dtype"),
+    "q rank": (dict(q=lambda a: a["q"][0]), r"q must be \[batch, num_heads, head_dim\]"),
+    "cache rank": (dict(v_cache=lambda a: a["v_cache"][0]), "v_cache must be"),
+    "v shape": (dict(v_cache=lambda a: a["v_cache"][:-1]), "v_cache shape"),
+    "head_dim": (dict(q=lambda a: a["q"][..., :32].contiguous()), "head_dim of k_cache"),
+    "gqa": (dict(q=lambda a: torch.randn(2, 3, 64)), r"num_heads \(3\) must be a multiple of num_kv_heads \(2\)"),
+    "int64 tables": (dict(block_tables=lambda a: a["block_tables"].long()), "block_tables must be int32"),
+    "int64 lens": (dict(context_lens=lambda a: a["context_lens"].long()), "context_lens must be int32"),
+    "batch": (dict(context_lens=lambda a: a["context_lens"][:1]), "context_lens has 1 entries but q has batch 2"),
+    "tables batch": (dict(block_tables=lambda a: a["block_tables"][:1]), "block_tables has 1 rows"),
+    "zero length": (dict(context_lens=set_entry("context_lens", (1,), 0)), r"context_lens\[1\] = 0 is out of range"),
+    "too long": (dict(context_lens=set_entry("context_lens", (0,), 10**6)), r"context_lens\[0\] = 1000000 is out"),
+    "block id": (dict(block_tables=set_entry("block_tables", (1, 1), 10**4)),
+                 r"block_tables\[1, 1\] = 10000 is not a valid block id"),
+    "padding read": (dict(block_tables=set_entry("block_tables", (1, 0), -1)), r"block_tables\[1, 0\] = -1"),
+    "non-contiguous": (dict(q=lambda a: a["q"].transpose(0, 1).contiguous().transpose(0, 1)), "q must be contiguous"),
+    "scale": (dict(scale=lambda a: float("nan")), "scale must be finite"),
+}
+
+
+@pytest.mark.parametrize("changes,message", DECODE_ERRORS.values(), ids=DECODE_ERRORS.keys())
+def test_decode_attention_rejects(changes, message):
+    with pytest.raises(RuntimeError, match=message):
+        ops.decode_attention(*decode_args(**changes))
+
+
+def prefill_args(**changes) -> list:
+    q, k, v = torch.randn(10, 4, 64), torch.randn(10, 2, 64), torch.randn(10, 2, 64)
+    args = dict(q=q, k=k, v=v, cu_seqlens=torch.tensor([0, 4, 10], dtype=torch.int32), causal=True, scale=0.125)
+    for name, change in changes.items():
+        args[name] = change(args)
+    return list(args.values())
+
+
+PREFILL_ERRORS = {
+    "dtype": (dict(k=lambda a: a["k"].bfloat16()), "k must have q's dtype"),
+    "tokens": (dict(v=lambda a: a["v"][:9], k=lambda a: a["k"][:9]), "k has 9 tokens but q has 10"),
+    "gqa": (dict(k=lambda a: torch.randn(10, 3, 64), v=lambda a: torch.randn(10, 3, 64)), "must be a multiple"),
+    "cu dtype": (dict(cu_seqlens=lambda a: a["cu_seqlens"].long()), "cu_seqlens must be int32"),
+    "cu start": (dict(cu_seqlens=lambda a: torch.tensor([1, 4, 10], dtype=torch.int32)), "must start with 0"),
+    "cu end": (dict(cu_seqlens=lambda a: torch.tensor([0, 4, 12], dtype=torch.int32)), "must end with the token count 10"),
+    "cu order": (dict(cu_seqlens=lambda a: torch.tensor([0, 6, 4, 10], dtype=torch.int32)), "non-decreasing"),
+}
+
+
+@pytest.mark.parametrize("changes,message", PREFILL_ERRORS.values(), ids=PREFILL_ERRORS.keys())
+def test_prefill_attention_rejects(changes, message):
+    with pytest.raises(RuntimeError, match=message):
+        ops.prefill_attention(*prefill_args(**changes))
