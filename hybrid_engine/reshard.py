@@ -16,6 +16,7 @@ import torch.distributed as dist
 from torch import nn
 
 from hybrid_engine._C import ReshardPlan
+from hybrid_engine.lora import base_name, find_adapters, is_adapter_param, merge_adapters
 from hybrid_engine.models.weights import WeightMap, WeightSource, load_weights
 
 
@@ -54,7 +55,9 @@ class Resharder:
             raise ValueError(f"bucket_bytes must be >= 1, got {bucket_bytes}")
         self.module, self.weight_map = module, weight_map
         self.tp_rank, self.tp_size, self.bucket_bytes, self.group = tp_rank, tp_size, bucket_bytes, group
-        self.params = dict(module.named_parameters(remove_duplicate=False))
+        self.params = {base_name(n): p for n, p in module.named_parameters(remove_duplicate=False)
+                       if not is_adapter_param(n)}
+        self.adapters = find_adapters(module)
         self.zero3 = is_zero3(module)
         self.stats = ReshardStats()
         self.buckets = self._plan_buckets() if self.zero3 else []
@@ -116,10 +119,12 @@ class Resharder:
         start = time.perf_counter()
         received = sent = 0
         if not self.zero3:
-            load_weights(targets, self.weight_map, self.module.state_dict(), self.tp_rank, self.tp_size)
+            load_weights(targets, self.weight_map, self.params, self.tp_rank, self.tp_size)
         for bucket in self.buckets:
             r, s = self._run(bucket, targets)
             received, sent = received + r, sent + s
+        if self.adapters:
+            received += self._merge_adapters(targets)
         self.stats.seconds, self.stats.bytes_received, self.stats.bytes_sent = time.perf_counter() - start, received, sent
         self.stats.buckets = len(self.buckets)
         self.stats.per_call.append({"seconds": self.stats.seconds, "bytes_received": received, "bytes_sent": sent})
@@ -140,6 +145,20 @@ class Resharder:
         bucket.plan.copy_local(shards, dsts)
         bucket.plan.unpack(recv, dsts)
         return recv.numel() * recv.element_size(), send.numel() * send.element_size()
+
+    def _merge_adapters(self, targets: dict[str, torch.Tensor]) -> int:
+        """Adapters are small: gather them whole (under ZeRO-3) and merge; returns bytes received."""
+        merge = lambda: merge_adapters(self.adapters, self.weight_map, targets, self.tp_rank, self.tp_size)  # noqa: E731
+        if not self.zero3:
+            merge()
+            return 0
+        import deepspeed
+
+        params = [p for adapter in self.adapters for p in (adapter.a, adapter.b)]
+        with deepspeed.zero.GatheredParameters(params):
+            merge()
+        world, _ = self._world()
+        return sum(p.ds_tensor.numel() * p.ds_tensor.element_size() for p in params) * (world - 1)
 
     def _buffer(self, attr: str, numel: int, dtype: torch.dtype) -> torch.Tensor:
         buffer = getattr(self, attr)
