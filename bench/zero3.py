@@ -1,0 +1,49 @@
+"""What the ZeRO-3 benchmarks share: the actor under DeepSpeed ZeRO-3 on CPU ranks, built from a
+real configuration with random weights, and the per-phase peak memory of a rank."""
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, OPTConfig
+
+from bench.generation import DTYPES, MODELS as REAL_MODELS, status_bytes
+from hybrid_engine.engine import return_freed_memory
+
+# "tiny" only exists so that the smoke test runs every path of a benchmark in seconds.
+MODELS = {**REAL_MODELS, "tiny": lambda: OPTConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                                   ffn_dim=136, vocab_size=1001, max_position_embeddings=128,
+                                                   word_embed_proj_dim=64)}
+__all__ = ["DTYPES", "MODELS", "zero3_config", "zero3_actor", "peak_growth"]
+
+
+def zero3_config(dtype: str) -> dict:
+    """ZeRO-3 with an Adam optimizer (its states are created lazily, at the first step)."""
+    return {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 3},
+            "bf16": {"enabled": dtype == "bf16"},
+            "optimizer": {"type": "Adam", "params": {"lr": 1e-5, "torch_adam": True}}}
+
+
+def zero3_actor(model: str, dtype: str, seed: int = 0):
+    """A DeepSpeed ZeRO-3 engine around `model` with random weights, the same on every rank.
+
+    The model is built whole and partitioned by deepspeed.initialize: deepspeed.zero.Init crashes
+    with transformers 5 OPT models."""
+    import deepspeed  # imported in the ranks only: it is slow to import and the parent does not need it
+
+    deepspeed.init_distributed(dist_backend="gloo", verbose=False)
+    torch.manual_seed(seed)
+    hf = AutoModelForCausalLM.from_config(MODELS[model]())
+    engine, *_ = deepspeed.initialize(model=hf, config=zero3_config(dtype), model_parameters=hf.parameters())
+    return engine
+
+
+@contextmanager
+def peak_growth():
+    """Yields a dict that gets `peak_growth_bytes`: this process's RSS high-water mark during the block
+    minus its RSS at the start. Freed heap is handed back first, so memory the block allocates shows
+    as growth instead of silently reusing what an earlier phase freed."""
+    return_freed_memory()
+    Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
+    before, measured = status_bytes("VmRSS"), {}
+    yield measured
+    measured["peak_growth_bytes"] = status_bytes("VmHWM") - before
