@@ -15,13 +15,53 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from hybrid_engine import kernels
 from hybrid_engine._C import ReshardPlan
 from hybrid_engine.lora import base_name, find_adapters, is_adapter_param, merge_adapters
-from hybrid_engine.models.weights import WeightMap, WeightSource, load_weights
+from hybrid_engine.models.weights import WeightMap, WeightSource, load_weights, packed_shape
 
 
 def is_zero3(module: nn.Module) -> bool:
     return any(hasattr(p, "ds_tensor") for p in module.parameters())
+
+
+class TritonPlan:
+    """ReshardPlan's pack / copy_local / unpack for GPU tensors: the plan's runs, cut into chunk
+    tables once, copied by one Triton kernel launch per (source or destination) tensor."""
+
+    def __init__(self, plan: ReshardPlan, world: int, device: torch.device):
+        from hybrid_engine.kernels.triton.copy_runs import chunk_runs
+
+        pack, unpack, local, sent, received = {}, {}, {}, 0, 0
+        for peer in range(world):
+            for source, src_offset, _, _, length in plan.sends(peer):
+                pack.setdefault(source, []).append((src_offset, sent, length))
+                sent += length
+            for _, _, dst, dst_offset, length in plan.recvs(peer):
+                unpack.setdefault(dst, []).append((received, dst_offset, length))
+                received += length
+        for source, src_offset, dst, dst_offset, length in plan.local():
+            local.setdefault((source, dst), []).append((src_offset, dst_offset, length))
+        self.pack_chunks, self.unpack_chunks, self.local_chunks = (
+            {key: chunk_runs(runs, device) for key, runs in groups.items()} for groups in (pack, unpack, local))
+
+    def pack(self, shards: list[torch.Tensor], send: torch.Tensor) -> None:
+        from hybrid_engine.kernels.triton.copy_runs import copy_runs
+
+        for source, chunks in self.pack_chunks.items():
+            copy_runs(shards[source], send, chunks)
+
+    def copy_local(self, shards: list[torch.Tensor], dsts: list[torch.Tensor]) -> None:
+        from hybrid_engine.kernels.triton.copy_runs import copy_runs
+
+        for (source, dst), chunks in self.local_chunks.items():
+            copy_runs(shards[source], dsts[dst].view(-1), chunks)
+
+    def unpack(self, recv: torch.Tensor, dsts: list[torch.Tensor]) -> None:
+        from hybrid_engine.kernels.triton.copy_runs import copy_runs
+
+        for dst, chunks in self.unpack_chunks.items():
+            copy_runs(recv, dsts[dst].view(-1), chunks)
 
 
 @dataclass
@@ -29,6 +69,15 @@ class Bucket:
     names: list[str]               # inference tensors filled by this bucket, in plan order
     sources: list[WeightSource]    # their sources, in plan order
     plan: ReshardPlan
+    triton_plan: TritonPlan | None = None
+
+    def executor(self, device: torch.device, world: int) -> ReshardPlan | TritonPlan:
+        """The C++ plan for CPU tensors; Triton for GPU tensors (or when forced, as tests do)."""
+        if device.type == "cpu" and kernels.current_backend() != "triton":
+            return self.plan
+        if self.triton_plan is None:
+            self.triton_plan = TritonPlan(self.plan, world, device)
+        return self.triton_plan
 
 
 @dataclass
@@ -136,15 +185,25 @@ class Resharder:
         if dsts[0].element_size() < shards[0].element_size():
             # Convert before sending: the same rounding as after, for fewer bytes on the wire.
             shards = [shard.to(dsts[0].dtype) for shard in shards]
+        self._check_targets(bucket.names, dsts, shards[0].device)
         send_counts, recv_counts = bucket.plan.send_counts(), bucket.plan.recv_counts()
-        send = self._buffer("send_buffer", int(send_counts.sum()), shards[0].dtype)
-        recv = self._buffer("recv_buffer", int(recv_counts.sum()), shards[0].dtype)
-        bucket.plan.pack(shards, send)
+        send = self._buffer("send_buffer", int(send_counts.sum()), shards[0])
+        recv = self._buffer("recv_buffer", int(recv_counts.sum()), shards[0])
+        executor = bucket.executor(shards[0].device, self._world()[0])
+        executor.pack(shards, send)
         if self._world()[0] > 1:
             dist.all_to_all_single(recv, send, recv_counts.tolist(), send_counts.tolist(), group=self.group)
-        bucket.plan.copy_local(shards, dsts)
-        bucket.plan.unpack(recv, dsts)
+        executor.copy_local(shards, dsts)
+        executor.unpack(recv, dsts)
         return recv.numel() * recv.element_size(), send.numel() * send.element_size()
+
+    def _check_targets(self, names: list[str], dsts: list[torch.Tensor], device: torch.device) -> None:
+        """Inference tensors must match the plan before any kernel writes into them."""
+        for name, dst in zip(names, dsts):
+            expected = packed_shape(self.weight_map[name], self.tp_size)
+            if tuple(dst.shape) != expected or not dst.is_contiguous() or dst.device != device:
+                raise ValueError(f"inference tensor {name} must be a contiguous {expected} tensor on {device}, "
+                                 f"got {tuple(dst.shape)} on {dst.device}")
 
     def _merge_adapters(self, targets: dict[str, torch.Tensor]) -> int:
         """Adapters are small: gather them whole (under ZeRO-3) and merge; returns bytes received."""
@@ -160,11 +219,11 @@ class Resharder:
         world, _ = self._world()
         return sum(p.ds_tensor.numel() * p.ds_tensor.element_size() for p in params) * (world - 1)
 
-    def _buffer(self, attr: str, numel: int, dtype: torch.dtype) -> torch.Tensor:
+    def _buffer(self, attr: str, numel: int, like: torch.Tensor) -> torch.Tensor:
         buffer = getattr(self, attr)
-        if buffer is None or buffer.dtype != dtype or buffer.numel() < numel:
+        if buffer is None or buffer.dtype != like.dtype or buffer.device != like.device or buffer.numel() < numel:
             setattr(self, attr, None)
-            buffer = torch.empty(numel, dtype=dtype)
+            buffer = torch.empty(numel, dtype=like.dtype, device=like.device)
             setattr(self, attr, buffer)
             peak = sum(b.numel() * b.element_size() for b in (self.send_buffer, self.recv_buffer) if b is not None)
             self.stats.peak_buffer_bytes = max(self.stats.peak_buffer_bytes, peak)

@@ -39,7 +39,7 @@ _CPP_OPS = ("decode_attention", "prefill_attention")
 _backend_override = contextvars.ContextVar("hybrid_engine_kernels_backend", default="auto")
 
 __all__ = [
-    "BACKENDS", "use_backend", "reference", "write_kv", "copy_blocks", "prefill_attention", "decode_attention",
+    "BACKENDS", "use_backend", "current_backend", "reference", "write_kv", "copy_blocks", "prefill_attention", "decode_attention",
     "linear_act", "silu_and_mul", "add_layer_norm", "add_rms_norm",
 ]
 
@@ -54,6 +54,11 @@ def use_backend(name: str) -> Iterator[None]:
         yield
     finally:
         _backend_override.reset(token)
+
+
+def current_backend() -> str:
+    """The backend forced by the innermost use_backend block ("auto" outside any)."""
+    return _backend_override.get()
 
 
 @functools.cache
