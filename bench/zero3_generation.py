@@ -1,0 +1,182 @@
+"""Generation under DeepSpeed ZeRO-3, side by side in one run on `--world` CPU ranks (gloo) that this
+command starts itself: same weights, same prompts, same thread settings, same forced length.
+
+    python -m bench.zero3_generation --model opt-125m --world 2 [--batch 2] [--prompt-len 128]
+                                     [--new-tokens 64] [--dtype bf16] [--tp 1 2] [--out ...]
+
+Paths, each timed end to end on every rank (after a 2-token warm-up of the same path):
+  zero3_hf     HF `generate` on the ZeRO-3 module: every forward re-gathers every layer (the
+               DeepSpeed-Chat path without the hybrid engine).
+  gather_once  GatheredParameters over all parameters, copy them into a plain (un-hooked) HF model
+               built beforehand, HF `generate` there; time = gather + copy + generate.
+  hybrid_tpN   HybridEngine(tp_size=N): eval() (reshard + inference model) + generate + train()
+               (release); the TP group generates over the union of its ranks' prompts.
+Prompts are random token ids (never pad), different per rank, no padding; generation is greedy with
+min_new_tokens = max_new_tokens (EOS cannot end it early). Tokens/s per rank counts this rank's
+rows. Greedy tokens are compared with gather_once: in fp32 gather_once and both hybrid paths must
+agree exactly (the benchmark fails otherwise); in bf16 the agreement fraction is reported.
+"""
+import bench  # noqa: F401  (sets OMP_WAIT_POLICY=PASSIVE before torch is imported)
+
+import argparse
+import time
+
+import torch
+import torch.distributed as dist
+from transformers import AutoModelForCausalLM
+
+from bench.common import print_environment, print_table, write_json
+from bench.launch import run_ranks
+from bench.zero3 import DTYPES, MODELS, peak_growth, zero3_actor
+from hybrid_engine.engine import HybridEngine
+
+BASELINE = "gather_once"
+
+
+def hf_generate(model, prompts: torch.Tensor, n: int) -> torch.Tensor:
+    """Greedy HF generate forced to n new tokens; returns the new tokens."""
+    out = model.generate(input_ids=prompts, attention_mask=torch.ones_like(prompts), do_sample=False,
+                         max_new_tokens=n, min_new_tokens=n, eos_token_id=None, pad_token_id=model.config.pad_token_id)
+    return out[:, prompts.shape[1]:]
+
+
+def zero3_hf(module, prompts: torch.Tensor):
+    def run(n: int):
+        start = time.perf_counter()
+        tokens = hf_generate(module, prompts, n)
+        return tokens, {"generate_s": time.perf_counter() - start}
+    return run
+
+
+def gather_once(module, plain, prompts: torch.Tensor):
+    import deepspeed
+
+    params, copies = dict(module.named_parameters()), dict(plain.named_parameters())
+
+    @torch.no_grad()
+    def run(n: int):
+        start = time.perf_counter()
+        with deepspeed.zero.GatheredParameters(list(params.values())):
+            for name, param in params.items():
+                copies[name].copy_(param)
+        gathered = time.perf_counter()
+        tokens = hf_generate(plain, prompts, n)
+        return tokens, {"prepare_s": gathered - start, "generate_s": time.perf_counter() - gathered}
+    return run
+
+
+def hybrid(he: HybridEngine, prompts: torch.Tensor):
+    def run(n: int):
+        start = time.perf_counter()
+        he.eval()
+        ready = time.perf_counter()
+        out = he.generate(prompts, torch.ones_like(prompts), max_new_tokens=n, min_new_tokens=n, eos_token_id=[],
+                          pad_token_id=he.config.pad_token_id)
+        done = time.perf_counter()
+        he.train()
+        return out.sequences[:, prompts.shape[1]:], {
+            "prepare_s": ready - start, "reshard_s": he.stats["reshard_seconds"], "generate_s": done - ready,
+            "release_s": time.perf_counter() - done, "reshard_mib_received": he.stats["reshard_bytes_received"] / 2**20}
+    return run
+
+
+def measure(run, n: int) -> tuple[torch.Tensor, dict]:
+    """One warm-up of 2 tokens, then the timed run; every rank starts together."""
+    run(2)
+    dist.barrier()
+    with peak_growth() as memory:
+        start = time.perf_counter()
+        tokens, parts = run(n)
+        seconds = time.perf_counter() - start
+    return tokens, {"e2e_s": seconds, **parts, "peak_growth_mib": memory["peak_growth_bytes"] / 2**20}
+
+
+def worker(rank: int, world: int, args: argparse.Namespace) -> dict:
+    engine = zero3_actor(args.model, args.dtype)
+    module, dtype = engine.module.eval(), DTYPES[args.dtype]  # eval: no dropout, as in generation
+    engines = {tp: HybridEngine(engine, tp_size=tp, dtype=dtype, report=False) for tp in args.tp}  # collective
+    g = torch.Generator().manual_seed(1000 + rank)
+    prompts = torch.randint(3, module.config.vocab_size, (args.batch, args.prompt_len), generator=g)
+    paths = {f"hybrid_tp{tp}": (hybrid(he, prompts), args.new_tokens) for tp, he in engines.items()}
+    if not args.skip_gather_once:
+        plain = AutoModelForCausalLM.from_config(module.config).to(dtype).eval()
+        paths = {BASELINE: (gather_once(module, plain, prompts), args.new_tokens), **paths}
+    if not args.skip_slow:
+        paths = {"zero3_hf": (zero3_hf(module, prompts), args.slow_new_tokens or args.new_tokens), **paths}
+    rows, tokens = [], {}
+    for name, (run, n) in paths.items():
+        tokens[name], row = measure(run, n)
+        rows.append({"path": name, "rank": rank, "new_tokens": n, **row,
+                     "tokens_per_s": args.batch * n / row["e2e_s"]})
+    return {"rows": rows, "tokens": tokens}
+
+
+def agreement(tokens: dict[str, torch.Tensor], reference: str) -> dict[str, float]:
+    """Fraction of new tokens equal to the reference path's, over the positions both generated."""
+    ref = tokens[reference]
+    return {name: float((t == ref[:, :t.shape[1]]).float().mean()) for name, t in tokens.items()}
+
+
+def summarize(results: list[dict], args: argparse.Namespace) -> list[dict]:
+    """Per path, the slowest rank; ratios of tokens/s (per rank) against gather_once and zero3_hf."""
+    worst: dict[str, dict] = {}
+    for row in (r for result in results for r in result["rows"]):
+        if row["path"] not in worst or row["e2e_s"] > worst[row["path"]]["e2e_s"]:
+            worst[row["path"]] = dict(row)
+    for row in worst.values():
+        row["extrapolated"] = row["new_tokens"] != args.new_tokens  # e2e_s of a path measured on fewer tokens
+        for other in ("gather_once", "zero3_hf"):
+            if other in worst:
+                row[f"x_vs_{other}"] = row["tokens_per_s"] / worst[other]["tokens_per_s"]
+        if BASELINE in results[0]["tokens"]:
+            row["agreement"] = min(agreement(r["tokens"], BASELINE)[row["path"]] for r in results)
+    return list(worst.values())
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", choices=sorted(MODELS), default="opt-125m", help="configuration to build (random weights)")
+    p.add_argument("--world", type=int, default=2, help="CPU ranks (gloo) to start; ZeRO-3 shards over all of them")
+    p.add_argument("--tp", type=int, nargs="+", default=[1, 2], help="tensor-parallel degrees of the hybrid paths")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16", help="training (DeepSpeed) and generation dtype")
+    p.add_argument("--batch", type=int, default=2, help="prompts per rank")
+    p.add_argument("--prompt-len", type=int, default=128, help="tokens per prompt (no padding)")
+    p.add_argument("--new-tokens", type=int, default=64, help="tokens generated per prompt (forced, EOS disabled)")
+    p.add_argument("--slow-new-tokens", type=int, default=None,
+                   help="tokens for the slow zero3_hf path (default --new-tokens); fewer marks its row extrapolated: "
+                        "tokens/s is measured on the shorter run")
+    p.add_argument("--skip-slow", action="store_true", help="leave out the zero3_hf path")
+    p.add_argument("--skip-gather-once", action="store_true", help="leave out the gather_once path (no token check)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per rank, every path (ranks share the cores)")
+    p.add_argument("--out", default=None, help="JSON path (default results/zero3-generation-<model>-w<world>-<dtype>.json)")
+    args = p.parse_args(argv)
+    bad = [tp for tp in args.tp if tp < 1 or args.world % tp]
+    if bad:
+        p.error(f"--tp {bad} must divide --world {args.world}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    env = {**print_environment(), "torch_threads_per_rank": args.threads}
+    print(f"ranks: {args.world}, torch threads per rank: {args.threads}")
+    results = run_ranks(args.world, worker, args, threads=args.threads)
+    rows = [row for result in results for row in result["rows"]]
+    summary = summarize(results, args)
+    print(f"{args.model} {args.dtype} world {args.world}, per rank: batch {args.batch}, prompt {args.prompt_len}, "
+          f"{args.new_tokens} new tokens; slowest rank per path (seconds; tokens/s per rank):")
+    columns = ["path", "new_tokens", "e2e_s", "prepare_s", "reshard_s", "generate_s", "tokens_per_s",
+               "x_vs_gather_once", "x_vs_zero3_hf", "agreement", "peak_growth_mib", "extrapolated"]
+    print_table([{c: row.get(c, "-") for c in columns} for row in summary], columns)
+    print("prepare_s: gather + copy (gather_once) or eval() incl. resharding (hybrid); agreement: fraction of greedy "
+          f"tokens equal to {BASELINE}'s")
+    token_rows = {f"rank{rank}": {k: v.tolist() for k, v in r["tokens"].items()} for rank, r in enumerate(results)}
+    write_json(args.out or f"results/zero3-generation-{args.model}-w{args.world}-{args.dtype}.json",
+               {"args": vars(args), "environment": env, "rows": rows, "summary": summary, "tokens": token_rows})
+    must_match = [row["path"] for row in summary if row["path"] != "zero3_hf" and row.get("agreement", 1.0) < 1.0]
+    if args.dtype == "fp32" and must_match:
+        raise SystemExit(f"FAILED: fp32 greedy tokens of {must_match} differ from {BASELINE}'s")
+
+
+if __name__ == "__main__":
+    main()
