@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM, LogitsProcessor, LogitsProcessorList, OPTConfig, OPTForCausalLM
 
 from bench.common import copy_bandwidth, gemm_rate, median_seconds, print_environment, print_table, write_json
-from hybrid_engine import Generator, from_hf
+from hybrid_engine import Generator, PagedKVCache, from_hf
 from hybrid_engine.generation import Run
 
 # Real configurations (hard-coded: nothing is downloaded); weights are random.
@@ -141,7 +141,11 @@ def main() -> None:
     hf.to(dtype)
     prompts = torch.randint(3, hf.config.vocab_size, (args.batch, args.prompt_len))
     mask = torch.ones_like(prompts)
-    generator = Generator(from_hf(hf, dtype=dtype), block_size=args.block_size)
+    model = from_hf(hf, dtype=dtype)
+    # The cache is allocated once here, as in an RLHF loop where every iteration reuses it.
+    blocks = (-(-(args.prompt_len + args.new_tokens) // args.block_size) + 1) * args.batch
+    generator = Generator(model, kv_cache_bytes=blocks * PagedKVCache.block_bytes(model, args.block_size),
+                          block_size=args.block_size)
 
     our_clock, hf_clock = StepClock(), StepClock()
 
