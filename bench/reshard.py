@@ -25,9 +25,8 @@ import re
 import torch
 import torch.distributed as dist
 
-from bench.common import median_seconds, print_environment, print_table, write_json
-from bench.launch import run_ranks
-from bench.zero3 import DTYPES, MODELS, peak_growth, zero3_actor
+from bench.common import median_seconds, print_table, write_json
+from bench.zero3 import DTYPES, add_arguments, check_tp, peak_growth, run_benchmark, zero3_actor
 from hybrid_engine.models import WeightMap, WeightSource, empty_model, weight_map
 from hybrid_engine.reshard import Resharder, new_tp_group
 
@@ -148,28 +147,21 @@ def mib_columns(rows: list[dict]) -> list[dict]:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", choices=sorted(MODELS), default="opt-125m", help="configuration to build (random weights)")
-    p.add_argument("--world", type=int, default=2, help="CPU ranks (gloo) to start; ZeRO-3 shards over all of them")
+    add_arguments(p)
     p.add_argument("--tp", type=int, default=2, help="tensor-parallel degree of the inference weights (divides --world)")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16",
-                   help="training (DeepSpeed bf16 or fp32) and inference weight dtype")
     p.add_argument("--bucket-mb", type=int, default=64, help="our bound on source bytes per all_to_all (MiB)")
     p.add_argument("--gather-layers", type=int, default=1,
                    help="layers per GatheredParameters group in the DeepSpeed-HE baseline (tp_gather_partition_size)")
     p.add_argument("--repeat", type=int, default=3, help="timed runs per side (median reported), after one warm-up")
-    p.add_argument("--threads", type=int, default=1, help="torch threads per rank (ranks share the machine's cores)")
     p.add_argument("--out", default=None, help="JSON path (default results/reshard-<model>-w<world>-tp<tp>-<dtype>.json)")
     args = p.parse_args(argv)
-    if args.tp < 1 or args.world % args.tp:
-        p.error(f"--tp {args.tp} must divide --world {args.world}")
+    check_tp(p, args.world, [args.tp])
     return args
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    env = {**print_environment(), "torch_threads_per_rank": args.threads}
-    print(f"ranks: {args.world}, torch threads per rank: {args.threads}")
-    results = run_ranks(args.world, worker, args, threads=args.threads)
+    env, results = run_benchmark(worker, args)
     rows = [row for result in results for row in result["rows"]]
     summary = summarize(results)
     print(f"{args.model} {args.dtype} world {args.world} tp {args.tp}: inference weights "

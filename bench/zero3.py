@@ -1,19 +1,46 @@
 """What the ZeRO-3 benchmarks share: the actor under DeepSpeed ZeRO-3 on CPU ranks, built from a
 real configuration with random weights, and the per-phase peak memory of a rank."""
+import argparse
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, OPTConfig
 
+from bench.common import print_environment
 from bench.generation import DTYPES, MODELS as REAL_MODELS, status_bytes
+from bench.launch import run_ranks
 from hybrid_engine.engine import return_freed_memory
 
 # "tiny" only exists so that the smoke test runs every path of a benchmark in seconds.
 MODELS = {**REAL_MODELS, "tiny": lambda: OPTConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                                                    ffn_dim=136, vocab_size=1001, max_position_embeddings=128,
                                                    word_embed_proj_dim=64)}
-__all__ = ["DTYPES", "MODELS", "zero3_config", "zero3_actor", "peak_growth"]
+__all__ = ["DTYPES", "MODELS", "add_arguments", "check_tp", "run_benchmark", "zero3_config", "zero3_actor",
+           "peak_growth"]
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The options every ZeRO-3 benchmark has."""
+    p.add_argument("--model", choices=sorted(MODELS), default="opt-125m", help="configuration to build (random weights)")
+    p.add_argument("--world", type=int, default=2, help="CPU ranks (gloo) to start; ZeRO-3 shards over all of them")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16",
+                   help="training dtype (DeepSpeed bf16 or fp32) and inference dtype")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads per rank, the same for every side (the ranks share the machine's cores)")
+
+
+def check_tp(p: argparse.ArgumentParser, world: int, tps: list[int]) -> None:
+    bad = [tp for tp in tps if tp < 1 or world % tp]
+    if bad:
+        p.error(f"--tp {bad} must divide --world {world}")
+
+
+def run_benchmark(worker, args: argparse.Namespace) -> tuple[dict, list]:
+    """Print the environment, run worker(rank, world, args) on args.world ranks: (environment, results)."""
+    env = {**print_environment(), "torch_threads_per_rank": args.threads}
+    print(f"ranks: {args.world}, torch threads per rank: {args.threads}")
+    return env, run_ranks(args.world, worker, args, threads=args.threads)
 
 
 def zero3_config(dtype: str) -> dict:

@@ -25,9 +25,8 @@ import torch
 import torch.distributed as dist
 from transformers import AutoModelForCausalLM
 
-from bench.common import print_environment, print_table, write_json
-from bench.launch import run_ranks
-from bench.zero3 import DTYPES, MODELS, peak_growth, zero3_actor
+from bench.common import print_table, write_json
+from bench.zero3 import DTYPES, add_arguments, check_tp, peak_growth, run_benchmark, zero3_actor
 from hybrid_engine.engine import HybridEngine
 
 BASELINE = "gather_once"
@@ -135,10 +134,8 @@ def summarize(results: list[dict], args: argparse.Namespace) -> list[dict]:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", choices=sorted(MODELS), default="opt-125m", help="configuration to build (random weights)")
-    p.add_argument("--world", type=int, default=2, help="CPU ranks (gloo) to start; ZeRO-3 shards over all of them")
+    add_arguments(p)
     p.add_argument("--tp", type=int, nargs="+", default=[1, 2], help="tensor-parallel degrees of the hybrid paths")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16", help="training (DeepSpeed) and generation dtype")
     p.add_argument("--batch", type=int, default=2, help="prompts per rank")
     p.add_argument("--prompt-len", type=int, default=128, help="tokens per prompt (no padding)")
     p.add_argument("--new-tokens", type=int, default=64, help="tokens generated per prompt (forced, EOS disabled)")
@@ -147,20 +144,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "tokens/s is measured on the shorter run")
     p.add_argument("--skip-slow", action="store_true", help="leave out the zero3_hf path")
     p.add_argument("--skip-gather-once", action="store_true", help="leave out the gather_once path (no token check)")
-    p.add_argument("--threads", type=int, default=1, help="torch threads per rank, every path (ranks share the cores)")
     p.add_argument("--out", default=None, help="JSON path (default results/zero3-generation-<model>-w<world>-<dtype>.json)")
     args = p.parse_args(argv)
-    bad = [tp for tp in args.tp if tp < 1 or args.world % tp]
-    if bad:
-        p.error(f"--tp {bad} must divide --world {args.world}")
+    check_tp(p, args.world, args.tp)
     return args
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    env = {**print_environment(), "torch_threads_per_rank": args.threads}
-    print(f"ranks: {args.world}, torch threads per rank: {args.threads}")
-    results = run_ranks(args.world, worker, args, threads=args.threads)
+    env, results = run_benchmark(worker, args)
     rows = [row for result in results for row in result["rows"]]
     summary = summarize(results, args)
     print(f"{args.model} {args.dtype} world {args.world}, per rank: batch {args.batch}, prompt {args.prompt_len}, "
