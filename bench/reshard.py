@@ -120,7 +120,19 @@ def worker(rank: int, world: int, args: argparse.Namespace) -> dict:
             row["groups"] = len(groups)
         rows.append({"side": side, "rank": rank, **row})
     inference_bytes = sum(targets[name].numel() * targets[name].element_size() for name in wmap)
-    return {"rows": rows, "inference_weight_bytes": inference_bytes, "buckets": resharder.stats.buckets}
+    return {"rows": rows, "inference_weight_bytes": inference_bytes, "buckets": resharder.stats.buckets,
+            "decoder_layers": decoder_layer_bytes(module, wmap, targets, params, tp_rank, tp, world)}
+
+
+def decoder_layer_bytes(module, wmap: WeightMap, targets: dict, params: dict, tp_rank: int, tp: int,
+                        world: int) -> dict:
+    """Bytes received for the decoder layers alone (ours measured, a full gather computed): the
+    embeddings and LM head are replicated in the inference model, so there every rank needs the
+    whole tensor and resharding saves nothing over a gather."""
+    layers = {name: sources for name, sources in wmap.items() if LAYER.search(sources[0].name)}
+    ours = Resharder(module, layers, tp_rank=tp_rank, tp_size=tp).reshard(targets).bytes_received
+    gathered, _ = gathered_cost(params, [[s.name for sources in layers.values() for s in sources]], world)
+    return {"ours_bytes_received": ours, "gather_bytes_received": gathered}
 
 
 def summarize(results: list[dict]) -> dict:
@@ -172,10 +184,15 @@ def main(argv: list[str] | None = None) -> None:
     print("worst rank per side, and each side over ours (time, bytes received, computed peak memory):")
     print_table(mib_columns(list(summary.values())), ["side", "seconds", "bytes_received", "computed_peak_bytes",
                                                       "time_vs_ours", "bytes_vs_ours", "computed_peak_vs_ours"])
+    layers = results[0]["decoder_layers"]
+    print(f"decoder layers only, rank 0: ours receives {layers['ours_bytes_received'] / 2**20:.1f} MiB, a full gather "
+          f"{layers['gather_bytes_received'] / 2**20:.1f} MiB "
+          f"({layers['ours_bytes_received'] / max(layers['gather_bytes_received'], 1):.3f} of it)")
     mismatched = {f"{row['side']} rank {row['rank']}": row["mismatched"] for row in rows if row.get("mismatched")}
     write_json(args.out or f"results/reshard-{args.model}-w{args.world}-tp{args.tp}-{args.dtype}.json",
                {"args": vars(args), "environment": env, "rows": rows, "summary": summary,
-                "inference_weight_bytes": [r["inference_weight_bytes"] for r in results], "identical": not mismatched})
+                "inference_weight_bytes": [r["inference_weight_bytes"] for r in results],
+                "decoder_layers": [r["decoder_layers"] for r in results], "identical": not mismatched})
     if mismatched:
         raise SystemExit(f"FAILED: inference weights differ from ours: {mismatched}")
     print("all three sides produced identical inference weights on every rank")
