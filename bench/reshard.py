@@ -15,7 +15,8 @@ of --repeat runs after one warm-up, each run ending in a barrier (time until eve
 weights). Bytes received per rank: ours as counted by the Resharder; the baselines' all_gathers
 deliver (N-1)/N of each padded parameter to every rank (computed). Extra memory per rank: computed
 (ours: exchange buffers; layer_groups: the largest group's full parameters; per_param: the largest
-full parameter) and measured (RSS high-water growth over the warm-up and the timed runs).
+full parameter) and measured (RSS high-water growth over the warm-up and the timed runs, which also
+counts allocator caching; `retained` is the growth left once freed heap is handed back).
 """
 import bench  # noqa: F401  (sets OMP_WAIT_POLICY=PASSIVE before torch is imported)
 
@@ -90,7 +91,8 @@ def timed(run, repeat: int) -> dict:
 
     with peak_growth() as memory:
         seconds = median_seconds(run_to_barrier, repeat)
-    return {"seconds": seconds, "measured_peak_bytes": memory["peak_growth_bytes"]}
+    return {"seconds": seconds, "measured_peak_bytes": memory["peak_growth_bytes"],
+            "retained_bytes": memory["retained_bytes"]}
 
 
 def worker(rank: int, world: int, args: argparse.Namespace) -> dict:
@@ -150,7 +152,7 @@ def summarize(results: list[dict]) -> dict:
     return sides
 
 
-BYTE_COLUMNS = ("bytes_received", "computed_peak_bytes", "measured_peak_bytes")
+BYTE_COLUMNS = ("bytes_received", "computed_peak_bytes", "measured_peak_bytes", "retained_bytes")
 
 
 def mib_columns(rows: list[dict]) -> list[dict]:
@@ -180,7 +182,7 @@ def main(argv: list[str] | None = None) -> None:
           f"{results[0]['inference_weight_bytes'] / 2**20:.1f} MiB per rank, ours in {results[0]['buckets']} buckets "
           f"of <= {args.bucket_mb} MiB; per rank (MiB, seconds):")
     print_table(mib_columns(rows), ["side", "rank", "seconds", "bytes_received", "computed_peak_bytes",
-                                    "measured_peak_bytes"])
+                                    "measured_peak_bytes", "retained_bytes"])
     print("worst rank per side, and each side over ours (time, bytes received, computed peak memory):")
     print_table(mib_columns(list(summary.values())), ["side", "seconds", "bytes_received", "computed_peak_bytes",
                                                       "time_vs_ours", "bytes_vs_ours", "computed_peak_vs_ours"])

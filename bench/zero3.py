@@ -67,10 +67,14 @@ def zero3_actor(model: str, dtype: str, seed: int = 0):
 @contextmanager
 def peak_growth():
     """Yields a dict that gets `peak_growth_bytes`: this process's RSS high-water mark during the block
-    minus its RSS at the start. Freed heap is handed back first, so memory the block allocates shows
-    as growth instead of silently reusing what an earlier phase freed."""
+    minus its RSS at the start, and `retained_bytes`: RSS growth still there after the block once freed
+    heap is handed back (what the block kept alive). Freed heap is handed back first too, so memory the
+    block allocates shows as growth instead of silently reusing what an earlier phase freed; the peak
+    still includes allocator caching and fragmentation, not only live tensors."""
     return_freed_memory()
     Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
     before, measured = status_bytes("VmRSS"), {}
     yield measured
     measured["peak_growth_bytes"] = status_bytes("VmHWM") - before
+    return_freed_memory()
+    measured["retained_bytes"] = status_bytes("VmRSS") - before

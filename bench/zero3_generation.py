@@ -87,7 +87,8 @@ def measure(run, n: int) -> tuple[torch.Tensor, dict]:
         start = time.perf_counter()
         tokens, parts = run(n)
         seconds = time.perf_counter() - start
-    return tokens, {"e2e_s": seconds, **parts, "peak_growth_mib": memory["peak_growth_bytes"] / 2**20}
+    return tokens, {"e2e_s": seconds, **parts, "peak_growth_mib": memory["peak_growth_bytes"] / 2**20,
+                             "retained_mib": memory["retained_bytes"] / 2**20}
 
 
 def worker(rank: int, world: int, args: argparse.Namespace) -> dict:
