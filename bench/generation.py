@@ -91,6 +91,28 @@ def clock_decode_steps(clock: StepClock) -> None:
     Run.decode = stamped
 
 
+def profile_decode(run, steps: int, top: int = 12) -> list[dict]:
+    """Self CPU time per decode step of the top ops of ours, from torch.profiler over `steps` steps."""
+    from torch.profiler import profile
+
+    totals: dict[str, float] = {}
+    decode = Run.decode
+
+    def profiled(r):
+        with profile() as prof:
+            decode(r)
+        for event in prof.key_averages():
+            totals[event.key] = totals.get(event.key, 0.0) + event.self_cpu_time_total
+
+    Run.decode = profiled
+    try:
+        run(steps + 1)
+    finally:
+        Run.decode = decode
+    ranked = sorted(totals.items(), key=lambda kv: -kv[1])[:top]
+    return [{"op": name, "ms_per_step": us / steps / 1e3} for name, us in ranked]
+
+
 def decode_weights(model) -> list[torch.Tensor]:
     """The weight matrices one decode step multiplies by (embedding tables are only gathered)."""
     mats = [t for name, t in model.state_dict().items() if t.dim() == 2 and not name.startswith("embed")]
@@ -128,6 +150,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--new-tokens", type=int, default=256, help="tokens generated per prompt (EOS disabled)")
     p.add_argument("--block-size", type=int, default=16, help="KV cache block size (tokens)")
     p.add_argument("--skip-hf", action="store_true", help="only run ours (for profiling; no ratios)")
+    p.add_argument("--profile", type=int, default=0, metavar="STEPS",
+                   help="also profile this many of our decode steps with torch.profiler and print the top ops")
     p.add_argument("--out", default=None, help="JSON path (default results/generation-<model>-<dtype>.json)")
     return p.parse_args()
 
@@ -179,6 +203,10 @@ def main() -> None:
         print(f"ours vs HF: decode step {result['speedup_decode']:.2f}x faster, prefill "
               f"{result['speedup_prefill']:.2f}x, tokens/s {result['speedup_tokens_per_s']:.2f}x; "
               f"ours at {our_row['x_floor']:.2f}x the floor")
+    if args.profile:
+        result["ours_profile"] = profile_decode(ours, args.profile)
+        print(f"ours, self CPU time per decode step over {args.profile} steps (profiler overhead included):")
+        print_table(result["ours_profile"], ["op", "ms_per_step"])
     write_json(args.out or f"results/generation-{args.model}-{args.dtype}.json", result)
 
 
