@@ -59,7 +59,7 @@ def zero3_actor(model: str, dtype: str, seed: int = 0):
 
     deepspeed.init_distributed(dist_backend="gloo", verbose=False)
     torch.manual_seed(seed)
-    hf = AutoModelForCausalLM.from_config(MODELS[model]())
+    hf = AutoModelForCausalLM.from_config(MODELS[model](), dtype=DTYPES[dtype])  # never a whole fp32 copy for bf16
     engine, *_ = deepspeed.initialize(model=hf, config=zero3_config(dtype), model_parameters=hf.parameters())
     return engine
 

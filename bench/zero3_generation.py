@@ -99,7 +99,7 @@ def worker(rank: int, world: int, args: argparse.Namespace) -> dict:
     prompts = torch.randint(3, module.config.vocab_size, (args.batch, args.prompt_len), generator=g)
     paths = {f"hybrid_tp{tp}": (hybrid(he, prompts), args.new_tokens) for tp, he in engines.items()}
     if not args.skip_gather_once:
-        plain = AutoModelForCausalLM.from_config(module.config).to(dtype).eval()
+        plain = AutoModelForCausalLM.from_config(module.config, dtype=dtype).eval()
         paths = {BASELINE: (gather_once(module, plain, prompts), args.new_tokens), **paths}
     if not args.skip_slow:
         paths = {"zero3_hf": (zero3_hf(module, prompts), args.slow_new_tokens or args.new_tokens), **paths}
