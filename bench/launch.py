@@ -7,6 +7,7 @@ import os
 import socket
 import tempfile
 import traceback
+from pathlib import Path
 
 import torch
 import torch.multiprocessing as mp
@@ -30,15 +31,25 @@ def _entry(rank: int, world: int, port: int, threads: int, outdir: str, fn, args
     torch.save({"result": result}, os.path.join(outdir, f"{rank}.pt"))
 
 
+def remove_deepspeed_shm(port: int, world: int) -> None:
+    """DeepSpeed's CPU all-reduce op creates one shared-memory file per rank (~66 MB of RAM, in
+    /dev/shm) named after the master address and port, and never unlinks it."""
+    for rank in range(world):
+        Path(f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_127.0.0.1_{port}_{rank}").unlink(missing_ok=True)
+
+
 def run_ranks(world: int, fn, *args, threads: int = 1) -> list:
     """fn(rank, world, *args) on each rank with `threads` torch threads; fn sets up torch.distributed
     itself (gloo). Raises RuntimeError with the failing rank's traceback."""
     if world < 1:
         raise ValueError(f"world must be >= 1, got {world}")
+    port = free_port()
     with tempfile.TemporaryDirectory() as outdir:
         try:
-            mp.start_processes(_entry, args=(world, free_port(), threads, outdir, fn, args), nprocs=world,
+            mp.start_processes(_entry, args=(world, port, threads, outdir, fn, args), nprocs=world,
                                start_method="spawn")
         except mp.ProcessRaisedException as e:
             raise RuntimeError(f"a rank failed:\n{e}") from None
+        finally:
+            remove_deepspeed_shm(port, world)
         return [torch.load(os.path.join(outdir, f"{r}.pt"), weights_only=False)["result"] for r in range(world)]
