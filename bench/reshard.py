@@ -97,33 +97,39 @@ def timed(run, repeat: int) -> dict:
 
 def worker(rank: int, world: int, args: argparse.Namespace) -> dict:
     engine = zero3_actor(args.model, args.dtype)
-    module, dtype, tp, tp_rank = engine.module, DTYPES[args.dtype], args.tp, rank % args.tp
+    module, tp, tp_rank = engine.module, args.tp, rank % args.tp
     wmap = weight_map(module.config)
-    model = empty_model(module.config, tp_rank, tp, new_tp_group(tp), dtype)
+    model = empty_model(module.config, tp_rank, tp, new_tp_group(tp), DTYPES[args.dtype])
     targets = dict(model.named_buffers())
     params = dict(module.named_parameters(remove_duplicate=False))
-    where = placements(wmap, tp)
     resharder = Resharder(module, wmap, tp_rank=tp_rank, tp_size=tp, bucket_bytes=args.bucket_mb << 20)
+    rows = [{"side": "ours", "rank": rank, **measure_ours(resharder, wmap, targets, args.repeat)}]
+    reference = {name: targets[name].clone() for name in wmap}
+    where = placements(wmap, tp)
     baselines = {"layer_groups": layer_groups(list(where), args.gather_layers), "per_param": [[n] for n in where]}
-    rows, reference = [], None
-    for side in ["ours", *baselines]:
-        for name in wmap:
-            targets[name].fill_(float("nan"))  # a slice nobody writes cannot pass the comparison
-        if side == "ours":
-            resharder.release()  # its exchange buffers are allocated inside the measurement
-            row = timed(lambda: resharder.reshard(targets), args.repeat)
-            row.update(bytes_received=resharder.stats.bytes_received, computed_peak_bytes=resharder.stats.peak_buffer_bytes)
-            reference = {name: targets[name].clone() for name in wmap}
-        else:
-            groups = baselines[side]
-            row = timed(lambda: gathered_copy(params, where, groups, targets, tp_rank, tp), args.repeat)
-            row["bytes_received"], row["computed_peak_bytes"] = gathered_cost(params, groups, world)
-            row["mismatched"] = [name for name in wmap if not torch.equal(targets[name], reference[name])]
-            row["groups"] = len(groups)
-        rows.append({"side": side, "rank": rank, **row})
+    for side, groups in baselines.items():
+        fill_nan(targets, wmap)
+        row = timed(lambda: gathered_copy(params, where, groups, targets, tp_rank, tp), args.repeat)
+        row["bytes_received"], row["computed_peak_bytes"] = gathered_cost(params, groups, world)
+        row["mismatched"] = [name for name in wmap if not torch.equal(targets[name], reference[name])]
+        rows.append({"side": side, "rank": rank, **row, "groups": len(groups)})
     inference_bytes = sum(targets[name].numel() * targets[name].element_size() for name in wmap)
     return {"rows": rows, "inference_weight_bytes": inference_bytes, "buckets": resharder.stats.buckets,
             "decoder_layers": decoder_layer_bytes(module, wmap, targets, params, tp_rank, tp, world)}
+
+
+def fill_nan(targets: dict[str, torch.Tensor], wmap: WeightMap) -> None:
+    """A slice nobody writes then cannot pass the comparison."""
+    for name in wmap:
+        targets[name].fill_(float("nan"))
+
+
+def measure_ours(resharder: Resharder, wmap: WeightMap, targets: dict[str, torch.Tensor], repeat: int) -> dict:
+    fill_nan(targets, wmap)
+    resharder.release()  # its exchange buffers are allocated inside the measurement
+    row = timed(lambda: resharder.reshard(targets), repeat)
+    stats = resharder.stats
+    return {**row, "bytes_received": stats.bytes_received, "computed_peak_bytes": stats.peak_buffer_bytes}
 
 
 def decoder_layer_bytes(module, wmap: WeightMap, targets: dict, params: dict, tp_rank: int, tp: int,
