@@ -149,6 +149,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--prompt-len", type=int, default=256, help="tokens per prompt (no padding)")
     p.add_argument("--new-tokens", type=int, default=256, help="tokens generated per prompt (EOS disabled)")
     p.add_argument("--block-size", type=int, default=16, help="KV cache block size (tokens)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads for both sides (default: torch's default; 1 is faster on a loaded machine)")
     p.add_argument("--skip-hf", action="store_true", help="only run ours (for profiling; no ratios)")
     p.add_argument("--profile", type=int, default=0, metavar="STEPS",
                    help="also profile this many of our decode steps with torch.profiler and print the top ops")
@@ -158,6 +160,8 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> None:
     args = parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     env = print_environment()
     dtype = DTYPES[args.dtype]
     torch.manual_seed(0)
