@@ -4,7 +4,7 @@
 
 #include "block_allocator.h"
 #include "reshard_plan.h"
-#include "cpu/attention.h"
+#include "cpu/ops.h"
 
 namespace py = pybind11;
 using hybrid_engine::BlockAllocator;
@@ -122,9 +122,13 @@ TORCH_LIBRARY(hybrid_engine, m) {
   m.def("decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, Tensor context_lens, "
         "float scale) -> Tensor");
   m.def("prefill_attention(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens, bool causal, float scale) -> Tensor");
+  m.def("add_norm(Tensor x, Tensor? residual, Tensor weight, Tensor? bias, float eps, bool rms) -> (Tensor, Tensor)");
+  m.def("silu_and_mul(Tensor x) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(hybrid_engine, CPU, m) {
   m.impl("decode_attention", &hybrid_engine::cpu::decode_attention);
   m.impl("prefill_attention", &hybrid_engine::cpu::prefill_attention);
+  m.impl("add_norm", &hybrid_engine::cpu::add_norm);
+  m.impl("silu_and_mul", &hybrid_engine::cpu::silu_and_mul);
 }

@@ -1,6 +1,7 @@
 """The C++ CPU kernels (torch.ops.hybrid_engine.*) called directly, against the plain-torch
 reference (hybrid_engine.kernels.reference), plus their own argument checks: the ops must be safe
-without the Python layer's validation in front of them.
+without the Python layer's validation in front of them. Attention first, then the fused
+elementwise ops (add_norm, silu_and_mul).
 
 Each case draws fresh random inputs (never zeros); shapes cover head_dim 64/80/128 and odd ones,
 GQA ratios 1/2/4/8, block sizes 16/32 and ones that are not a multiple of 16, ragged lengths
@@ -151,6 +152,75 @@ def test_prefill_attention_large_scores_stay_finite():
     check_prefill([100, 7], 4, 2, 64, torch.float32, causal=True, scale=30.0, tol=1e-3)
 
 
+def check_add_norm(shape: tuple, dtype: torch.dtype, rms: bool, with_residual: bool, with_bias: bool,
+                   param_dtype: torch.dtype) -> None:
+    x = randn(*shape, dtype=dtype)
+    residual = randn(*shape, dtype=dtype) if with_residual else None
+    weight = randn(shape[-1], dtype=param_dtype)
+    bias = randn(shape[-1], dtype=param_dtype) if with_bias else None
+    out, new_residual = ops.add_norm(x, residual, weight, bias, 1e-5, rms)
+    if rms:
+        expected, expected_residual = reference.add_rms_norm(x, residual, weight, 1e-5)
+    else:
+        expected, expected_residual = reference.add_layer_norm(x, residual, weight, bias, 1e-5)
+    assert out.dtype == dtype and out.shape == x.shape
+    assert_matches(out, expected)
+    if with_residual:  # the same fp32 sum rounded the same way: bit-identical
+        assert torch.equal(new_residual, expected_residual)
+    else:
+        assert new_residual.numel() == 0
+
+
+@pytest.mark.parametrize("shape", [(1, 8), (5, 77), (2, 3, 2048)], ids=str)
+@pytest.mark.parametrize("with_residual", [True, False], ids=["residual", "no-residual"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_add_rms_norm(dtype, with_residual, shape):
+    torch.manual_seed(shape[-1])
+    check_add_norm(shape, dtype, True, with_residual, False, dtype)
+
+
+@pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "no-bias"])
+@pytest.mark.parametrize("shape", [(1, 8), (5, 77), (2, 3, 2048)], ids=str)
+@pytest.mark.parametrize("with_residual", [True, False], ids=["residual", "no-residual"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_add_layer_norm(dtype, with_residual, shape, with_bias):
+    torch.manual_seed(shape[-1])
+    check_add_norm(shape, dtype, False, with_residual, with_bias, dtype)
+
+
+def test_add_norm_float32_params_with_bf16_activations():
+    torch.manual_seed(0)
+    check_add_norm((4, 96), torch.bfloat16, False, True, True, torch.float32)
+
+
+def test_add_layer_norm_large_offset():
+    """A row mean far from zero: a one-pass E[h^2] - mean^2 variance would be off by percents."""
+    torch.manual_seed(0)
+    x, weight = torch.randn(3, 512) + 1000.0, torch.randn(512)
+    out, _ = ops.add_norm(x, None, weight, None, 1e-5, False)
+    assert_matches(out, reference.add_layer_norm(x, None, weight, None, 1e-5)[0], tol=1e-3)
+
+
+def check_silu_and_mul(shape: tuple, dtype: torch.dtype, scale: float = 1.0) -> None:
+    x = (torch.randn(*shape) * scale).to(dtype)
+    out = ops.silu_and_mul(x)
+    assert out.shape == (*shape[:-1], shape[-1] // 2) and out.dtype == dtype
+    assert_matches(out, reference.silu_and_mul(x), tol=TOLERANCE[dtype] * scale)
+
+
+@pytest.mark.parametrize("shape", [(1, 2), (3, 46), (2, 5, 2 * 5504)], ids=str)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_silu_and_mul(dtype, shape):
+    torch.manual_seed(shape[-1])
+    check_silu_and_mul(shape, dtype)
+
+
+def test_silu_and_mul_saturates():
+    """Gates of +-100 (exp overflows/underflows): silu -> 0 and -> identity, never NaN."""
+    torch.manual_seed(0)
+    check_silu_and_mul((4, 64), torch.float32, scale=100.0)
+
+
 # Every instruction-set variant: this machine runs AVX-512, so the AVX2 and baseline builds of the
 # same kernels are forced through HYBRID_ENGINE_CPU_ISA in a child process (read once per process).
 ISA_CHECK = """
@@ -161,6 +231,9 @@ for dtype in t.DTYPES:
     t.check_decode([33], 4, 4, 64, 32, dtype)
     t.check_prefill([1, 70, 9], 8, 2, 80, dtype, causal=True)
     t.check_prefill([20], 4, 4, 72, dtype, causal=False)
+    t.check_add_norm((3, 77), dtype, True, True, False, dtype)
+    t.check_add_norm((3, 2048), dtype, False, True, True, dtype)
+    t.check_silu_and_mul((3, 2 * 77), dtype)
 """
 
 
@@ -240,3 +313,30 @@ PREFILL_ERRORS = {
 def test_prefill_attention_rejects(changes, message):
     with pytest.raises(RuntimeError, match=message):
         ops.prefill_attention(*prefill_args(**changes))
+
+
+NORM_ERRORS = {
+    "int x": (dict(x=torch.ones(2, 8, dtype=torch.int32)), "x must be float32 or bfloat16"),
+    "residual shape": (dict(residual=torch.randn(2, 9)), "residual must be|residual shape"),
+    "residual dtype": (dict(residual=torch.randn(2, 8).bfloat16()), "residual must have x's dtype"),
+    "weight size": (dict(weight=torch.randn(9)), r"weight must be \[8\]"),
+    "bias dtype": (dict(bias=torch.randn(8).half()), "bias must be float32 or x's dtype"),
+    "non-contiguous": (dict(x=torch.randn(8, 2).t(), residual=None), "x must be contiguous"),
+    "eps": (dict(eps=-1.0), "eps must be finite and >= 0"),
+}
+
+
+@pytest.mark.parametrize("changes,message", NORM_ERRORS.values(), ids=NORM_ERRORS.keys())
+def test_add_norm_rejects(changes, message):
+    args = dict(x=torch.randn(2, 8), residual=torch.randn(2, 8), weight=torch.randn(8), bias=torch.randn(8), eps=1e-5,
+                rms=False)
+    with pytest.raises(RuntimeError, match=message):
+        ops.add_norm(*{**args, **changes}.values())
+
+
+@pytest.mark.parametrize("x,message", [(torch.randn(2, 7), "even last dimension"),
+                                       (torch.ones(2, 8, dtype=torch.int64), "x must be float32 or bfloat16"),
+                                       (torch.randn(8, 2).t(), "x must be contiguous")], ids=["odd", "int", "strided"])
+def test_silu_and_mul_rejects(x, message):
+    with pytest.raises(RuntimeError, match=message):
+        ops.silu_and_mul(x)

@@ -2,19 +2,16 @@
 // from the paged cache through the block table.
 //
 // Decode is memory-bandwidth bound: each K/V byte is used by one GQA group of queries. A task
-// is (sequence, range of kv heads); with enough sequences the range is all kv heads, so a task
-// reads each of its blocks as one contiguous [block_size, KVH, D] region, which the hardware
-// prefetchers stream (software prefetch of the next block measured 15-40% slower). Inside a
-// block, each kv head's rows are read by its whole query group while they are in L1. Scores of
-// 16 tokens are reduced together (hsum16), the value accumulator stays in registers across the
-// block's tokens, and softmax is online per block (fp32 running max, sum and accumulator), so no
-// score row longer than a block exists.
-#include <ATen/Parallel.h>
-
+// is (sequence, range of kv heads); with enough sequences the range is all kv heads. A block is
+// visited kv head by kv head, so each kv head's rows are read once, by its whole query group,
+// while they are in L1, and software prefetch fetches the rows of the heads a little ahead.
+// Scores of 16 tokens are reduced together (hsum16), the value accumulator stays in registers
+// across the block's tokens, and softmax is online per block (fp32 running max, sum and
+// accumulator), so no score row longer than a block exists.
 #include <algorithm>
 #include <vector>
 
-#include "attention.h"
+#include "ops.h"
 #include "vec.h"
 
 namespace hybrid_engine::cpu {
@@ -41,6 +38,17 @@ int64_t padded_block(const DecodeParams& p) { return (p.block_size + kLanes - 1)
 int64_t scratch_floats(const DecodeParams& p) {
   const int64_t heads = p.kv_heads_per_task * (p.num_heads / p.num_kv_heads);
   return heads * (2 * p.head_dim + padded_block(p) + 2);
+}
+
+// The rows of one kv head in a block are 16+ separate runs of D elements (one per token), too
+// short and far apart for the hardware prefetchers: fetch the rows a couple of heads ahead of use
+// (measured 10-25% faster than none, and faster than prefetching whole next blocks).
+constexpr int64_t kPrefetchHeads = 2;
+
+template <typename T>
+HE_INLINE void prefetch_rows(const T* rows, int64_t n, int64_t token_stride, int64_t D) {
+  for (int64_t t = 0; t < n; ++t)
+    for (int64_t d = 0; d < D; d += 64 / int64_t(sizeof(T))) __builtin_prefetch(rows + t * token_stride + d, 0, 3);
 }
 
 // Scores of one query row (fp32, pair layout) against up to 16 consecutive tokens of a block,
@@ -98,7 +106,7 @@ HE_INLINE void accumulate_values(float* acc, const float* p, const T* v, int64_t
     accumulate_pairs<1>(acc + d, p, v + d, token_stride, n);
     d += 2 * kLanes;
   }
-  for (; d < D; ++d)  // a tail shorter than 32 elements stays in natural order (see pair_lane)
+  for (; d < D; ++d)  // a tail shorter than 32 elements stays in natural order (see to_pair_layout)
     for (int64_t t = 0; t < n; ++t) acc[d] += p[t] * to_float(v[t * token_stride + d]);
 }
 
@@ -115,7 +123,7 @@ HE_INLINE void decode_task(const DecodeParams& p, int64_t b, int64_t kv0, int64_
 
   const T* q_src = static_cast<const T*>(p.q) + (b * p.num_heads + kv0 * group) * D;
   for (int64_t h = 0; h < heads; ++h)  // q and acc rows are in the pair layout of T (see load_pair)
-    for (int64_t d = 0; d < D; ++d) q[h * D + pair_lane<T>(d, D)] = to_float(q_src[h * D + d]) * p.scale;
+    to_pair_layout(q_src + h * D, q + h * D, D, p.scale);
   std::fill(acc, acc + heads * D, 0.f);
   std::fill(row_max, row_max + heads, -INFINITY);
   std::fill(row_sum, row_sum + heads, 0.f);
@@ -130,7 +138,13 @@ HE_INLINE void decode_task(const DecodeParams& p, int64_t b, int64_t kv0, int64_
     const int64_t n = std::min(block_size, context_len - blk * block_size);
     const T* k = block_base(p.k_cache, blk);
     const T* v = block_base(p.v_cache, blk);
-    for (int64_t j = 0; j < kvn; ++j)  // the group's heads read the kv head's rows while they are in L1
+    for (int64_t j = 0; j < kvn; ++j) {  // the group's heads read the kv head's rows while they are in L1
+      const int64_t ahead = blk * kvn + j + kPrefetchHeads;  // (block, kv head) pairs in visiting order
+      if (ahead / kvn < num_blocks) {
+        const int64_t blk2 = ahead / kvn, j2 = ahead % kvn, n2 = std::min(block_size, context_len - blk2 * block_size);
+        prefetch_rows(block_base(p.k_cache, blk2) + j2 * D, n2, token_stride, D);
+        prefetch_rows(block_base(p.v_cache, blk2) + j2 * D, n2, token_stride, D);
+      }
       for (int64_t h = j * group; h < (j + 1) * group; ++h) {
         float* s = scores + h * stride;
         for (int64_t t0 = 0; t0 < n; t0 += kLanes)
@@ -140,11 +154,12 @@ HE_INLINE void decode_task(const DecodeParams& p, int64_t b, int64_t kv0, int64_
         online_softmax_step(s, stride, row_max[h], row_sum[h], acc + h * D, D);
         accumulate_values<T, kD>(acc + h * D, s, v + j * D, token_stride, n, D);
       }
+    }
   }
 
   T* out = static_cast<T*>(p.out) + (b * p.num_heads + kv0 * group) * D;
   for (int64_t h = 0; h < heads; ++h)
-    for (int64_t d = 0; d < D; ++d) out[h * D + d] = from_float<T>(acc[h * D + pair_lane<T>(d, D)] / row_sum[h]);
+    from_pair_layout(acc + h * D, out + h * D, D, 1.0f / row_sum[h]);
 }
 
 template <typename T>
@@ -171,8 +186,8 @@ void check_inputs(const at::Tensor& q, const at::Tensor& k_cache, const at::Tens
   check_input(block_tables, kOp, "block_tables", 2, "[batch, max_blocks]");
   check_input(context_lens, kOp, "context_lens", 1, "[batch]");
   check_float_dtype(q, kOp, "q");
-  check_same_dtype(k_cache, q, kOp, "k_cache");
-  check_same_dtype(v_cache, q, kOp, "v_cache");
+  check_same_dtype(k_cache, q, kOp, "k_cache", "q");
+  check_same_dtype(v_cache, q, kOp, "v_cache", "q");
   check_int32(block_tables, kOp, "block_tables");
   check_int32(context_lens, kOp, "context_lens");
   TORCH_CHECK(v_cache.sizes() == k_cache.sizes(), kOp, ": v_cache shape ", v_cache.sizes(),
@@ -228,12 +243,7 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache, cons
                  q.size(1), k_cache.size(2), q.size(2), k_cache.size(1), block_tables.size(1),
                  kv_heads_per_task(q.size(0), k_cache.size(2)), static_cast<float>(scale)};
   const int64_t tasks = q.size(0) * (p.num_kv_heads / p.kv_heads_per_task);
-  at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
-    if (q.scalar_type() == at::kBFloat16)
-      run_decode<uint16_t>(p, begin, end);
-    else
-      run_decode<float>(p, begin, end);
-  });
+  parallel_run(q.scalar_type(), tasks, 1, p, run_decode<float>, run_decode<uint16_t>);
   return out;
 }
 

@@ -6,12 +6,10 @@
 // tile with fp32 running max/sum/accumulator, so no score matrix larger than
 // [tile rows, kKeyTile] ever exists. Causal masking aligns each query with the same position in
 // its own sequence; key tiles entirely in a query tile's future are skipped.
-#include <ATen/Parallel.h>
-
 #include <algorithm>
 #include <vector>
 
-#include "attention.h"
+#include "ops.h"
 #include "vec.h"
 
 namespace hybrid_engine::cpu {
@@ -173,8 +171,8 @@ void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   check_input(v, kOp, "v", 3, "[total_tokens, num_kv_heads, head_dim]");
   check_input(cu_seqlens, kOp, "cu_seqlens", 1, "[batch + 1]");
   check_float_dtype(q, kOp, "q");
-  check_same_dtype(k, q, kOp, "k");
-  check_same_dtype(v, q, kOp, "v");
+  check_same_dtype(k, q, kOp, "k", "q");
+  check_same_dtype(v, q, kOp, "v", "q");
   check_int32(cu_seqlens, kOp, "cu_seqlens");
   TORCH_CHECK(v.sizes() == k.sizes(), kOp, ": v shape ", v.sizes(), " must equal k shape ", k.sizes());
   TORCH_CHECK(k.size(0) == q.size(0), kOp, ": k has ", k.size(0), " tokens but q has ", q.size(0));
@@ -215,12 +213,7 @@ at::Tensor prefill_attention(const at::Tensor& q, const at::Tensor& k, const at:
                         static_cast<int64_t>(tiles.size()), q.size(1), k.size(1), q.size(2),
                         (q.size(2) + kLanes - 1) / kLanes * kLanes, tile_tokens, causal,
                         static_cast<float>(scale)};
-  at::parallel_for(0, p.num_tiles * p.num_kv_heads, 1, [&](int64_t begin, int64_t end) {
-    if (q.scalar_type() == at::kBFloat16)
-      run_prefill<uint16_t>(p, begin, end);
-    else
-      run_prefill<float>(p, begin, end);
-  });
+  parallel_run(q.scalar_type(), p.num_tiles * p.num_kv_heads, 1, p, run_prefill<float>, run_prefill<uint16_t>);
   return out;
 }
 

@@ -60,6 +60,12 @@ HE_INLINE f32x16 load16(const uint16_t* p) {
   return (f32x16)(__builtin_convertvector(h, u32x16) << 16);
 }
 HE_INLINE void store16(float* p, f32x16 v) { std::memcpy(p, &v, sizeof(v)); }
+HE_INLINE void store16(uint16_t* p, f32x16 v) {  // round to nearest even like from_float, NaN stays NaN
+  const u32x16 bits = (u32x16)v;
+  const u32x16 rounded = (bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16;
+  const u16x16 h = __builtin_convertvector(v != v ? u32x16{} + 0x7fc0u : rounded, u16x16);
+  std::memcpy(p, &h, sizeof(h));
+}
 
 // Horizontal reductions as a tree of halvings: a lane-by-lane loop would be one long dependency
 // chain (no fast-math, so the compiler may not reorder it).
@@ -114,7 +120,7 @@ HE_INLINE f32x16 exp16(f32x16 x) {
 // Rows in the storage type are read 32 elements at a time as two fp32 vectors. For bf16 these are
 // the even and the odd elements of the 32 (a shift and a mask of the same 32-bit words, no
 // shuffles: shuffle-port pressure is what limits a bf16 dot product), so the fp32 row they meet
-// (the query, the output accumulator) is kept in the matching "pair layout" (see pair_lane).
+// (the query, the output accumulator) is kept in the matching "pair layout" (to_pair_layout).
 HE_INLINE void load_pair(const float* p, f32x16& a, f32x16& b) {
   a = load16(p);
   b = load16(p + kLanes);
@@ -126,12 +132,30 @@ HE_INLINE void load_pair(const uint16_t* p, f32x16& a, f32x16& b) {
   b = (f32x16)(w & 0xffff0000u);
 }
 
-// Where element d of a row of n elements sits in the pair layout of storage type T.
+// A row of n elements in storage type T -> fp32 pair layout (times scale), and back (times scale).
+// For bf16, each full 32-element chunk holds its even elements, then its odd ones; a shorter
+// tail stays in natural order. For float32 the pair layout is the natural one.
 template <typename T>
-HE_INLINE int64_t pair_lane(int64_t d, int64_t n) {
-  if (std::is_same<T, float>::value || d >= n / (2 * kLanes) * (2 * kLanes)) return d;
-  const int64_t r = d % (2 * kLanes);
-  return d - r + (r % 2) * kLanes + r / 2;
+HE_INLINE void to_pair_layout(const T* src, float* dst, int64_t n, float scale) {
+  int64_t c = 0;
+  if (std::is_same<T, uint16_t>::value)
+    for (; c + 2 * kLanes <= n; c += 2 * kLanes)
+      for (int64_t i = 0; i < kLanes; ++i) {
+        dst[c + i] = to_float(src[c + 2 * i]) * scale;
+        dst[c + kLanes + i] = to_float(src[c + 2 * i + 1]) * scale;
+      }
+  for (; c < n; ++c) dst[c] = to_float(src[c]) * scale;
+}
+template <typename T>
+HE_INLINE void from_pair_layout(const float* src, T* dst, int64_t n, float scale) {
+  int64_t c = 0;
+  if (std::is_same<T, uint16_t>::value)
+    for (; c + 2 * kLanes <= n; c += 2 * kLanes)
+      for (int64_t i = 0; i < kLanes; ++i) {
+        dst[c + 2 * i] = from_float<T>(src[c + i] * scale);
+        dst[c + 2 * i + 1] = from_float<T>(src[c + kLanes + i] * scale);
+      }
+  for (; c < n; ++c) dst[c] = from_float<T>(src[c] * scale);
 }
 
 HE_INLINE void scale_inplace(float* y, float alpha, int64_t n) {
