@@ -13,8 +13,10 @@ Paths, each timed end to end on every rank (after a 2-token warm-up of the same 
                (release); the TP group generates over the union of its ranks' prompts.
 Prompts are random token ids (never pad), different per rank, no padding; generation is greedy with
 min_new_tokens = max_new_tokens (EOS cannot end it early). Tokens/s per rank counts this rank's
-rows. Greedy tokens are compared with gather_once: in fp32 gather_once and both hybrid paths must
-agree exactly (the benchmark fails otherwise); in bf16 the agreement fraction is reported.
+rows. peak_growth: RSS high-water growth of a rank during the timed run (gather_once's plain model,
+a whole model per rank, is allocated beforehand and not in it). Greedy tokens are compared with
+gather_once's: in fp32 gather_once and the hybrid paths must agree exactly (the benchmark fails
+otherwise); in bf16 the agreement fraction is reported.
 """
 import bench  # noqa: F401  (sets OMP_WAIT_POLICY=PASSIVE before torch is imported)
 
@@ -88,7 +90,7 @@ def measure(run, n: int) -> tuple[torch.Tensor, dict]:
         tokens, parts = run(n)
         seconds = time.perf_counter() - start
     return tokens, {"e2e_s": seconds, **parts, "peak_growth_mib": memory["peak_growth_bytes"] / 2**20,
-                             "retained_mib": memory["retained_bytes"] / 2**20}
+                    "retained_mib": memory["retained_bytes"] / 2**20}
 
 
 def worker(rank: int, world: int, args: argparse.Namespace) -> dict:
@@ -124,7 +126,7 @@ def summarize(results: list[dict], args: argparse.Namespace) -> list[dict]:
         if row["path"] not in worst or row["e2e_s"] > worst[row["path"]]["e2e_s"]:
             worst[row["path"]] = dict(row)
     for row in worst.values():
-        row["extrapolated"] = row["new_tokens"] != args.new_tokens  # e2e_s of a path measured on fewer tokens
+        row["extrapolated"] = row["new_tokens"] != args.new_tokens  # its tokens/s, measured on a shorter run, stands in
         for other in ("gather_once", "zero3_hf"):
             if other in worst:
                 row[f"x_vs_{other}"] = row["tokens_per_s"] / worst[other]["tokens_per_s"]
