@@ -151,6 +151,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--block-size", type=int, default=16, help="KV cache block size (tokens)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads for both sides (default: torch's default; 1 is faster on a loaded machine)")
+    p.add_argument("--no-prepack", action="store_true", help="ours without prepacked (oneDNN-blocked) weights")
     p.add_argument("--skip-hf", action="store_true", help="only run ours (for profiling; no ratios)")
     p.add_argument("--profile", type=int, default=0, metavar="STEPS",
                    help="also profile this many of our decode steps with torch.profiler and print the top ops")
@@ -173,7 +174,7 @@ def main() -> None:
     # The cache is allocated once here, as in an RLHF loop where every iteration reuses it.
     blocks = (-(-(args.prompt_len + args.new_tokens) // args.block_size) + 1) * args.batch
     generator = Generator(model, kv_cache_bytes=blocks * PagedKVCache.block_bytes(model, args.block_size),
-                          block_size=args.block_size)
+                          block_size=args.block_size, prepack_weights=not args.no_prepack)
 
     our_clock, hf_clock = StepClock(), StepClock()
 

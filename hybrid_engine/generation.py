@@ -42,15 +42,17 @@ class Generator:
     The cache is sized by kv_cache_bytes or kv_cache_fraction (of the memory available when it is
     allocated); with neither, it is sized to hold every sequence of the first call and grown only
     when a later call needs more. max_prefill_tokens bounds the tokens packed into one prefill
-    forward. The library never changes torch's thread settings; set them (and OMP_WAIT_POLICY)
-    yourself.
+    forward. prepack_weights keeps oneDNN-blocked copies of the model's linear weights on the CPU
+    (faster decode GEMMs for twice the weight memory; see hybrid_engine.models.prepack). The library
+    never changes torch's thread settings; set them (and OMP_WAIT_POLICY) yourself.
     """
 
     def __init__(self, model, *, kv_cache_bytes: int | None = None, kv_cache_fraction: float | None = None,
-                 block_size: int = 16, max_prefill_tokens: int = 8192):
+                 block_size: int = 16, max_prefill_tokens: int = 8192, prepack_weights: bool = True):
         if block_size < 1 or max_prefill_tokens < 1:
             raise ValueError(f"block_size and max_prefill_tokens must be >= 1, got {block_size}, {max_prefill_tokens}")
         self.model = model if isinstance(model, CausalLM) else from_hf(model)
+        self.model.prepack_weights(prepack_weights)
         self.block_size, self.max_prefill_tokens = block_size, max_prefill_tokens
         self.budget = None
         if kv_cache_bytes is not None or kv_cache_fraction is not None:

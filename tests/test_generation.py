@@ -7,6 +7,7 @@ from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsW
 
 import hybrid_engine
 from hybrid_engine import Generator, from_hf
+from hybrid_engine.models import load_weights, weight_map
 from hybrid_engine.sampling import filter_logits
 
 PAD = 1
@@ -210,14 +211,33 @@ def test_prefill_logits_of_generate_match_hf_forward():
     assert torch.equal(out.sequences[:, -1], last.argmax(-1))
 
 
-def test_kv_cache_sized_from_bytes_or_fraction():
+def test_kv_cache_sized_from_bytes_or_fraction(monkeypatch):
     model = from_hf(hf_model("llama_gqa"))
+    monkeypatch.setattr(hybrid_engine.kv_cache, "available_memory", lambda device: 10**7)
     block_bytes = hybrid_engine.PagedKVCache.block_bytes(model, 8)
     assert block_bytes == 2 * 2 * 8 * 2 * 16 * 4  # k and v, layers, block, kv heads, head_dim, fp32
     cache = hybrid_engine.PagedKVCache.for_model(model, memory_bytes=5 * block_bytes + 7, block_size=8)
     assert cache.num_blocks == 5 and tuple(cache.k.shape) == (2, 5, 8, 2, 16)
-    assert Generator(model, kv_cache_fraction=1e-6, block_size=8).cache.num_blocks >= 1
+    assert Generator(model, kv_cache_fraction=0.5, block_size=8).cache.num_blocks == 10**7 // 2 // block_bytes
     with pytest.raises(ValueError, match="memory_fraction"):
         Generator(model, kv_cache_fraction=1.5)
     with pytest.raises(ValueError, match="holds no KV block"):
         Generator(model, kv_cache_bytes=block_bytes - 1, block_size=8)
+
+
+def test_prepacked_weights_follow_in_place_updates():
+    """The resharder rewrites weights in place between generate calls: the prepacked copies must
+    never serve the old ones."""
+    first, second = hf_model("opt_proj", seed=0), hf_model("opt_proj", seed=5)
+    ids, mask = ragged_prompts(LENGTHS, WIDTH, pad=PAD)
+    options = dict(max_new_tokens=8, eos_token_id=[], pad_token_id=PAD)
+    model = from_hf(first)
+    generator = Generator(model)
+    assert model.packed_lm_head is not None
+    assert torch.equal(generator.generate(ids, mask, **options).sequences, hf_greedy(first, ids, mask, 8, eos=None))
+    with torch.no_grad():
+        load_weights(model.state_dict(), weight_map(second.config), second.state_dict(), 0, 1)
+    assert torch.equal(generator.generate(ids, mask, **options).sequences, hf_greedy(second, ids, mask, 8, eos=None))
+    unpacked = Generator(model, prepack_weights=False).generate(ids, mask, **options)
+    assert model.packed_lm_head is None
+    assert torch.equal(unpacked.sequences, hf_greedy(second, ids, mask, 8, eos=None))

@@ -5,8 +5,8 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from hybrid_engine import kernels
-from hybrid_engine.models.layers import AttentionBatch, DecoderLayer, TensorParallel
+from hybrid_engine.models import prepack
+from hybrid_engine.models.layers import AttentionBatch, DecoderLayer, Linear, TensorParallel
 from hybrid_engine.models.weights import WeightMap, load_weights
 
 CPU_DTYPES = (torch.float32, torch.bfloat16)
@@ -40,6 +40,7 @@ class CausalLM(nn.Module):
         self.layers = nn.ModuleList(self.build_layer(i) for i in range(config.num_hidden_layers))
         attention = self.layers[0].attn
         self.num_kv_heads, self.head_dim = attention.num_kv_heads, attention.head_dim
+        self.packed_lm_head = None
 
     # --- what a model family defines -------------------------------------------------------
     @classmethod
@@ -89,7 +90,16 @@ class CausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Only the rows that get sampled go through the LM head."""
-        return kernels.linear_act(hidden, self.lm_head_weight, None, "none")
+        return prepack.linear(hidden, self.lm_head_weight, None, "none", self.packed_lm_head)
+
+    def prepack_weights(self, enabled: bool = True) -> None:
+        """Keep oneDNN-blocked copies of the linear weights (CPU only; see models.prepack), or drop them."""
+        # Inference tensors (made under torch.inference_mode) have no version counter to watch.
+        enabled = enabled and prepack.available(self.device) and not self.lm_head_weight.is_inference()
+        for module in self.modules():
+            if isinstance(module, Linear):
+                module.packed = prepack.PackedWeight() if enabled else None
+        self.packed_lm_head = prepack.PackedWeight() if enabled else None
 
     @classmethod
     def from_hf(cls, model_or_state_dict, config=None, *, dtype: torch.dtype | None = None,

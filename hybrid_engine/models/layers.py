@@ -12,6 +12,7 @@ import torch.distributed as dist
 from torch import nn
 
 from hybrid_engine import kernels
+from hybrid_engine.models.prepack import PackedWeight, linear
 
 
 @dataclass(frozen=True)
@@ -65,9 +66,10 @@ class Linear(nn.Module):
         super().__init__()
         self.register_buffer("weight", empty(out_features, in_features, like=factory))
         self.register_buffer("bias", empty(out_features, like=factory) if bias else None)
+        self.packed: PackedWeight | None = None  # set by CausalLM.prepack_weights
 
     def forward(self, x: torch.Tensor, activation: str = "none") -> torch.Tensor:
-        return kernels.linear_act(x, self.weight, self.bias, activation)
+        return linear(x, self.weight, self.bias, activation, self.packed)
 
 
 class RowParallelLinear(Linear):
@@ -81,7 +83,7 @@ class RowParallelLinear(Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.tp.size == 1:
             return super().forward(x)
-        y = self.tp.all_reduce(kernels.linear_act(x, self.weight, None, "none"))
+        y = self.tp.all_reduce(linear(x, self.weight, None, "none", self.packed))
         return y if self.bias is None else y.add_(self.bias)
 
 
