@@ -241,3 +241,21 @@ def test_prepacked_weights_follow_in_place_updates():
     unpacked = Generator(model, prepack_weights=False).generate(ids, mask, **options)
     assert model.packed_lm_head is None
     assert torch.equal(unpacked.sequences, hf_greedy(second, ids, mask, 8, eos=None))
+
+
+def test_prepacked_weights_follow_replaced_tensors():
+    hf = hf_model("llama_gqa")
+    ids, mask = ragged_prompts(LENGTHS, WIDTH, pad=PAD)
+    model = from_hf(hf)
+    generator = Generator(model)
+    before = generator.generate(ids, mask, max_new_tokens=6, eos_token_id=[]).sequences
+    head = model.lm_head
+    replacement = head.weight.flip(0).contiguous()
+    with torch.no_grad():
+        while replacement._version < head.weight._version:
+            replacement.mul_(1)  # the same version number as the old tensor: only identity tells them apart
+    head.weight = replacement
+    after = generator.generate(ids, mask, max_new_tokens=6, eos_token_id=[]).sequences
+    assert not torch.equal(after, before)
+    assert torch.equal(after, Generator(model, prepack_weights=False).generate(ids, mask, max_new_tokens=6,
+                                                                               eos_token_id=[]).sequences)
