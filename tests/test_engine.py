@@ -5,7 +5,7 @@ import transformers
 
 import hybrid_engine
 from hybrid_engine.engine import HybridEngine
-from multirank import run_ranks
+from bench.launch import run_ranks
 from test_reshard_zero3 import ZERO3, small_hf_model
 
 

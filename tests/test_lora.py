@@ -9,7 +9,7 @@ from hybrid_engine.engine import HybridEngine
 from hybrid_engine.models import from_hf
 from hybrid_engine.models.registry import empty_model, weight_map
 from hybrid_engine.reshard import Resharder
-from multirank import run_ranks
+from bench.launch import run_ranks
 from test_engine import ragged_prompts
 from test_reshard_zero3 import ZERO3, small_hf_model
 

@@ -8,7 +8,7 @@ import transformers
 from hybrid_engine.models import from_hf
 from hybrid_engine.models.registry import empty_model, weight_map
 from hybrid_engine.reshard import Resharder, new_tp_group
-from multirank import run_ranks
+from bench.launch import run_ranks
 
 ZERO3 = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 3},
          "optimizer": {"type": "Adam", "params": {"lr": 1e-3, "torch_adam": True}}}
