@@ -8,7 +8,9 @@ and bf16 prefill GEMMs run about 2x faster. The packed copy doubles the memory o
 
 The canonical weights stay in `model.state_dict()` (what from_hf and the resharder fill in place);
 a packed copy is rebuilt whenever its weight is replaced or its version counter moves (any in-place
-write), so it can never serve stale weights.
+torch write). Writes that bypass torch (C++ through data_ptr, e.g. a reshard plan's unpack) do not
+move the counter: after those, call `model.prepack_weights()` again (or pack only after filling, as
+HybridEngine.eval does by building a fresh Generator).
 """
 import torch
 
