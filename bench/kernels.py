@@ -9,6 +9,9 @@ measure cache rather than memory bandwidth: every implementation cycles through 
 independent per-layer caches (--cache-bytes) that each call reads from memory, as a model's
 24 layers would.
 
+It also times the fused elementwise ops (add_norm, silu_and_mul) against plain torch in the
+native dtype: the measurement that decided they get C++ kernels (see csrc/cpu/ops.h).
+
     python -m bench.kernels            # full run (several minutes)
     python -m bench.kernels --quick    # smoke run
 """
@@ -19,6 +22,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import argparse  # noqa: E402
 import itertools  # noqa: E402
 import math  # noqa: E402
+import statistics  # noqa: E402
 from collections.abc import Callable  # noqa: E402
 
 import torch  # noqa: E402
@@ -26,7 +30,7 @@ import torch.nn.functional as F  # noqa: E402
 
 import hybrid_engine  # noqa: E402,F401  (registers torch.ops.hybrid_engine)
 from bench.common import copy_bandwidth, median_seconds, peak_rss_bytes, print_environment, print_table, write_json  # noqa: E402
-from hybrid_engine.kernels import reference  # noqa: E402
+from hybrid_engine.kernels import native, reference  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -42,6 +46,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--block-size", type=int, default=16, help="tokens per KV-cache block")
     p.add_argument("--prefill-seqs", type=int, default=4, help="sequences in the prefill batch")
     p.add_argument("--prefill-len", type=int, default=512, help="tokens per prefill sequence")
+    p.add_argument("--elementwise-tokens", type=int, nargs="+", default=[16, 4096],
+                   help="token counts (rows) for the fused elementwise ops")
     p.add_argument("--repeat", type=int, default=10, help="timed calls per measurement (median reported)")
     p.add_argument("--ref-repeat", type=int, default=3, help="timed calls of the slow plain-torch reference")
     p.add_argument("--cache-bytes", type=float, default=1.0e9,
@@ -52,6 +58,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.quick:
         args.batches, args.contexts, args.repeat, args.ref_repeat = [1, 16], [128, 512], 3, 1
         args.prefill_seqs, args.prefill_len, args.cache_bytes = 2, 128, 2.0e8
+        args.elementwise_tokens = [16, 512]
     return args
 
 
@@ -121,6 +128,37 @@ def prefill_row(dtype_name: str, args: argparse.Namespace) -> dict:
             "sdpa/ours": sdpa / ours, "ref/ours": ref / ours}
 
 
+def paired_median_seconds(a: Callable[[], object], b: Callable[[], object], repeat: int) -> tuple[float, float]:
+    """Median times of a and b called alternately, so that load from other processes hits both alike."""
+    times_a, times_b = [], []
+    for _ in range(repeat):
+        times_a.append(median_seconds(a, 1, warmup=1 if not times_a else 0))
+        times_b.append(median_seconds(b, 1, warmup=1 if not times_b else 0))
+    return statistics.median(times_a), statistics.median(times_b)
+
+
+def elementwise_rows(dtype_name: str, args: argparse.Namespace) -> list[dict]:
+    """The fused elementwise ops: plain torch in the native dtype (kernels.native) against our C++ op,
+    at decode ([16, ...]) and prefill ([4096, ...]) shapes of a LLaMA-7B-like MLP (hidden 2048 here)."""
+    dtype, rows = DTYPES[dtype_name], []
+    for tokens in args.elementwise_tokens:
+        x, residual = torch.randn(tokens, 2048, dtype=dtype), torch.randn(tokens, 2048, dtype=dtype)
+        weight, bias = torch.randn(2048, dtype=dtype), torch.randn(2048, dtype=dtype)
+        gate_up = torch.randn(tokens, 2 * 5504, dtype=dtype)
+        cases = {
+            "add_rms_norm": (lambda: native.add_rms_norm(x, residual, weight, 1e-6),
+                             lambda: torch.ops.hybrid_engine.add_norm(x, residual, weight, None, 1e-6, True)),
+            "add_layer_norm": (lambda: native.add_layer_norm(x, residual, weight, bias, 1e-5),
+                               lambda: torch.ops.hybrid_engine.add_norm(x, residual, weight, bias, 1e-5, False)),
+            "silu_and_mul": (lambda: native.silu_and_mul(gate_up), lambda: torch.ops.hybrid_engine.silu_and_mul(gate_up)),
+        }
+        for op, (torch_fn, ours_fn) in cases.items():
+            torch_s, ours_s = paired_median_seconds(torch_fn, ours_fn, args.repeat * (20 if tokens <= 64 else 2))
+            rows.append({"op": op, "tokens": tokens, "dtype": dtype_name, "torch_us": torch_s * 1e6,
+                         "ours_us": ours_s * 1e6, "torch/ours": torch_s / ours_s})
+    return rows
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     env = print_environment()
@@ -131,6 +169,7 @@ def main(argv: list[str] | None = None) -> None:
     decode = [decode_row(b, c, d, args, bandwidth_start)
               for d in args.dtypes for b in args.batches for c in args.contexts]
     prefill = [prefill_row(d, args) for d in args.dtypes]
+    elementwise = [row for d in args.dtypes for row in elementwise_rows(d, args)]
     bandwidth_end = copy_bandwidth()
     bandwidth = max(bandwidth_start, bandwidth_end)
     for row in decode:  # fractions against the higher measurement: the conservative one
@@ -142,10 +181,13 @@ def main(argv: list[str] | None = None) -> None:
     print_table(decode, list(decode[0]))
     print("\nprefill attention, causal (sdpa = padded batch, equal lengths)")
     print_table(prefill, list(prefill[0]))
+    print("\nfused elementwise ops: plain torch in the native dtype vs our C++ kernels (hidden 2048, MLP 5504)")
+    print_table(elementwise, list(elementwise[0]))
     peak = peak_rss_bytes()
     print(f"\npeak RSS: {peak / 2**30:.2f} GiB")
     write_json(args.out, {"environment": env, "args": vars(args), "copy_bandwidth_GBps":
                           [bandwidth_start / 1e9, bandwidth_end / 1e9], "decode": decode, "prefill": prefill,
+                          "elementwise": elementwise,
                           "peak_rss_bytes": peak})
 
 
