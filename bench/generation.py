@@ -25,6 +25,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, LogitsProcessor, LogitsP
 from bench.common import copy_bandwidth, gemm_rate, median_seconds, print_environment, print_table, write_json
 from hybrid_engine import Generator, PagedKVCache, from_hf
 from hybrid_engine.generation import Run
+from hybrid_engine.models import prepack
 
 # Real configurations (hard-coded: nothing is downloaded); weights are random.
 MODELS = {
@@ -122,7 +123,7 @@ def decode_weights(model) -> list[torch.Tensor]:
 def decode_floor(model, args, dtype: torch.dtype) -> dict:
     """Lower bounds of one decode step at the mean context length, from rates measured now; plus the
     measured time of multiplying [batch, in] by every weight matrix once (streaming weights, the
-    GEMM part no implementation avoids)."""
+    GEMM part of a step), with F.linear and with prepacked weights."""
     weights = decode_weights(model)
     weight_bytes = sum(w.numel() * w.element_size() for w in weights)
     context = args.prompt_len + args.new_tokens / 2
@@ -134,11 +135,14 @@ def decode_floor(model, args, dtype: torch.dtype) -> dict:
     rate = gemm_rate(args.batch, model.config.hidden_size, ffn, dtype)
     inputs = {w.shape[1]: torch.randn(args.batch, w.shape[1]).to(dtype) for w in weights}
     gemm_pass = median_seconds(lambda: [F.linear(inputs[w.shape[1]], w) for w in weights], repeat=3)
+    packed = [prepack.PackedWeight() for _ in weights]
+    packed_pass = median_seconds(lambda: [prepack.linear(inputs[w.shape[1]], w, None, "none", p)
+                                          for w, p in zip(weights, packed)], repeat=3)
     memory_ms, compute_ms = (weight_bytes + kv_bytes) / bandwidth * 1e3, flops / rate * 1e3
     return {"weight_bytes": weight_bytes, "kv_bytes_mean": kv_bytes, "copy_bandwidth_gbs": bandwidth / 1e9,
             "decode_flops": flops, "gemm_gflops": rate / 1e9, "memory_floor_ms": memory_ms,
             "compute_floor_ms": compute_ms, "floor_ms": max(memory_ms, compute_ms),
-            "weights_gemm_pass_ms": gemm_pass * 1e3}
+            "weights_gemm_pass_ms": gemm_pass * 1e3, "weights_gemm_pass_prepacked_ms": packed_pass * 1e3}
 
 
 def parse_args() -> argparse.Namespace:
