@@ -49,12 +49,27 @@ hybrid_engine::Split split_from(const std::string& name) {
   throw py::value_error("split must be 'replicated', 'column' or 'row', got '" + name + "'");
 }
 
-using SourceTuple = std::tuple<int64_t, int64_t, std::string, int64_t, int64_t>;
+// (rows, cols, split, dst_tensor, dst_row[, row_begin, row_end]); without a row range, the whole slice.
+hybrid_engine::SourceLayout layout_from(const py::tuple& t) {
+  if (t.size() != 5 && t.size() != 7) {
+    throw py::value_error("a source is (rows, cols, split, dst_tensor, dst_row[, row_begin, row_end]), got " +
+                          std::to_string(t.size()) + " fields");
+  }
+  auto field = [&](size_t i) { return t[i].cast<int64_t>(); };
+  hybrid_engine::Split split = split_from(t[2].cast<std::string>());
+  int64_t row_end = t.size() == 7 ? field(6) : -1;
+  return {field(0), field(1), split, field(3), field(4), t.size() == 7 ? field(5) : 0, row_end};
+}
 
-ReshardPlan make_plan(const std::vector<SourceTuple>& sources, int64_t world_size, int64_t tp_size, int64_t rank) {
+ReshardPlan make_plan(const std::vector<py::tuple>& sources, int64_t world_size, int64_t tp_size, int64_t rank) {
   std::vector<hybrid_engine::SourceLayout> layouts;
-  for (const auto& [rows, cols, split, dst_tensor, dst_row] : sources) {
-    layouts.push_back({rows, cols, split_from(split), dst_tensor, dst_row});
+  for (const py::tuple& source : sources) {
+    hybrid_engine::SourceLayout layout = layout_from(source);
+    if (layout.row_end < 0) {  // the whole slice: all rows, or a 1/tp_size share for column-parallel sources
+      layout.row_end = layout.split == hybrid_engine::Split::kColumn && layout.rows % tp_size == 0
+                           ? layout.rows / tp_size : layout.rows;
+    }
+    layouts.push_back(layout);
   }
   return ReshardPlan(std::move(layouts), world_size, tp_size, rank);
 }
@@ -101,7 +116,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   py::class_<ReshardPlan>(m, "ReshardPlan",
                           "Copy plan of one rank from the ZeRO-3 layout to tensor-parallel slices (see hybrid_engine.reshard).")
       .def(py::init(&make_plan), py::arg("sources"), py::arg("world_size"), py::arg("tp_size"), py::arg("rank"),
-           "sources: list of (rows, cols, split, dst_tensor, dst_row), split in {'replicated', 'column', 'row'}.")
+           "sources: list of (rows, cols, split, dst_tensor, dst_row[, row_begin, row_end]), split in "
+           "{'replicated', 'column', 'row'}; the row range (of the rank's slice) defaults to all of it.")
       .def("send_counts", &ReshardPlan::send_counts, "int64 [world_size]: elements this rank sends to each peer.")
       .def("recv_counts", &ReshardPlan::recv_counts, "int64 [world_size]: elements this rank receives from each peer.")
       .def("shard_numel", &ReshardPlan::shard_numel, py::arg("source"))

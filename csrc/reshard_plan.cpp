@@ -81,6 +81,9 @@ ReshardPlan::ReshardPlan(std::vector<SourceLayout> sources, int64_t world_size, 
     TORCH_CHECK(s.split != Split::kRow || s.cols % tp_size == 0, "reshard: source ", i, " is row-parallel but its ",
                 s.cols, " columns are not divisible by tp_size ", tp_size);
     TORCH_CHECK(s.dst_tensor >= 0 && s.dst_row >= 0, "reshard: source ", i, " has a negative destination");
+    const int64_t slice_rows = s.split == Split::kColumn ? s.rows / tp_size : s.rows;
+    TORCH_CHECK(0 <= s.row_begin && s.row_begin < s.row_end && s.row_end <= slice_rows, "reshard: source ", i,
+                " row range [", s.row_begin, ", ", s.row_end, ") is outside its slice's ", slice_rows, " rows");
   }
   sends_.resize(world_size);
   recvs_.resize(world_size);
@@ -94,19 +97,22 @@ int64_t ReshardPlan::shard_numel(int64_t source) const {
   return (s.rows * s.cols + world_size_ - 1) / world_size_;
 }
 
-// The flat element runs of a source that TP rank tp_rank needs, and where each lands.
+// The flat element runs of rows [row_begin, row_end) of the slice TP rank tp_rank needs, and
+// where each lands.
 std::vector<ReshardPlan::Run> ReshardPlan::needed_runs(const SourceLayout& s, int64_t tp_rank) const {
+  const int64_t rows = s.row_end - s.row_begin;
   switch (s.split) {
     case Split::kReplicated:
-      return {{0, s.rows * s.cols, s.dst_row * s.cols}};
+      return {{s.row_begin * s.cols, rows * s.cols, (s.dst_row + s.row_begin) * s.cols}};
     case Split::kColumn: {
-      int64_t rows = s.rows / tp_size_;
-      return {{tp_rank * rows * s.cols, rows * s.cols, s.dst_row * s.cols}};
+      int64_t first = tp_rank * (s.rows / tp_size_) + s.row_begin;
+      return {{first * s.cols, rows * s.cols, (s.dst_row + s.row_begin) * s.cols}};
     }
     case Split::kRow: {
       int64_t cols = s.cols / tp_size_;
-      std::vector<Run> runs(s.rows);
-      for (int64_t r = 0; r < s.rows; ++r) runs[r] = {r * s.cols + tp_rank * cols, cols, (s.dst_row + r) * cols};
+      std::vector<Run> runs;
+      runs.reserve(rows);
+      for (int64_t r = s.row_begin; r < s.row_end; ++r) runs.push_back({r * s.cols + tp_rank * cols, cols, (s.dst_row + r) * cols});
       return runs;
     }
   }

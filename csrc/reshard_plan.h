@@ -12,12 +12,16 @@ enum class Split : int64_t { kReplicated = 0, kColumn = 1, kRow = 2 };
 // One source tensor of the training model, viewed as [rows, cols] (1-D tensors: cols = 1), and
 // where its tensor-parallel slice lands: tensor dst_tensor, starting at dst_row of that rank's
 // packed inference tensor (packed tensors concatenate their sources' slices along dim 0).
+// Only rows [row_begin, row_end) of the slice are moved, so that a tensor larger than a bucket
+// can be spread over several buckets.
 struct SourceLayout {
   int64_t rows;
   int64_t cols;
   Split split;
   int64_t dst_tensor;
   int64_t dst_row;
+  int64_t row_begin;
+  int64_t row_end;
 };
 
 // A run of elements copied from one rank's ZeRO-3 shard of source `source` into one rank's

@@ -9,6 +9,7 @@ it needs and does not hold. Whole weights (a plain module, ZeRO stages 0-2) are 
 """
 import math
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -64,12 +65,31 @@ class TritonPlan:
             copy_runs(recv, dsts[dst].view(-1), chunks)
 
 
+@dataclass(frozen=True)
+class Piece:
+    """Rows [row_begin, row_end) of one source's TP slice, landing in inference tensor `name`
+    whose rows from dst_row on hold that slice."""
+    name: str
+    source: WeightSource
+    dst_row: int
+    row_begin: int
+    row_end: int
+    bytes: int
+
+
 @dataclass
 class Bucket:
-    names: list[str]               # inference tensors filled by this bucket, in plan order
-    sources: list[WeightSource]    # their sources, in plan order
+    names: list[str]               # inference tensors filled by this bucket
+    sources: list[WeightSource]    # the source of each piece, in plan order
     plan: ReshardPlan
     triton_plan: TritonPlan | None = None
+
+    @classmethod
+    def build(cls, pieces: list[Piece], world: int, tp_size: int, rank: int) -> "Bucket":
+        names = list(dict.fromkeys(p.name for p in pieces))
+        layouts = [(p.source.shape[0], math.prod(p.source.shape[1:]), p.source.split, names.index(p.name), p.dst_row,
+                    p.row_begin, p.row_end) for p in pieces]
+        return cls(names, [p.source for p in pieces], ReshardPlan(layouts, world, tp_size, rank))
 
     def executor(self, device: torch.device, world: int) -> ReshardPlan | TritonPlan:
         """The C++ plan for CPU tensors; Triton for GPU tensors (or when forced, as tests do)."""
@@ -137,30 +157,33 @@ class Resharder:
         world, rank = self._world()
         if world % self.tp_size:
             raise ValueError(f"tp_size={self.tp_size} must divide the world size {world}")
-        buckets, names, sources, size = [], [], [], 0
+        buckets, pieces, size = [], [], 0
         for name, entry in self.weight_map.items():
             for source in entry:
                 self._check_zero3_layout(source, self._param(source), world)
-            entry_bytes = sum(math.prod(s.shape) * self._param(s).ds_tensor.element_size() for s in entry)
-            if names and size + entry_bytes > self.bucket_bytes:
-                buckets.append(self._bucket(names, sources, world, rank))
-                names, sources, size = [], [], 0
-            names.append(name)
-            sources.extend(entry)
-            size += entry_bytes
-        if names:
-            buckets.append(self._bucket(names, sources, world, rank))
+            for piece in self._pieces(name, entry):
+                if pieces and size + piece.bytes > self.bucket_bytes:
+                    buckets.append(Bucket.build(pieces, world, self.tp_size, rank))
+                    pieces, size = [], 0
+                pieces.append(piece)
+                size += piece.bytes
+        if pieces:
+            buckets.append(Bucket.build(pieces, world, self.tp_size, rank))
         return buckets
 
-    def _bucket(self, names: list[str], sources: list[WeightSource], world: int, rank: int) -> Bucket:
-        layouts = []
-        for index, name in enumerate(names):
-            row = 0
-            for source in self.weight_map[name]:
-                rows, cols = source.shape[0], math.prod(source.shape[1:])
-                layouts.append((rows, cols, source.split, index, row))
-                row += rows // self.tp_size if source.split == "column" else rows
-        return Bucket(list(names), list(sources), ReshardPlan(layouts, world, self.tp_size, rank))
+    def _pieces(self, name: str, entry: list[WeightSource]) -> Iterator[Piece]:
+        """Each source's slice in runs of rows small enough for one bucket. A row's bytes count
+        every TP rank's share for column-parallel sources (peers need those rows of my shard too)."""
+        dst_row = 0
+        for source in entry:
+            slice_rows = source.shard_shape(self.tp_size)[0]
+            share = self.tp_size if source.split == "column" else 1
+            row_bytes = math.prod(source.shape[1:]) * self._param(source).ds_tensor.element_size() * share
+            step = max(1, self.bucket_bytes // row_bytes)
+            for begin in range(0, slice_rows, step):
+                end = min(begin + step, slice_rows)
+                yield Piece(name, source, dst_row, begin, end, (end - begin) * row_bytes)
+            dst_row += slice_rows
 
     @torch.no_grad()
     def reshard(self, targets: dict[str, torch.Tensor]) -> ReshardStats:

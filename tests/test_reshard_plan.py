@@ -123,6 +123,8 @@ def test_world_2_tp_2_moves_no_column_bytes_and_a_quarter_of_row_bytes():
     ([(4, 4, "row", 0, 0)], 3, 2, "must be >= 1 and divide world_size"),
     ([(4, 4, "row", 0, 0)], 2, 2, "rank 2 is outside"),
     ([(0, 4, "row", 0, 0)], 2, 2, "has shape"),
+    ([(8, 4, "column", 0, 0, 2, 5)], 2, 2, r"row range \[2, 5\) is outside its slice's 4 rows"),
+    ([(8, 4, "row", 0, 0, 3, 3)], 2, 2, r"row range \[3, 3\)"),
 ])
 def test_bad_plans_raise(sources, world, tp, match):
     rank = 2 if "rank 2" in match else 0
@@ -130,9 +132,30 @@ def test_bad_plans_raise(sources, world, tp, match):
         ReshardPlan(sources, world, tp, rank)
 
 
+def test_row_ranges_split_one_plan_into_several():
+    """Pieces of rows, as the resharder cuts tensors larger than a bucket, move the same bytes."""
+    full = torch.randn(12, 6)
+    for split in ("replicated", "column", "row"):
+        slice_rows = 6 if split == "column" else 12
+        for rank in range(2):
+            whole = ReshardPlan([(12, 6, split, 0, 0)], 2, 2, rank)
+            pieces = [ReshardPlan([(12, 6, split, 0, 0, b, min(b + 5, slice_rows))], 2, 2, rank)
+                      for b in range(0, slice_rows, 5)]
+            assert int(whole.recv_counts().sum()) == sum(int(p.recv_counts().sum()) for p in pieces)
+            shard = zero3_shards(full, 2)[rank]
+            got, want = torch.full((slice_rows, 6 // (2 if split == "row" else 1)), float("nan")), None
+            want = got.clone()
+            whole.copy_local([shard], [want])
+            for p in pieces:
+                p.copy_local([shard], [got])
+            assert torch.equal(got.isnan(), want.isnan()) and torch.equal(got.nan_to_num(), want.nan_to_num())
+
+
 def test_bad_split_name_and_bad_buffers_raise():
     with pytest.raises(ValueError, match="split must be"):
         ReshardPlan([(4, 4, "rows", 0, 0)], 2, 2, 0)
+    with pytest.raises(ValueError, match="got 6 fields"):
+        ReshardPlan([(4, 4, "row", 0, 0, 1)], 2, 2, 0)
     plan = ReshardPlan([(4, 4, "row", 0, 0)], 2, 2, 0)
     shard = torch.randn(8)
     with pytest.raises(RuntimeError, match="expected 1 shards"):

@@ -69,6 +69,8 @@ def zero3_worker(rank: int, world: int, family: str, tp: int, dtype: torch.dtype
                                                                for s in sources]).to(dtype))]
     element_size = min(torch.finfo(dtype).bits, 32) // 8
     return {"mismatched": mismatched, "received": (first, second), "buckets": resharder.stats.buckets,
+            "peak_buffer_bytes": resharder.stats.peak_buffer_bytes, "largest_source_bytes": max(
+                math.prod(s.shape) * 4 for sources in wmap.values() for s in sources),
             "minimum": analytic_minimum(wmap, world, rank, tp, element_size)}
 
 
@@ -80,6 +82,8 @@ def test_zero3_reshard_equals_gathered_slices(family, world, tp, dtype, backend)
     for rank, r in enumerate(run_ranks(world, zero3_worker, family, tp, dtype, backend)):
         assert r["mismatched"] == [], f"rank {rank}"
         assert r["buckets"] > 1
+        # Send + receive buffers of one 8 KiB bucket, though the largest tensor is several times that.
+        assert r["largest_source_bytes"] > 4 * (8 << 10) and r["peak_buffer_bytes"] <= 2 * (8 << 10)
         assert r["received"] == (r["minimum"], r["minimum"]), f"rank {rank}"
 
 
