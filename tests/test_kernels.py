@@ -226,7 +226,9 @@ def test_auto_backend_on_cpu():
 def test_use_backend_is_scoped_and_checked():
     with kernels.use_backend("reference"):
         assert kernels._backend("silu_and_mul", torch.device("cpu")) == "reference"
-    assert kernels._backend("silu_and_mul", torch.device("cpu")) == "torch"
+    assert kernels._backend("silu_and_mul", torch.device("cpu")) == "cpp"
+    assert kernels._backend("add_rms_norm", torch.device("cpu")) == "cpp"
+    assert kernels._backend("linear_act", torch.device("cpu")) == "torch"
     with pytest.raises(ValueError, match="backend"):
         with kernels.use_backend("cuda"):
             pass

@@ -4,14 +4,14 @@ Each function validates its inputs (a ValueError naming the argument; no bad ind
 a kernel), then dispatches by the device of the inputs:
 
 - CUDA tensors: Triton kernels (`hybrid_engine.kernels.triton`, imported on first use).
-- CPU tensors: the C++ kernels `torch.ops.hybrid_engine.decode_attention/prefill_attention`
-  when the extension has them, the float32 reference for attention otherwise; every other op
-  runs plain torch in the inputs' own dtype (`native`). CPU dtypes: float32 and bfloat16
+- CPU tensors: the C++ kernels in `torch.ops.hybrid_engine` (attention, fused add+norm,
+  silu_and_mul) when the extension has them, the float32 reference for attention otherwise;
+  the other ops run plain torch in the inputs' own dtype (`native`). CPU dtypes: float32 and bfloat16
   (float16 matrix work on the CPU is about 1000x slower, so it is rejected).
 
 `use_backend(name)` forces a path inside a `with` block (per thread/task, via a ContextVar):
-"triton" (also on CPU tensors: that is how tests run the Triton interpreter), "cpp" (CPU
-attention only; RuntimeError for other ops), "torch" (`native`; `reference` for attention),
+"triton" (also on CPU tensors: that is how tests run the Triton interpreter), "cpp" (CPU ops
+with a C++ kernel; RuntimeError for the others), "torch" (`native`; `reference` for attention),
 "reference", or "auto" (the default described above):
 
     with kernels.use_backend("triton"):   # TRITON_INTERPRET=1 must be set before triton loads
@@ -35,7 +35,10 @@ from hybrid_engine.kernels import native, reference
 from hybrid_engine.kernels import validate as check
 
 BACKENDS = ("auto", "triton", "cpp", "torch", "reference")
-_CPP_OPS = ("decode_attention", "prefill_attention")
+# Public op -> its C++ kernel in torch.ops.hybrid_engine (only where it measurably beats torch: see
+# the numbers in csrc/cpu/ops.h).
+_CPP_OPS = {"decode_attention": "decode_attention", "prefill_attention": "prefill_attention",
+            "add_layer_norm": "add_norm", "add_rms_norm": "add_norm", "silu_and_mul": "silu_and_mul"}
 _backend_override = contextvars.ContextVar("hybrid_engine_kernels_backend", default="auto")
 
 __all__ = [
@@ -68,7 +71,7 @@ def _has_cpp(op: str) -> bool:
 
 def _backend(op: str, device: torch.device) -> str:
     forced = _backend_override.get()
-    has_cpp = op in _CPP_OPS and _has_cpp(op)
+    has_cpp = op in _CPP_OPS and _has_cpp(_CPP_OPS[op])
     if forced == "auto":
         return "triton" if device.type == "cuda" else "cpp" if has_cpp else "torch"
     if forced == "cpp" and not (has_cpp and device.type == "cpu"):
@@ -190,6 +193,8 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"x must have an even last dimension [..., 2I], got shape {tuple(x.shape)}")
     if backend == "triton":
         return _triton("silu_and_mul").silu_and_mul(x)
+    if backend == "cpp":
+        return torch.ops.hybrid_engine.silu_and_mul(x.contiguous())
     return (reference if backend == "reference" else native).silu_and_mul(x)
 
 
@@ -234,6 +239,11 @@ def _add_norm(backend: str, x: torch.Tensor, residual: torch.Tensor | None, weig
               bias: torch.Tensor | None, eps: float, rms: bool) -> tuple[torch.Tensor, torch.Tensor]:
     if backend == "triton":
         return _triton("add_norm").add_norm(x, residual, weight, bias, float(eps), rms)
+    if backend == "cpp":
+        x, weight = _contiguous(x, weight)
+        residual, bias = (None if t is None else t.contiguous() for t in (residual, bias))
+        out, new_residual = torch.ops.hybrid_engine.add_norm(x, residual, weight, bias, float(eps), rms)
+        return out, x if residual is None else new_residual
     impl = reference if backend == "reference" else native
     if rms:
         return impl.add_rms_norm(x, residual, weight, eps)
