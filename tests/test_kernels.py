@@ -226,9 +226,11 @@ def test_auto_backend_on_cpu():
 def test_use_backend_is_scoped_and_checked():
     with kernels.use_backend("reference"):
         assert kernels._backend("silu_and_mul", torch.device("cpu")) == "reference"
-    assert kernels._backend("silu_and_mul", torch.device("cpu")) == "cpp"
-    assert kernels._backend("add_rms_norm", torch.device("cpu")) == "cpp"
-    assert kernels._backend("linear_act", torch.device("cpu")) == "torch"
+    assert kernels._backend("silu_and_mul", torch.device("cpu")) == "torch"
+    assert kernels._backend("add_rms_norm", torch.device("cpu")) == "torch"
+    assert kernels._backend("decode_attention", torch.device("cpu")) == "cpp"
+    with kernels.use_backend("cpp"):
+        assert kernels._backend("add_rms_norm", torch.device("cpu")) == "cpp"
     with pytest.raises(ValueError, match="backend"):
         with kernels.use_backend("cuda"):
             pass
@@ -250,3 +252,23 @@ def test_bfloat16_matmul_rejected_by_interpreter():
     with kernels.use_backend("triton"), pytest.raises(ValueError, match="bfloat16"):
         kernels.linear_act(torch.randn(2, 16, dtype=torch.bfloat16), torch.randn(16, 16, dtype=torch.bfloat16),
                            None, "none")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("with_residual", [True, False])
+def test_forced_cpp_norms_and_silu_match_reference(dtype, with_residual):
+    torch.manual_seed(5)
+    x, residual = torch.randn(7, 96).to(dtype), torch.randn(7, 96).to(dtype) if with_residual else None
+    weight, bias, gate_up = torch.randn(96).to(dtype), torch.randn(96).to(dtype), torch.randn(5, 2 * 48).to(dtype)
+    tol = {"atol": 2e-2, "rtol": 2e-2} if dtype == torch.bfloat16 else {"atol": 1e-5, "rtol": 1e-5}
+    with kernels.use_backend("cpp"):
+        layer = kernels.add_layer_norm(x, residual, weight, bias, 1e-5)
+        rms = kernels.add_rms_norm(x, residual, weight, 1e-6)
+        silu = kernels.silu_and_mul(gate_up)
+    for got, want in ((layer, reference.add_layer_norm(x, residual, weight, bias, 1e-5)),
+                      (rms, reference.add_rms_norm(x, residual, weight, 1e-6))):
+        torch.testing.assert_close(got[0], want[0], **tol)
+        torch.testing.assert_close(got[1], want[1], **tol)
+    if not with_residual:
+        assert layer[1] is x and rms[1] is x
+    torch.testing.assert_close(silu, reference.silu_and_mul(gate_up), **tol)

@@ -4,9 +4,10 @@ Each function validates its inputs (a ValueError naming the argument; no bad ind
 a kernel), then dispatches by the device of the inputs:
 
 - CUDA tensors: Triton kernels (`hybrid_engine.kernels.triton`, imported on first use).
-- CPU tensors: the C++ kernels in `torch.ops.hybrid_engine` (attention, fused add+norm,
-  silu_and_mul) when the extension has them, the float32 reference for attention otherwise;
-  the other ops run plain torch in the inputs' own dtype (`native`). CPU dtypes: float32 and bfloat16
+- CPU tensors: the C++ attention kernels in `torch.ops.hybrid_engine` when the extension has
+  them, the float32 reference for attention otherwise; the other ops run plain torch in the
+  inputs' own dtype (`native`; C++ norm and silu kernels exist but lose inside a model, see
+  `_CPP_OPS`). CPU dtypes: float32 and bfloat16
   (float16 matrix work on the CPU is about 1000x slower, so it is rejected).
 
 `use_backend(name)` forces a path inside a `with` block (per thread/task, via a ContextVar):
@@ -35,10 +36,14 @@ from hybrid_engine.kernels import native, reference
 from hybrid_engine.kernels import validate as check
 
 BACKENDS = ("auto", "triton", "cpp", "torch", "reference")
-# Public op -> its C++ kernel in torch.ops.hybrid_engine (only where it measurably beats torch: see
-# the numbers in csrc/cpu/ops.h).
+# Public op -> its C++ kernel in torch.ops.hybrid_engine. "auto" takes only the attention kernels:
+# the fused norm and silu_and_mul kernels win alone (csrc/cpu/ops.h) but not in a model. OPT-125m,
+# batch 16, prompt 256 (2026-11-26): C++ norms made prefill 4.8 s vs 2.9 s (fp32) and 2.8 s vs
+# 0.8 s (bf16), decode 76-81 vs 70 ms/step; C++ silu_and_mul left a LLaMA decode step unchanged.
+# They stay reachable through use_backend("cpp").
 _CPP_OPS = {"decode_attention": "decode_attention", "prefill_attention": "prefill_attention",
             "add_layer_norm": "add_norm", "add_rms_norm": "add_norm", "silu_and_mul": "silu_and_mul"}
+_CPP_BY_DEFAULT = ("decode_attention", "prefill_attention")
 _backend_override = contextvars.ContextVar("hybrid_engine_kernels_backend", default="auto")
 
 __all__ = [
@@ -73,7 +78,7 @@ def _backend(op: str, device: torch.device) -> str:
     forced = _backend_override.get()
     has_cpp = op in _CPP_OPS and _has_cpp(_CPP_OPS[op])
     if forced == "auto":
-        return "triton" if device.type == "cuda" else "cpp" if has_cpp else "torch"
+        return "triton" if device.type == "cuda" else "cpp" if has_cpp and op in _CPP_BY_DEFAULT else "torch"
     if forced == "cpp" and not (has_cpp and device.type == "cpu"):
         raise RuntimeError(f"{op} has no C++ kernel for {device.type} tensors in this build of hybrid_engine._C")
     return forced
