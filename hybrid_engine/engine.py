@@ -90,9 +90,9 @@ class HybridEngine:
         return self
 
     def train(self) -> "HybridEngine":
-        """Give back the inference weights, the KV cache and the exchange buffers."""
+        """Give back the inference weights and the KV cache. The resharder's two exchange buffers
+        (at most one bucket each) stay for the next iteration; `resharder.release()` frees them."""
         self.model = self.generator = None
-        self.resharder.release()
         return_freed_memory()
         return self
 
