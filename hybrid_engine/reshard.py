@@ -161,7 +161,7 @@ class Resharder:
         for name, entry in self.weight_map.items():
             for source in entry:
                 self._check_zero3_layout(source, self._param(source), world)
-            for piece in self._pieces(name, entry):
+            for piece in self._pieces(name, entry, world):
                 if pieces and size + piece.bytes > self.bucket_bytes:
                     buckets.append(Bucket.build(pieces, world, self.tp_size, rank))
                     pieces, size = [], 0
@@ -171,19 +171,19 @@ class Resharder:
             buckets.append(Bucket.build(pieces, world, self.tp_size, rank))
         return buckets
 
-    def _pieces(self, name: str, entry: list[WeightSource]) -> Iterator[Piece]:
-        """Each source's slice in runs of rows small enough for one bucket. A row's bytes count
-        every TP rank's share for column-parallel sources (peers need those rows of my shard too)."""
+    def _pieces(self, name: str, entry: list[WeightSource], world: int) -> Iterator[Piece]:
+        """Each source's slice in runs of rows small enough for one bucket. A rank receives at most
+        the piece's slice rows and sends at most that much to each of the other world - 1 ranks;
+        every rank must cut the same pieces, so the bound cannot depend on the rank."""
         dst_row = 0
         for source in entry:
-            slice_rows = source.shard_shape(self.tp_size)[0]
-            share = self.tp_size if source.split == "column" else 1
-            row_bytes = math.prod(source.shape[1:]) * self._param(source).ds_tensor.element_size() * share
+            rows, cols = source.shard_shape(self.tp_size)[0], math.prod(source.shard_shape(self.tp_size)[1:])
+            row_bytes = cols * self._param(source).ds_tensor.element_size() * max(1, world - 1)
             step = max(1, self.bucket_bytes // row_bytes)
-            for begin in range(0, slice_rows, step):
-                end = min(begin + step, slice_rows)
+            for begin in range(0, rows, step):
+                end = min(begin + step, rows)
                 yield Piece(name, source, dst_row, begin, end, (end - begin) * row_bytes)
-            dst_row += slice_rows
+            dst_row += rows
 
     @torch.no_grad()
     def reshard(self, targets: dict[str, torch.Tensor]) -> ReshardStats:
