@@ -189,20 +189,18 @@ void ReshardPlan::pack(const std::vector<at::Tensor>& shards, at::Tensor& send) 
   const int64_t total = send_counts().sum().item<int64_t>();
   TORCH_CHECK(send.device().is_cpu() && send.is_contiguous() && send.dim() == 1 && send.numel() >= total,
               "reshard: send buffer must be a contiguous 1-D CPU tensor of at least ", total, " elements");
-  TORCH_CHECK(shards.empty() || send.scalar_type() == shards[0].scalar_type(), "reshard: send buffer dtype ",
-              send.scalar_type(), " differs from the shards' ", shards[0].scalar_type());
-  const int64_t elem = send.element_size();
-  std::vector<std::tuple<const char*, char*, int64_t>> copies;
-  char* out = static_cast<char*>(send.data_ptr());
+  if (shards.empty()) return;
+  const int64_t elem = shards[0].element_size();
+  std::vector<Copy> copies;
+  int64_t offset = 0;
   for (const auto& peer : sends_) {
     for (const Segment& s : peer) {
-      copies.emplace_back(static_cast<const char*>(shards[s.source].data_ptr()) + s.src_offset * elem, out, s.length * elem);
-      out += s.length * elem;
+      copies.push_back({static_cast<const char*>(shards[s.source].data_ptr()) + s.src_offset * elem, 0, offset, s.length});
+      offset += s.length;
     }
   }
-  at::parallel_for(0, static_cast<int64_t>(copies.size()), 16, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) std::memcpy(std::get<1>(copies[i]), std::get<0>(copies[i]), std::get<2>(copies[i]));
-  });
+  std::vector<at::Tensor> out{send};
+  run_copies(copies, shards[0].scalar_type(), out);
 }
 
 void ReshardPlan::unpack(const at::Tensor& recv, std::vector<at::Tensor>& dsts) const {

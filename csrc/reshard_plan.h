@@ -50,7 +50,7 @@ class ReshardPlan {
   const std::vector<Segment>& recvs(int64_t peer) const { return recvs_.at(peer); }
   const std::vector<Segment>& local() const { return local_; }
 
-  // send: 1-D, shards' dtype, sum(send_counts) elements, peers in rank order.
+  // send: 1-D, any float dtype (converted while packing), sum(send_counts) elements, peers in rank order.
   void pack(const std::vector<at::Tensor>& shards, at::Tensor& send) const;
   // recv: 1-D, laid out like the peers' send buffers; dsts: inference tensors (any float dtype).
   void unpack(const at::Tensor& recv, std::vector<at::Tensor>& dsts) const;

@@ -12,6 +12,7 @@ rank keeps its own rows.
 """
 import ctypes
 import ctypes.util
+import functools
 import time
 
 import torch
@@ -23,15 +24,21 @@ from hybrid_engine.models.registry import empty_model, model_class, weight_map
 from hybrid_engine.reshard import Resharder, new_tp_group
 
 
+@functools.cache
+def _malloc_trim():
+    """glibc's malloc_trim, or None (find_library runs a subprocess: look it up once)."""
+    name = ctypes.util.find_library("c")
+    return getattr(ctypes.CDLL(name), "malloc_trim", None) if name else None
+
+
 def return_freed_memory() -> None:
     """Hand freed memory back to the system so training can use it: torch's CUDA cache, and on
     glibc the heap, which otherwise keeps large freed blocks (its mmap threshold grows with them)."""
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-    libc_name = ctypes.util.find_library("c")
-    libc = ctypes.CDLL(libc_name) if libc_name else None
-    if libc is not None and hasattr(libc, "malloc_trim"):
-        libc.malloc_trim(0)
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
 
 
 def unwrap(actor: nn.Module) -> nn.Module:

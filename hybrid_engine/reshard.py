@@ -10,7 +10,7 @@ it needs and does not hold. Whole weights (a plain module, ZeRO stages 0-2) are 
 import math
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -107,7 +107,6 @@ class ReshardStats:
     bytes_sent: int = 0
     peak_buffer_bytes: int = 0
     buckets: int = 0
-    per_call: list = field(default_factory=list)
 
 
 class Resharder:
@@ -199,22 +198,21 @@ class Resharder:
             received += self._merge_adapters(targets)
         self.stats.seconds, self.stats.bytes_received, self.stats.bytes_sent = time.perf_counter() - start, received, sent
         self.stats.buckets = len(self.buckets)
-        self.stats.per_call.append({"seconds": self.stats.seconds, "bytes_received": received, "bytes_sent": sent})
         return self.stats
 
     def _run(self, bucket: Bucket, targets: dict[str, torch.Tensor]) -> tuple[int, int]:
         dsts = [targets[name] for name in bucket.names]
         shards = [self._param(s).ds_tensor.view(-1) for s in bucket.sources]
-        if dsts[0].element_size() < shards[0].element_size():
-            # Convert before sending: the same rounding as after, for fewer bytes on the wire.
-            shards = [shard.to(dsts[0].dtype) for shard in shards]
         self._check_targets(bucket.names, dsts, shards[0].device)
+        # The wire carries the narrower of the two dtypes: pack converts (the same rounding as after).
+        wire = min(shards[0], dsts[0], key=lambda t: t.element_size())
         send_counts, recv_counts = bucket.plan.send_counts(), bucket.plan.recv_counts()
-        send = self._buffer("send_buffer", int(send_counts.sum()), shards[0])
-        recv = self._buffer("recv_buffer", int(recv_counts.sum()), shards[0])
-        executor = bucket.executor(shards[0].device, self._world()[0])
+        send = self._buffer("send_buffer", int(send_counts.sum()), wire)
+        recv = self._buffer("recv_buffer", int(recv_counts.sum()), wire)
+        world = self._world()[0]
+        executor = bucket.executor(shards[0].device, world)
         executor.pack(shards, send)
-        if self._world()[0] > 1:
+        if world > 1:
             dist.all_to_all_single(recv, send, recv_counts.tolist(), send_counts.tolist(), group=self.group)
         executor.copy_local(shards, dsts)
         executor.unpack(recv, dsts)

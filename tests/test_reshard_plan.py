@@ -195,3 +195,17 @@ def test_triton_plan_matches_cpp_plan(src_dtype, dst_dtype):
             executor.copy_local(shards[rank], out)
             executor.unpack(received[rank], out)
         assert all(torch.equal(g, w) for g, w in zip(got, want))
+
+
+def test_pack_converts_to_the_send_buffer_dtype():
+    """Packing fp32 shards into a bf16 buffer rounds exactly as converting afterwards does."""
+    torch.manual_seed(4)
+    fulls = [torch.randn(rows, cols) for _, (rows, cols), _ in OPT_LIKE]
+    sources = [(rows, cols, split, 0, 0) for _, (rows, cols), split in OPT_LIKE]
+    plan = ReshardPlan(sources, 2, 2, 0)
+    shards = [zero3_shards(f, 2)[0] for f in fulls]
+    wide = torch.empty(int(plan.send_counts().sum()))
+    narrow = torch.empty(int(plan.send_counts().sum()), dtype=torch.bfloat16)
+    plan.pack(shards, wide)
+    plan.pack(shards, narrow)
+    assert torch.equal(narrow, wide.to(torch.bfloat16))
