@@ -20,27 +20,14 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from transformers import LlamaConfig, LlamaForCausalLM, LogitsProcessor, LogitsProcessorList, OPTConfig, OPTForCausalLM
+from transformers import LogitsProcessor, LogitsProcessorList
 
+from bench.configs import DTYPES, MODELS, causal_lm
 from bench.common import copy_bandwidth, gemm_rate, median_seconds, print_environment, print_table, write_json
 from hybrid_engine import Generator, PagedKVCache, from_hf
 from hybrid_engine.generation import Run
 from hybrid_engine.models import prepack
 
-# Real configurations (hard-coded: nothing is downloaded); weights are random.
-MODELS = {
-    "opt-125m": lambda: OPTConfig(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, ffn_dim=3072,
-                                  vocab_size=50272, max_position_embeddings=2048, word_embed_proj_dim=768),
-    "opt-350m": lambda: OPTConfig(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, ffn_dim=4096,
-                                  vocab_size=50272, max_position_embeddings=2048, word_embed_proj_dim=512,
-                                  do_layer_norm_before=False),
-    "opt-1.3b": lambda: OPTConfig(hidden_size=2048, num_hidden_layers=24, num_attention_heads=32, ffn_dim=8192,
-                                  vocab_size=50272, max_position_embeddings=2048, word_embed_proj_dim=2048),
-    "llama-1.1b": lambda: LlamaConfig(hidden_size=2048, num_hidden_layers=22, num_attention_heads=32,
-                                      num_key_value_heads=4, intermediate_size=5632, vocab_size=32000,
-                                      max_position_embeddings=2048, rms_norm_eps=1e-5, tie_word_embeddings=False),
-}
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def status_bytes(field: str) -> int:
@@ -170,7 +157,7 @@ def main() -> None:
     env = print_environment()
     dtype = DTYPES[args.dtype]
     torch.manual_seed(0)
-    hf = (OPTForCausalLM if args.model.startswith("opt") else LlamaForCausalLM)(MODELS[args.model]()).eval()
+    hf = causal_lm(args.model).eval()
     hf.to(dtype)
     prompts = torch.randint(3, hf.config.vocab_size, (args.batch, args.prompt_len))
     mask = torch.ones_like(prompts)

@@ -8,7 +8,8 @@ import torch
 from transformers import AutoModelForCausalLM, OPTConfig
 
 from bench.common import print_environment
-from bench.generation import DTYPES, MODELS as REAL_MODELS, status_bytes
+from bench.configs import DTYPES, MODELS as REAL_MODELS
+from bench.generation import status_bytes
 from bench.launch import run_ranks
 from hybrid_engine.engine import return_freed_memory
 
