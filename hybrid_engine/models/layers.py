@@ -120,11 +120,13 @@ class RotaryEmbedding:
 
 
 class Attention(nn.Module):
-    """Packed QKV projection, optional RoPE, K/V written to the paged cache, varlen prefill or paged
+    """Packed QKV projection, optional per-head RMSNorm of queries and keys (Qwen3; when
+    qk_norm_eps is given), optional RoPE, K/V written to the paged cache, varlen prefill or paged
     decode attention, row-parallel output projection."""
 
     def __init__(self, hidden: int, num_heads: int, num_kv_heads: int, head_dim: int, qkv_bias: bool,
-                 out_bias: bool, tp: TensorParallel, factory: dict, rotary: RotaryEmbedding | None = None):
+                 out_bias: bool, tp: TensorParallel, factory: dict, rotary: RotaryEmbedding | None = None,
+                 qk_norm_eps: float | None = None):
         super().__init__()
         self.num_heads = tp.divide(num_heads, "num_attention_heads")
         self.num_kv_heads = tp.divide(num_kv_heads, "num_key_value_heads")
@@ -133,6 +135,9 @@ class Attention(nn.Module):
         self.split_sizes = [q_size, kv_size, kv_size]
         self.qkv = Linear(hidden, q_size + 2 * kv_size, qkv_bias, factory)
         self.out = RowParallelLinear(q_size, hidden, out_bias, tp, factory)
+        has_qk_norm = qk_norm_eps is not None
+        self.q_norm = Norm(head_dim, qk_norm_eps, True, factory) if has_qk_norm else None
+        self.k_norm = Norm(head_dim, qk_norm_eps, True, factory) if has_qk_norm else None
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, batch: AttentionBatch, k_cache: torch.Tensor,
                 v_cache: torch.Tensor) -> torch.Tensor:
@@ -140,6 +145,8 @@ class Attention(nn.Module):
         q = q.unflatten(-1, (self.num_heads, self.head_dim))
         k = k.unflatten(-1, (self.num_kv_heads, self.head_dim))
         v = v.unflatten(-1, (self.num_kv_heads, self.head_dim))
+        if self.q_norm is not None:
+            q, k = self.q_norm(q)[0], self.k_norm(k)[0]
         if self.rotary is not None:
             q, k = self.rotary(positions, q, k)
         kernels.write_kv(k, v, k_cache, v_cache, batch.slots)

@@ -1,7 +1,10 @@
-"""LLaMA (and checkpoints in its layout): RoPE, RMSNorm, SwiGLU through packed gate/up, grouped
-query attention, tied or untied embeddings."""
+"""LLaMA-shaped decoders: RoPE, RMSNorm, SwiGLU through packed gate/up, grouped query attention,
+tied or untied embeddings. LLaMA, Qwen2/Qwen2.5, Qwen3 and Mistral share this one graph and weight
+map; a family is a `Family` description of what its layers carry, not a module of its own."""
+from dataclasses import dataclass
+
 import torch
-from transformers import LlamaConfig
+from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 from hybrid_engine.models.base import CausalLM
@@ -14,8 +17,33 @@ from hybrid_engine.models.weights import WeightMap, linear_entries, norm_entries
 ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn")
 
 
+@dataclass(frozen=True)
+class Family:
+    """How a LLaMA-shaped family differs from LLaMA. None means "as the config's attention_bias"."""
+    qkv_bias: bool | None = None   # Qwen2: always biased Q/K/V projections
+    out_bias: bool | None = None   # Qwen2: never a bias on o_proj
+    qk_norm: bool = False          # Qwen3: RMSNorm over head_dim on each query and key head, before RoPE
+
+
 def head_dim(config: LlamaConfig) -> int:
     return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+def attention_biases(config, family: Family) -> tuple[bool, bool]:
+    """(bias on q/k/v, bias on the output projection)."""
+    default = getattr(config, "attention_bias", False)
+    return (default if family.qkv_bias is None else family.qkv_bias,
+            default if family.out_bias is None else family.out_bias)
+
+
+def sliding_window(config) -> int | None:
+    """The attention window of the config's sliding layers, None when every layer attends fully.
+    Mistral slides in every layer; Qwen2/Qwen3 name theirs in layer_types."""
+    window = getattr(config, "sliding_window", None)
+    layer_types = getattr(config, "layer_types", None)
+    if window is None or (layer_types is not None and "sliding_attention" not in layer_types):
+        return None
+    return window
 
 
 def rope_frequencies(config: LlamaConfig) -> tuple[torch.Tensor, float]:
@@ -35,10 +63,12 @@ def rope_frequencies(config: LlamaConfig) -> tuple[torch.Tensor, float]:
 
 class LlamaForInference(CausalLM):
     config_class = LlamaConfig
+    family = Family()
 
     def __init__(self, config: LlamaConfig, *args, **kwargs):
         if config.hidden_act != "silu":
-            raise ValueError(f"LLaMA hidden_act {config.hidden_act!r} is not supported; supported: 'silu'")
+            raise ValueError(f"{type(config).__name__} hidden_act {config.hidden_act!r} is not supported; "
+                             f"supported: 'silu'")
         self.rotary = None  # built in build_layer, once the dtype is known
         super().__init__(config, *args, **kwargs)
         c, f = config, self.factory
@@ -50,11 +80,19 @@ class LlamaForInference(CausalLM):
         c, f, tp = self.config, self.factory, self.tp
         if self.rotary is None:
             self.rotary = RotaryEmbedding(*rope_frequencies(c), c.max_position_embeddings, f)
-        attn = Attention(c.hidden_size, c.num_attention_heads, c.num_key_value_heads, head_dim(c), c.attention_bias,
-                         c.attention_bias, tp, f, self.rotary)
-        mlp = MLP(c.hidden_size, c.intermediate_size, "silu", True, c.mlp_bias, tp, f)
+        qk_norm_eps = c.rms_norm_eps if self.family.qk_norm else None
+        attn = Attention(c.hidden_size, c.num_attention_heads, c.num_key_value_heads, head_dim(c),
+                         *attention_biases(c, self.family), tp, f, self.rotary, qk_norm_eps)
+        mlp = MLP(c.hidden_size, c.intermediate_size, "silu", True, getattr(c, "mlp_bias", False), tp, f)
         norms = [Norm(c.hidden_size, c.rms_norm_eps, True, f) for _ in range(2)]
         return DecoderLayer(attn, mlp, *norms, pre_norm=True)
+
+    @property
+    def max_positions(self) -> int:
+        """Our attention kernels attend to the whole context, which equals sliding-window attention
+        only while a sequence fits in the window: longer ones are refused, never computed wrongly."""
+        window = sliding_window(self.config)
+        return min(self.config.max_position_embeddings, window or self.config.max_position_embeddings)
 
     def embed(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         return self.embed_tokens(input_ids)
@@ -70,21 +108,41 @@ class LlamaForInference(CausalLM):
         if not c.tie_word_embeddings:
             wmap["lm_head.weight"] = replicated("lm_head.weight", c.vocab_size, e)
         for i in range(c.num_hidden_layers):
-            wmap.update(llama_layer_entries(c, f"layers.{i}.", f"model.layers.{i}."))
+            wmap.update(layer_entries(c, cls.family, f"layers.{i}.", f"model.layers.{i}."))
         return wmap
 
 
-def llama_layer_entries(c: LlamaConfig, ours: str, hf: str) -> WeightMap:
+class Qwen2ForInference(LlamaForInference):
+    config_class = Qwen2Config
+    family = Family(qkv_bias=True, out_bias=False)
+
+
+class Qwen3ForInference(LlamaForInference):
+    config_class = Qwen3Config
+    family = Family(qk_norm=True)
+
+
+class MistralForInference(LlamaForInference):
+    config_class = MistralConfig
+
+
+def layer_entries(c: LlamaConfig, family: Family, ours: str, hf: str) -> WeightMap:
     e, d, inter = c.hidden_size, head_dim(c), c.intermediate_size
     q, kv = c.num_attention_heads * d, c.num_key_value_heads * d
     attn, mlp = hf + "self_attn.", hf + "mlp."
-    return {
+    qkv_bias, out_bias = attention_biases(c, family)
+    mlp_bias = getattr(c, "mlp_bias", False)
+    wmap = {
         **linear_entries(ours + "attn.qkv", [attn + "q_proj", attn + "k_proj", attn + "v_proj"], [q, kv, kv], e,
-                         "column", c.attention_bias),
-        **linear_entries(ours + "attn.out", [attn + "o_proj"], [e], q, "row", c.attention_bias),
+                         "column", qkv_bias),
+        **linear_entries(ours + "attn.out", [attn + "o_proj"], [e], q, "row", out_bias),
         **linear_entries(ours + "mlp.up", [mlp + "gate_proj", mlp + "up_proj"], [inter, inter], e, "column",
-                         c.mlp_bias),
-        **linear_entries(ours + "mlp.down", [mlp + "down_proj"], [e], inter, "row", c.mlp_bias),
+                         mlp_bias),
+        **linear_entries(ours + "mlp.down", [mlp + "down_proj"], [e], inter, "row", mlp_bias),
         **norm_entries(ours + "attn_norm", hf + "input_layernorm", e, bias=False),
         **norm_entries(ours + "mlp_norm", hf + "post_attention_layernorm", e, bias=False),
     }
+    if family.qk_norm:
+        wmap.update(norm_entries(ours + "attn.q_norm", attn + "q_norm", d, bias=False))
+        wmap.update(norm_entries(ours + "attn.k_norm", attn + "k_norm", d, bias=False))
+    return wmap

@@ -4,11 +4,13 @@ import torch
 from torch import nn
 
 from hybrid_engine.models.base import CausalLM
-from hybrid_engine.models.llama import LlamaForInference
+from hybrid_engine.models.llama import (LlamaForInference, MistralForInference, Qwen2ForInference,
+                                         Qwen3ForInference)
 from hybrid_engine.models.opt import OPTForInference
 from hybrid_engine.models.weights import WeightMap
 
-MODELS: dict[type, type[CausalLM]] = {cls.config_class: cls for cls in (OPTForInference, LlamaForInference)}
+MODELS: dict[type, type[CausalLM]] = {cls.config_class: cls for cls in (
+    OPTForInference, LlamaForInference, Qwen2ForInference, Qwen3ForInference, MistralForInference)}
 
 
 def model_class(config) -> type[CausalLM]:
