@@ -91,3 +91,179 @@ def test_build_datasets_stages_contract(tmp_path, tokenizer):
     assert set(tr1[0]) == {"input_ids", "prompt_len"} and tr1[0]["input_ids"][-1] == eos
     assert set(tr2[0]) == {"chosen_ids", "rejected_ids"} and tr2[0]["rejected_ids"][-1] == eos
     assert set(tr3[0]) == {"prompt_ids"} and tr3[0]["prompt_ids"].dtype == torch.long
+
+
+def test_stage_1_tokens_are_prompt_answer_eos(tmp_path, tokenizer):
+    records = make_records(5, seed=2)
+    write_json(tmp_path / "d" / "train.json", records)
+    write_json(tmp_path / "d" / "eval.json", records[:1])
+    train, _ = build_datasets([str(tmp_path / "d")], "1,0,0", 1, tokenizer, seed=0, max_seq_len=64,
+                              output_path=str(tmp_path / "cache"))
+    expected = set()
+    for r in records:
+        prompt = tokenizer(r["prompt"])["input_ids"]
+        answer = tokenizer(r["chosen"], add_special_tokens=False)["input_ids"]
+        expected.add((tuple(prompt + answer + [tokenizer.eos_token_id]), len(prompt)))
+    got = {(tuple(x["input_ids"].tolist()), int(x["prompt_len"])) for x in train}
+    assert got == expected
+
+
+# --- blending, sft-only -------------------------------------------------------------------------
+
+def numbered(name, n, rejected=True):
+    return [{"prompt": f" Human: {name} {i} Assistant:", "chosen": f" c{i}"} | ({"rejected": f" r{i}"} if rejected else {})
+            for i in range(n)]
+
+
+def test_two_sources_split_each_then_blend(tmp_path):
+    from rlhf.data.build import stage_records
+    from rlhf.data.sources import Source
+    a, b = Source("a", numbered("a", 23), numbered("a-eval", 9)), Source("b", numbered("b", 11), numbered("b-eval", 5))
+    fractions = parse_data_split("2,4,4")
+    for stage in (1, 2, 3):
+        train, eval_ = stage_records([a, b], [], fractions, stage, seed=4)
+        expected = [s.train[i] for s in (a, b) for i in split_parts(len(s.train), fractions, 4)[stage - 1]]
+        assert sorted(r["prompt"] for r in train) == sorted(r["prompt"] for r in expected)
+        assert train != expected  # shuffled after concatenation
+        assert len(eval_) == sum(len(split_parts(len(s.eval), fractions, 4)[stage - 1]) for s in (a, b))
+    assert stage_records([a, b], [], fractions, 2, seed=4) == stage_records([a, b], [], fractions, 2, seed=4)
+
+
+def test_sft_only_data_joins_stage_1_whole(tmp_path, tokenizer):
+    write_json(tmp_path / "pairs" / "train.json", make_records(20, seed=1))
+    write_json(tmp_path / "pairs" / "eval.json", make_records(10, seed=2))
+    sft = [{"prompt": r["prompt"], "chosen": r["chosen"]} for r in make_records(30, seed=3)]
+    write_json(tmp_path / "sft.jsonl", sft, jsonl=True)
+    args = dict(seed=1, max_seq_len=64, output_path=str(tmp_path / "cache"), sft_only_data_path=[str(tmp_path / "sft.jsonl")])
+    train1, eval1 = build_datasets([str(tmp_path / "pairs")], "2,4,4", 1, tokenizer, **args)
+    assert (len(train1), len(eval1)) == (4 + 27, 2 + 3)  # the jsonl file carves 10% off for eval
+    train2, eval2 = build_datasets([str(tmp_path / "pairs")], "2,4,4", 2, tokenizer, **args)
+    assert (len(train2), len(eval2)) == (8, 4)
+
+
+# --- what is dropped on purpose ---------------------------------------------------------------------
+
+def test_drops_are_counted_and_printed(tmp_path, tokenizer, capsys):
+    records = make_records(10, seed=5)
+    records[0]["chosen"] = " bread" * 40
+    records[1]["rejected"] = " milk" * 40
+    records[2]["rejected"] = records[2]["chosen"]
+    write_json(tmp_path / "d" / "train.json", records)
+    write_json(tmp_path / "d" / "eval.json", records[3:5])
+    args = dict(seed=1, max_seq_len=30, output_path=str(tmp_path / "cache"))
+    train, eval_ = build_datasets([str(tmp_path / "d")], "0,1,0", 2, tokenizer, **args)
+    assert (len(train), len(eval_)) == (7, 2)
+    out = capsys.readouterr().out
+    assert "stage 2 train (built" in out and "dropped 3 of 10 records: 2 too long, 1 chosen==rejected" in out
+    train, _ = build_datasets([str(tmp_path / "d")], "0,1,0", 2, tokenizer, **args)
+    assert len(train) == 7 and "dropped 3 of 10 records" in capsys.readouterr().out  # from the cache
+    train, _ = build_datasets([str(tmp_path / "d")], "1,0,0", 1, tokenizer, **args)
+    assert len(train) == 9 and "dropped 1 of 10 records: 1 too long, 0 chosen==rejected" in capsys.readouterr().out
+    prompts, _ = build_datasets([str(tmp_path / "d")], "0,0,1", 3, tokenizer, **args, max_prompt_len=6)
+    assert all(len(p["prompt_ids"]) <= 6 for p in prompts)
+    assert 0 < len(prompts) < 10  # templates give prompts of 6 and 7 tokens
+
+
+# --- the cache ------------------------------------------------------------------------------------
+
+@pytest.fixture
+def count_builds(monkeypatch):
+    import rlhf.data.build as build
+    calls = []
+    tokenize = build.tokenize_records
+    monkeypatch.setattr(build, "tokenize_records", lambda *a, **k: calls.append(1) or tokenize(*a, **k))
+    return calls
+
+
+def test_cache_hits_on_same_inputs_and_rebuilds_on_changed_file(tmp_path, tokenizer, count_builds):
+    records = make_records(20, seed=1)
+    write_json(tmp_path / "d" / "train.json", records)
+    write_json(tmp_path / "d" / "eval.json", records[:4])
+    args = dict(seed=1, max_seq_len=64, output_path=str(tmp_path / "cache"))
+    first, _ = build_datasets([str(tmp_path / "d")], "1,0,0", 1, tokenizer, **args)
+    assert len(count_builds) == 2  # train and eval tokenized once each
+    again, _ = build_datasets([str(tmp_path / "d")], "1,0,0", 1, tokenizer, **args)
+    assert len(count_builds) == 2 and [x["input_ids"].tolist() for x in again] == [x["input_ids"].tolist() for x in first]
+    # Same size, same name, different content: must not be served from the cache.
+    records[0]["chosen"] = records[0]["chosen"].replace(records[0]["chosen"].split()[0], "zzz", 1)
+    write_json(tmp_path / "d" / "train.json", records)
+    changed, _ = build_datasets([str(tmp_path / "d")], "1,0,0", 1, tokenizer, **args)
+    assert len(count_builds) == 4
+    assert any(tokenizer.unk_token_id in x["input_ids"].tolist() for x in changed)
+    build_datasets([str(tmp_path / "d")], "1,0,0", 1, tokenizer, **(args | {"seed": 2}))
+    build_datasets([str(tmp_path / "d")], "1,0,0", 1, tokenizer, **(args | {"max_seq_len": 63}))
+    assert len(count_builds) == 8
+    assert not [p for p in (tmp_path / "cache").iterdir() if p.suffix != ".pt"]  # no temporary files left
+
+
+class Planted:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+        return os.mkdir, (self.marker,)
+
+
+def test_planted_pickle_in_cache_is_refused_not_run(tmp_path, tokenizer):
+    write_json(tmp_path / "d" / "train.json", make_records(10, seed=1))
+    args = dict(seed=1, max_seq_len=64, output_path=str(tmp_path / "cache"))
+    build_datasets([str(tmp_path / "d")], "1,0,0", 1, tokenizer, **args)
+    (cache_file,) = (tmp_path / "cache").iterdir()
+    marker = tmp_path / "code-ran"
+    torch.save({"train": Planted(str(marker))}, cache_file)
+    with pytest.raises(RuntimeError, match="refusing to load data cache .*unpickling"):
+        build_datasets([str(tmp_path / "d")], "1,0,0", 1, tokenizer, **args)
+    assert not marker.exists()
+
+
+# --- bad input ------------------------------------------------------------------------------------
+
+GOOD = {"prompt": " Human: hi Assistant:", "chosen": " yes", "rejected": " no"}
+
+
+@pytest.mark.parametrize("name, text, stage, message", [
+    ("train.json", json.dumps([GOOD, {"prompt": "p", "rejected": "r"}]), 1, r"train.json: record 1: missing field 'chosen'"),
+    ("train.json", json.dumps([GOOD, GOOD, GOOD | {"chosen": 3}]), 1, r"train.json: record 2: field 'chosen' must be a string"),
+    ("train.json", json.dumps([GOOD | {"prompt": "  "}]), 1, r"train.json: record 0: empty prompt"),
+    ("train.json", json.dumps([GOOD, {"prompt": "p", "chosen": "c"}]), 2, r"train.json: record 1: missing field 'rejected'"),
+    ("train.json", json.dumps([GOOD | {"rejected": ["no"]}]), 2, r"record 0: field 'rejected' must be a string"),
+    ("train.json", json.dumps([GOOD, "text"]), 1, r"train.json: record 1: expected an object"),
+    ("train.json", json.dumps({"prompt": "p"}), 1, r"train.json: expected a JSON list"),
+    ("train.json", '[\n{"prompt": "p",\n "chosen": }\n]', 1, r"train.json: malformed JSON at line 3"),
+    ("train.jsonl", json.dumps(GOOD) + "\n\n" + json.dumps(GOOD) + "\n{oops\n", 1, r"train.jsonl: malformed JSON at line 4"),
+    ("train.jsonl", json.dumps(GOOD) + "\n" + json.dumps(GOOD | {"prompt": None}), 1, r"train.jsonl: record 1: missing field 'prompt'"),
+])
+def test_bad_records_name_file_and_record(tmp_path, tokenizer, name, text, stage, message):
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / name).write_text(text)
+    write_json(tmp_path / "d" / "eval.json", [GOOD])
+    with pytest.raises(DataError, match=message):
+        build_datasets([str(tmp_path / "d")], "1,1,1", stage, tokenizer, seed=0, max_seq_len=64,
+                       output_path=str(tmp_path / "cache"))
+
+
+@pytest.mark.parametrize("data_split, message", [
+    ("2,4", "expected 3 weights"), ("1,2,3,4", "expected 3 weights"), ("1,-1,2", "must not be negative"),
+    ("0,0,0", "sum to zero"), ("a,b,c", "expected three numbers"), ("", "expected three numbers"),
+])
+def test_bad_data_split(data_split, message):
+    with pytest.raises(DataError, match=f"--data_split.*{message}"):
+        parse_data_split(data_split)
+
+
+def test_bad_paths(tmp_path, tokenizer):
+    args = dict(seed=0, max_seq_len=64, output_path=str(tmp_path / "cache"))
+    with pytest.raises(DataError, match=r"/no/such/data.json: no such file or directory"):
+        build_datasets(["/no/such/data.json"], "2,4,4", 1, tokenizer, **args)
+    write_json(tmp_path / "one.json", [GOOD])
+    with pytest.raises(DataError, match=r"one.json: needs at least 2 records"):
+        build_datasets([str(tmp_path / "one.json")], "2,4,4", 1, tokenizer, **args)
+    (tmp_path / "data.txt").write_text("x")
+    with pytest.raises(DataError, match=r"data.txt: a data file must end in .json or .jsonl"):
+        build_datasets([str(tmp_path / "data.txt")], "2,4,4", 1, tokenizer, **args)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match=r"empty: neither train.json"):
+        build_datasets([str(tmp_path / "empty")], "2,4,4", 1, tokenizer, **args)
+    with pytest.raises(DataError, match="--data_path"):
+        build_datasets([], "2,4,4", 1, tokenizer, **args)
