@@ -1,0 +1,105 @@
+"""Command-line flags of DeepSpeed-Chat's step-1/2 `main.py`, accepted under their own underscore
+names and the dashed spelling, so that an existing shell script moves over unchanged."""
+import argparse
+
+import torch
+from transformers import SchedulerType
+
+NO_EFFECT = "Accepted for DeepSpeed-Chat scripts; no effect here: "
+
+
+def add(parser: argparse.ArgumentParser, name: str, help: str, **kwargs) -> None:
+    """Register --name and, when it differs, --name-with-dashes for one destination."""
+    flags = [f"--{name}"] + ([f"--{name.replace('_', '-')}"] if "_" in name else [])
+    parser.add_argument(*flags, dest=name, help=help, **kwargs)
+
+
+def add_no_effect(parser: argparse.ArgumentParser, name: str, why: str, **kwargs) -> None:
+    add(parser, name, NO_EFFECT + why, **kwargs)
+
+
+def add_data(parser: argparse.ArgumentParser, stage: int) -> None:
+    add(parser, "data_path", "Data sources: local dirs with train/eval .json(l), single .json(l) files, "
+        "datasets.save_to_disk dirs or hub names (needs internet).", nargs="+", required=True)
+    add(parser, "data_split", "Proportions of each source for steps 1,2,3 (e.g. 2,4,4); this step takes part "
+        f"{stage}.", default="2,4,4")
+    add(parser, "sft_only_data_path", "Extra sources used by step 1 only.", nargs="*", default=[])
+    add(parser, "data_output_path", "Directory of the tokenized-data cache (keyed by the sources' contents).",
+        default="/tmp/data_files/")
+    add(parser, "max_seq_len", "Maximum tokens per sequence; longer records are dropped and counted.",
+        type=int, default=512)
+
+
+def add_training(parser: argparse.ArgumentParser, learning_rate: float) -> None:
+    add(parser, "model_name_or_path", "Local Hugging Face model directory (or hub name with internet).",
+        required=True)
+    add(parser, "per_device_train_batch_size", "Micro batch per rank for training.", type=int, default=16)
+    add(parser, "per_device_eval_batch_size", "Micro batch per rank for evaluation.", type=int, default=16)
+    add(parser, "learning_rate", "Initial learning rate (after warm-up).", type=float, default=learning_rate)
+    add(parser, "weight_decay", "AdamW weight decay (never applied to biases and norm weights).",
+        type=float, default=0.0)
+    add(parser, "num_train_epochs", "Training epochs.", type=int, default=1)
+    add(parser, "gradient_accumulation_steps", "Micro batches per optimizer step.", type=int, default=1)
+    add(parser, "lr_scheduler_type", "Learning-rate schedule (transformers.get_scheduler).",
+        default="cosine", choices=[s.value for s in SchedulerType])
+    add(parser, "num_warmup_steps", "Linear warm-up optimizer steps.", type=int, default=0)
+    add(parser, "seed", "Seed for the data split, shuffling and initialisation.", type=int, default=1234)
+    add(parser, "output_dir", "Where the checkpoint, tokenizer and log.jsonl are written.", required=True)
+
+
+def add_engine(parser: argparse.ArgumentParser) -> None:
+    add(parser, "local_rank", "Set by the deepspeed launcher; torchrun sets LOCAL_RANK instead.",
+        type=int, default=-1)
+    add(parser, "zero_stage", "DeepSpeed ZeRO stage 0..3.", type=int, default=0, choices=[0, 1, 2, 3])
+    add(parser, "dtype", "Training dtype. Default bf16, not DeepSpeed-Chat's fp16: fp16 matrix products "
+        "are unusable on a CPU (hundreds of times slower); fp16 is refused on the CPU.",
+        default="bf16", choices=["fp32", "bf16", "fp16"])
+    add(parser, "offload", "ZeRO offload of optimizer state and parameters to host memory (CUDA only; "
+        "on the CPU they already live in host memory, so it has no effect there).", action="store_true")
+    add(parser, "gradient_checkpointing", "Recompute activations in the backward pass to save memory.",
+        action="store_true")
+    add(parser, "dropout", "Override the model config's dropout probabilities (default: keep them).",
+        type=float, default=None)
+    add_no_effect(parser, "compute_fp32_loss", "losses are always computed in fp32 from the logits.",
+                  action="store_true")
+
+
+def add_lora(parser: argparse.ArgumentParser) -> None:
+    add(parser, "lora_dim", "LoRA rank (PEFT); 0 trains every weight.", type=int, default=0)
+    add(parser, "lora_module_name", "LoRA goes on linear layers whose full module name contains this.",
+        default="decoder.layers.")
+    add(parser, "only_optimize_lora", "Freeze every non-LoRA weight.", action="store_true")
+    add(parser, "lora_learning_rate", "Learning rate of the LoRA weights.", type=float, default=5e-4)
+
+
+def add_logging(parser: argparse.ArgumentParser, stage: int) -> None:
+    add(parser, "eval_interval", "Also evaluate every N optimizer steps (0: before training and after each "
+        "epoch only).", type=int, default=0)
+    add(parser, "eval_iters", "Evaluate on at most N eval batches per rank (0: all).", type=int, default=100)
+    add(parser, "print_loss", "Print the loss of every step on every rank.", action="store_true")
+    add(parser, "enable_tensorboard", "Write TensorBoard scalars.", action="store_true")
+    add(parser, "tensorboard_path", "TensorBoard log directory.", default=f"step{stage}_tensorboard")
+
+
+def training_parser(description: str, stage: int, learning_rate: float) -> argparse.ArgumentParser:
+    """Flags shared by steps 1 and 2; the caller adds its step's own."""
+    parser = argparse.ArgumentParser(description=description)
+    add_training(parser, learning_rate)
+    add_engine(parser)
+    add_lora(parser)
+    add_data(parser, stage)
+    add_logging(parser, stage)
+    return parser
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Refuse settings that cannot work before any model is loaded."""
+    if args.dtype == "fp16" and not torch.cuda.is_available():
+        raise ValueError("--dtype fp16 is unusable on a CPU (fp16 matrix products run hundreds of times "
+                         "slower); use --dtype bf16 (default) or fp32")
+    for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
+                 "max_seq_len", "num_train_epochs"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}")
+    if args.only_optimize_lora and args.lora_dim <= 0:
+        raise ValueError("--only_optimize_lora needs --lora_dim > 0")
