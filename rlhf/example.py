@@ -154,8 +154,10 @@ def main(argv: list[str] | None = None) -> None:
                         help="data: train.json/eval.json in DIR; model: tokenizer + base model in DIR; "
                              "all: both, in DIR/data and DIR/base-model")
     parser.add_argument("dir", help="output directory (created if missing)")
-    parser.add_argument("--num_records", "--num-records", type=int, default=6000,
-                        help="preference records to write, 10%% of them to eval.json (default 6000)")
+    parser.add_argument("--num_records", "--num-records", type=int, default=20000,
+                        help="preference records to write, 10%% of them to eval.json (default 20000: with "
+                             "--data_split 2,4,4 the reward model trains on 7200 pairs; 2000 pairs overfit at ~75%% "
+                             "held-out accuracy)")
     parser.add_argument("--seed", type=int, default=1234, help="seed of the records and of the model's initialisation")
     parser.add_argument("--size", choices=sorted(SIZES), default="small",
                         help="base model size: tiny (~0.12M parameters, for tests) or small (~1.2M, default)")

@@ -1,5 +1,6 @@
 """rlhf.data: split arithmetic, sources, cache, bad input, collate functions."""
 import json
+from pathlib import Path
 from fractions import Fraction
 
 import pytest
@@ -267,3 +268,122 @@ def test_bad_paths(tmp_path, tokenizer):
         build_datasets([str(tmp_path / "empty")], "2,4,4", 1, tokenizer, **args)
     with pytest.raises(DataError, match="--data_path"):
         build_datasets([], "2,4,4", 1, tokenizer, **args)
+
+
+# --- datasets sources and hub adapters ------------------------------------------------------------
+
+def rows(make, n):
+    return [make(i) for i in range(n)]
+
+
+HH = lambda i: {"prompt": f"\n\nHuman: q{i}\n\nAssistant:", "response": f" good{i}", "chosen": f" good{i}",  # noqa: E731
+                "rejected": f" bad{i}"}
+# name -> (splits with raw rows shaped like the hub dataset, the record its row 1 becomes, the eval split)
+HUB = {
+    "Dahoas/rm-static": ({"train": rows(HH, 6), "test": rows(HH, 3)},
+                         {"prompt": "\n\nHuman: q1\n\nAssistant:", "chosen": " good1", "rejected": " bad1"}, "test"),
+    "Dahoas/full-hh-rlhf": ({"train": rows(HH, 6), "test": rows(HH, 2)},
+                            {"prompt": "\n\nHuman: q1\n\nAssistant:", "chosen": " good1", "rejected": " bad1"}, "test"),
+    "Dahoas/synthetic-instruct-gptj-pairwise": (
+        {"train": rows(lambda i: {"prompt": f"How to {i}?", "chosen": f"Do {i}.", "rejected": "No."}, 20)},
+        {"prompt": " Human: How to 1? Assistant:", "chosen": " Do 1.", "rejected": " No."}, None),
+    "yitingxie/rlhf-reward-datasets": (
+        {s: rows(lambda i: {"prompt": f"\n\nHuman: q{i}\n\n", "chosen": f"Assistant: good{i}",
+                            "rejected": f"Assistant: bad{i}"}, 5) for s in ("train", "test")},
+        {"prompt": "\n\nHuman: q1\n\nAssistant:", "chosen": " good1", "rejected": " bad1"}, "test"),
+    "openai/webgpt_comparisons": (
+        {"train": rows(lambda i: {"question": {"id": str(i), "full_text": f"Why {i}?", "dataset": "eli5"},
+                                  "quotes_0": {"title": [], "extract": []}, "answer_0": f"Because [1] of {i} (2).",
+                                  "tokens_0": [], "score_0": -1.0 + i % 2, "answer_1": f"No idea {i}.",
+                                  "score_1": 0.0}, 20)},
+        {"prompt": " Human: Why 1? Assistant:", "chosen": " Because of 1.", "rejected": " No idea 1."}, None),
+    "stanfordnlp/SHP": (
+        {s: rows(lambda i: {"post_id": str(i), "history": f"Why {i}?", "human_ref_A": f"A{i}", "human_ref_B": f"B{i}",
+                            "labels": i % 2, "score_A": 3, "score_B": 2}, n) for s, n in (("train", 6), ("validation", 3), ("test", 2))},
+        {"prompt": " Human: Why 1? Assistant:", "chosen": " A1", "rejected": " B1"}, "validation"),
+}
+
+
+def save_hub_shaped(directory, splits):
+    import datasets
+    datasets.DatasetDict({s: datasets.Dataset.from_list(r) for s, r in splits.items()}).save_to_disk(str(directory))
+    return str(directory)
+
+
+@pytest.mark.parametrize("name", sorted(HUB))
+def test_hub_adapter_on_local_copy(tmp_path, monkeypatch, name):
+    import datasets
+
+    import rlhf.data.sources as sources
+    splits, row_1, eval_split = HUB[name]
+    local = save_hub_shaped(tmp_path / name, splits)
+    loaded = []
+    monkeypatch.setattr(sources, "hub_load", lambda n: loaded.append(n) or datasets.load_from_disk(local))
+    for spec in (name, local):  # the hub name (through the seam) and a saved copy under the same name
+        source = sources.load_source(spec, seed=3, need_rejected=True)
+        records = source.train + source.eval
+        assert row_1 in records
+        n_train = len(splits["train"])
+        if eval_split is None:
+            assert (len(source.train), len(source.eval)) == (n_train - max(1, round(n_train / 10)), max(1, round(n_train / 10)))
+        else:
+            assert (len(source.train), len(source.eval)) == (n_train, len(splits[eval_split]))
+    assert loaded == [name]
+
+
+def test_webgpt_tie_goes_to_answer_0_and_shp_label_0_prefers_b():
+    from rlhf.data.sources import ADAPTERS
+    webgpt = ADAPTERS["openai/webgpt_comparisons"][2]
+    row = HUB["openai/webgpt_comparisons"][0]["train"][0] | {"score_0": 0.0, "score_1": 0.0}
+    assert webgpt(row)["chosen"] == " Because of 0."
+    shp = ADAPTERS["stanfordnlp/SHP"][2]
+    assert shp(HUB["stanfordnlp/SHP"][0]["train"][0])["chosen"] == " B0"
+
+
+@pytest.mark.parametrize("layout", ["train+eval", "train+test", "train+validation", "single"])
+def test_save_to_disk_directories(tmp_path, tokenizer, layout):
+    import datasets
+    records = make_records(30, seed=1)
+    data = datasets.Dataset.from_list(records)
+    if layout != "single":
+        data = datasets.DatasetDict({"train": data, layout.split("+")[1]: datasets.Dataset.from_list(records[:7])})
+    data.save_to_disk(str(tmp_path / "saved"))
+    train, eval_ = build_datasets([str(tmp_path / "saved")], "0,1,0", 2, tokenizer, seed=0, max_seq_len=64,
+                                  output_path=str(tmp_path / "cache"))
+    assert (len(train), len(eval_)) == ((27, 3) if layout == "single" else (30, 7))
+
+
+def test_hub_row_missing_a_field_names_split_and_record(tmp_path):
+    from rlhf.data.sources import load_source
+    bad = [{"history": "q", "human_ref_A": "a", "human_ref_B": "b", "labels": 1}] * 3
+    local = save_hub_shaped(tmp_path / "stanfordnlp" / "SHP", {"train": bad, "validation": [{"history": "q", "labels": 1}]})
+    with pytest.raises(DataError, match=r"SHP\[validation\]: record 0: cannot read fields \(KeyError"):
+        load_source(local, seed=0, need_rejected=True)
+
+
+# --- two ranks: local rank 0 builds, the other waits and reads its file -----------------------------
+
+def _rank_main(rank, directory):
+    import os
+
+    import torch.distributed as dist
+
+    import rlhf.data.build as build
+    os.environ["LOCAL_RANK"] = str(rank)
+    dist.init_process_group("gloo", init_method=f"file://{directory}/rendezvous", rank=rank, world_size=2)
+    builds = []
+    build_state = build._build_state
+    build._build_state = lambda *a, **k: builds.append(1) or build_state(*a, **k)
+    train, _ = build_datasets([f"{directory}/d"], "2,4,4", 2, make_tokenizer(), seed=1, max_seq_len=64,
+                              output_path=f"{directory}/cache")
+    (Path(directory) / f"rank{rank}.json").write_text(json.dumps([len(builds), [x["chosen_ids"].tolist() for x in train]]))
+    dist.destroy_process_group()
+
+
+def test_two_ranks_build_once(tmp_path):
+    import torch.multiprocessing as mp
+    write_json(tmp_path / "d" / "train.json", make_records(30, seed=1))
+    write_json(tmp_path / "d" / "eval.json", make_records(5, seed=2))
+    mp.spawn(_rank_main, args=(str(tmp_path),), nprocs=2)
+    (builds0, train0), (builds1, train1) = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert (builds0, builds1) == (1, 0) and train0 == train1 and len(train0) == 12
