@@ -145,7 +145,8 @@ def write_model(directory: str, size: str, seed: int) -> None:
     model = make_base_model(tokenizer, size, seed)
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
-    print(f"wrote a {size} OPT ({sum(p.numel() for p in model.parameters()):,} parameters) and its tokenizer to {directory}")
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"wrote a {size} OPT ({n_params:,} parameters) and its tokenizer to {directory}")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -331,6 +331,23 @@ def test_hub_adapter_on_local_copy(tmp_path, monkeypatch, name):
     assert loaded == [name]
 
 
+def test_other_hub_names_use_fields_as_they_are_and_hub_failures_are_data_errors(tmp_path, monkeypatch):
+    import datasets
+
+    import rlhf.data.sources as sources
+    local = save_hub_shaped(tmp_path / "saved", {"train": [GOOD] * 4, "validation": [GOOD | {"chosen": " ok"}]})
+    monkeypatch.setattr(sources, "hub_load", lambda name: datasets.load_from_disk(local))
+    source = sources.load_source("someone/prefs", seed=0, need_rejected=True)
+    assert (source.train, source.eval) == ([GOOD] * 4, [GOOD | {"chosen": " ok"}])
+
+    def offline(name):
+        raise ConnectionError("no network")
+    monkeypatch.setattr(sources, "hub_load", offline)
+    with pytest.raises(DataError, match="someone/prefs: not a local file or directory, and loading it from the hub "
+                                        "failed: ConnectionError: no network"):
+        sources.load_source("someone/prefs", seed=0, need_rejected=True)
+
+
 def test_webgpt_tie_goes_to_answer_0_and_shp_label_0_prefers_b():
     from rlhf.data.sources import ADAPTERS
     webgpt = ADAPTERS["openai/webgpt_comparisons"][2]

@@ -21,7 +21,6 @@ from rlhf.data.sources import DataError, Source, load_source
 
 CACHE_FORMAT = 1  # bump when the tokenization below changes
 HASH_CONTENTS_UP_TO = 64 << 20  # bigger files are keyed by size and modification time
-RAGGED_COLUMNS = {1: ("input_ids",), 2: ("chosen_ids", "rejected_ids"), 3: ("prompt_ids",)}
 
 
 class RaggedDataset(Dataset):
@@ -35,7 +34,8 @@ class RaggedDataset(Dataset):
         def flat(rows):
             offsets = torch.tensor([0] + [len(r) for r in rows], dtype=torch.long).cumsum(0)
             return torch.tensor([t for r in rows for t in r], dtype=torch.long), offsets
-        return cls({k: flat(v) for k, v in ragged.items()}, {k: torch.tensor(v, dtype=torch.long) for k, v in scalar.items()})
+        scalar = {k: torch.tensor(v, dtype=torch.long) for k, v in scalar.items()}
+        return cls({k: flat(v) for k, v in ragged.items()}, scalar)
 
     def __len__(self) -> int:
         values, offsets = next(iter(self.ragged.values()))
@@ -109,28 +109,43 @@ def _encode(tokenizer, texts: list[str], special: bool) -> list[list[int]]:
 
 def tokenize_records(records: list[dict], stage: int, tokenizer, max_seq_len: int,
                      max_prompt_len: int) -> tuple[RaggedDataset, dict]:
-    """Stage columns per the contract (prompt keeps the tokenizer's BOS; answer + EOS), dropping what is too long."""
-    eos = tokenizer.eos_token_id
-    if eos is None:
+    """The stage's columns (see the contract) and the counts of records dropped on purpose.
+
+    The prompt is encoded with the tokenizer's special tokens (OPT's and LLaMA's BOS), the answers
+    without, then EOS: prompt_len is exact and stage 3 sees the same prompt ids as stage 1.
+    """
+    if tokenizer.eos_token_id is None:
         raise ValueError(f"tokenizer {tokenizer.name_or_path!r} has no eos_token_id")
     prompts = _encode(tokenizer, [r["prompt"] for r in records], special=True)
-    dropped = {"too_long": 0, "chosen_eq_rejected": 0}
     if stage == 3:
         keep = [p for p in prompts if len(p) <= max_prompt_len]
-        dropped["too_long"] = len(prompts) - len(keep)
-        return RaggedDataset.from_lists({"prompt_ids": keep}, {}), dropped
-    chosen = _encode(tokenizer, [r["chosen"] for r in records], special=False)
+        return RaggedDataset.from_lists({"prompt_ids": keep}, {}), _dropped(len(prompts) - len(keep), 0)
     if stage == 1:
-        rows = [(p + c + [eos], len(p)) for p, c in zip(prompts, chosen) if len(p) + len(c) < max_seq_len]
-        dropped["too_long"] = len(records) - len(rows)
-        return RaggedDataset.from_lists({"input_ids": [r[0] for r in rows]}, {"prompt_len": [r[1] for r in rows]}), dropped
+        return _sft_rows(records, prompts, tokenizer, max_seq_len)
+    return _pair_rows(records, prompts, tokenizer, max_seq_len)
+
+
+def _dropped(too_long: int, chosen_eq_rejected: int) -> dict:
+    return {"too_long": too_long, "chosen_eq_rejected": chosen_eq_rejected}
+
+
+def _sft_rows(records, prompts, tokenizer, max_seq_len) -> tuple[RaggedDataset, dict]:
+    answers = _encode(tokenizer, [r["chosen"] for r in records], special=False)
+    rows = [(p + a + [tokenizer.eos_token_id], len(p)) for p, a in zip(prompts, answers)
+            if len(p) + len(a) + 1 <= max_seq_len]
+    dataset = RaggedDataset.from_lists({"input_ids": [ids for ids, _ in rows]}, {"prompt_len": [n for _, n in rows]})
+    return dataset, _dropped(len(records) - len(rows), 0)
+
+
+def _pair_rows(records, prompts, tokenizer, max_seq_len) -> tuple[RaggedDataset, dict]:
     distinct = [i for i, r in enumerate(records) if r["chosen"] != r["rejected"]]
-    dropped["chosen_eq_rejected"] = len(records) - len(distinct)
+    eos = [tokenizer.eos_token_id]
+    chosen = _encode(tokenizer, [records[i]["chosen"] for i in distinct], special=False)
     rejected = _encode(tokenizer, [records[i]["rejected"] for i in distinct], special=False)
-    pairs = [(prompts[i] + chosen[i] + [eos], prompts[i] + r + [eos]) for i, r in zip(distinct, rejected)]
+    pairs = [(prompts[i] + c + eos, prompts[i] + r + eos) for i, c, r in zip(distinct, chosen, rejected)]
     keep = [(c, r) for c, r in pairs if max(len(c), len(r)) <= max_seq_len]
-    dropped["too_long"] = len(pairs) - len(keep)
-    return RaggedDataset.from_lists({"chosen_ids": [c for c, _ in keep], "rejected_ids": [r for _, r in keep]}, {}), dropped
+    dataset = RaggedDataset.from_lists({"chosen_ids": [c for c, _ in keep], "rejected_ids": [r for _, r in keep]}, {})
+    return dataset, _dropped(len(pairs) - len(keep), len(records) - len(distinct))
 
 
 # --- cache ------------------------------------------------------------------------------------
@@ -160,11 +175,14 @@ def tokenizer_fingerprint(tokenizer) -> str:
     return hashlib.sha256(json.dumps(identity).encode()).hexdigest()
 
 
-def cache_key(data_path, sft_only_data_path, data_split, stage, seed, tokenizer, max_seq_len, max_prompt_len) -> str:
+def cache_key(data_path: list[str], sft_only_data_path: list[str], data_split: str, stage: int, seed: int, tokenizer,
+              max_seq_len: int, max_prompt_len: int) -> str:
+    """sha256 over everything that decides the cached tensors, local sources by their contents."""
     parts = {"format": CACHE_FORMAT, "data_path": [[p, source_fingerprint(p)] for p in data_path],
              "sft_only": [[p, source_fingerprint(p)] for p in sft_only_data_path] if stage == 1 else [],
              "split": [str(f) for f in parse_data_split(data_split)], "stage": stage, "seed": seed,
-             "tokenizer": tokenizer_fingerprint(tokenizer), "max_seq_len": max_seq_len, "max_prompt_len": max_prompt_len}
+             "tokenizer": tokenizer_fingerprint(tokenizer), "max_seq_len": max_seq_len,
+             "max_prompt_len": max_prompt_len}
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
 
@@ -212,14 +230,19 @@ def _report(state: dict, stage: int, origin: str) -> None:
 def build_datasets(data_path: list[str], data_split: str, stage: int, tokenizer, *, seed: int,
                    max_seq_len: int, output_path: str, sft_only_data_path: list[str] = (),
                    max_prompt_len: int | None = None) -> tuple[Dataset, Dataset]:
-    """(train, eval) datasets of ragged LongTensor records for stage 1, 2 or 3 (see the contract)."""
+    """(train, eval) datasets of ragged LongTensor records for stage 1, 2 or 3 (see the contract).
+
+    Records longer than max_seq_len (stage 3: prompts longer than max_prompt_len, default max_seq_len)
+    are dropped, not truncated: a cut answer would teach the model to stop without its end.
+    """
     if stage not in (1, 2, 3):
         raise ValueError(f"stage must be 1, 2 or 3, got {stage}")
     if not data_path:
         raise DataError("--data_path: no data sources given")
     fractions = parse_data_split(data_split)
     max_prompt_len = max_seq_len if max_prompt_len is None else max_prompt_len
-    key = cache_key(list(data_path), list(sft_only_data_path), data_split, stage, seed, tokenizer, max_seq_len, max_prompt_len)
+    key = cache_key(list(data_path), list(sft_only_data_path), data_split, stage, seed, tokenizer, max_seq_len,
+                    max_prompt_len)
     path = os.path.join(output_path, f"stage{stage}_{key[:24]}.pt")
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     distributed = dist.is_available() and dist.is_initialized()

@@ -18,6 +18,7 @@ import torch
 FIELDS = ("prompt", "chosen", "rejected")
 EVAL_FRACTION = 0.1  # carved off sources that ship no eval part
 EVAL_SPLIT_NAMES = ("eval", "test", "validation")
+HUB_NAME = re.compile(r"[\w.-]+/[\w.-]+")  # "owner/name": what is not a local path is tried on the hub
 
 
 class DataError(ValueError):
@@ -188,7 +189,11 @@ def load_source(spec: str, seed: int, need_rejected: bool) -> Source:
         except FileNotFoundError:
             raise DataError(f"{spec}: neither train.json/train.jsonl nor a datasets save_to_disk directory") from None
         return _from_datasets(data, spec, seed, need_rejected)
-    if spec in ADAPTERS:
-        return _from_datasets(hub_load(spec), spec, seed, need_rejected)
-    raise DataError(f"{spec}: no such file or directory, and not a hub dataset with an adapter "
-                    f"({', '.join(ADAPTERS)})")
+    if not HUB_NAME.fullmatch(spec) or spec.endswith((".json", ".jsonl")):
+        raise DataError(f"{spec}: no such file or directory")
+    try:
+        data = hub_load(spec)
+    except Exception as e:  # anything the hub client raises (offline, unknown name) becomes one clear error
+        raise DataError(f"{spec}: not a local file or directory, and loading it from the hub failed: "
+                        f"{type(e).__name__}: {e}") from e
+    return _from_datasets(data, spec, seed, need_rejected)
