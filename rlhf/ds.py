@@ -10,11 +10,11 @@ import deepspeed
 import torch
 import torch.distributed as dist
 from peft import LoraConfig, get_peft_model
+from peft.tuners.lora import LoraLayer
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 from transformers import AutoConfig, AutoTokenizer, PretrainedConfig, PreTrainedModel, get_scheduler, set_seed
 
-from hybrid_engine.lora import base_name, find_adapters, is_adapter_param
 from rlhf.data import build_datasets
 from rlhf.log import Log
 
@@ -60,6 +60,10 @@ def ds_config(args, world: int) -> dict:
             "train_batch_size": micro * args.gradient_accumulation_steps * world, "gradient_clipping": 1.0,
             "steps_per_print": 10**9, "zero_optimization": zero, "optimizer": {"type": "AdamW", "params": adam},
             "bf16": {"enabled": args.dtype == "bf16"}, "fp16": {"enabled": args.dtype == "fp16"}}
+
+
+def is_adapter_param(name: str) -> bool:
+    return ".lora_" in name
 
 
 def no_decay_names(model: nn.Module) -> set[str]:
@@ -138,14 +142,16 @@ def build_engine(model: PreTrainedModel, args, num_training_steps: int):
 
 
 def merged_state(module: nn.Module) -> dict[str, torch.Tensor]:
-    """A full copy of the weights under transformers names, LoRA merged (W + scale * B @ A);
-    the training weights are not touched. Every rank must call it under ZeRO-3."""
+    """A full copy of the weights under transformers names, LoRA merged (W + scale * B @ A by PEFT's
+    get_delta_weight); the training weights are not touched. Every rank must call it under ZeRO-3."""
     params = list(module.parameters())
     with deepspeed.zero.GatheredParameters(params, enabled=any(hasattr(p, "ds_id") for p in params)):
-        state = {base_name(k): v.detach().clone() for k, v in module.state_dict().items() if not is_adapter_param(k)}
-        for adapter in find_adapters(module):
-            w = state[adapter.weight]
-            state[adapter.weight] = (w.float() + adapter.scale * adapter.b.float() @ adapter.a.float()).to(w.dtype)
+        state = {k.replace(".base_layer.", "."): v.detach().clone()
+                 for k, v in module.state_dict().items() if not is_adapter_param(k)}
+        for name, layer in module.named_modules():
+            for adapter in layer.active_adapters if isinstance(layer, LoraLayer) else ():
+                w = state[f"{name}.weight"]
+                state[f"{name}.weight"] = (w.float() + layer.get_delta_weight(adapter).float()).to(w.dtype)
     return state
 
 

@@ -10,7 +10,7 @@ from rlhf.ds import all_sum, load_run, to_device, train_and_save
 from rlhf.reward_model import end_scores, last_token_loss, load_reward_model, pairwise_loss, token_values
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     parser = training_parser("Step 2 of RLHF: reward model (DeepSpeed-Chat's step-2 flags).",
                              stage=2, learning_rate=5e-5)
     add(parser, "reward_loss", "pairwise: DeepSpeed-Chat's loss, averaged from the first token where chosen "
@@ -18,7 +18,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         choices=["pairwise", "last_token"], default="pairwise")
     add_no_effect(parser, "num_padding_at_beginning", "the last real token is found from the attention mask, "
                   "whatever padding the model's tokenizer puts first.", type=int, default=1)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    args = build_parser().parse_args(argv)
     check_args(args)
     return args
 

@@ -12,14 +12,18 @@ from rlhf.data import collate_sft
 from rlhf.ds import all_sum, load_run, to_device, train_and_save
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     parser = training_parser("Step 1 of RLHF: supervised fine-tuning (DeepSpeed-Chat's step-1 flags).",
                              stage=1, learning_rate=1e-3)
     add(parser, "mask_prompt", "Leave prompt tokens out of the loss (default: on, --no-mask_prompt to train "
         "on them too, as DeepSpeed-Chat does). The actor only ever writes answers to given prompts, so the "
         "loss and the eval perplexity measure the answer; the prompts' own distribution is not its job.",
         action=argparse.BooleanOptionalAction, default=True)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    args = build_parser().parse_args(argv)
     check_args(args)
     return args
 
