@@ -24,7 +24,7 @@ MODELS = {
                                       num_key_value_heads=8, head_dim=128, intermediate_size=3072, vocab_size=151936,
                                       max_position_embeddings=40960, rms_norm_eps=1e-6, tie_word_embeddings=True,
                                       rope_parameters={"rope_type": "default", "rope_theta": 1000000.0}),
-    # mistralai/Mistral-7B-v0.1: GQA 32/8, sliding window 4096 (longer sequences are refused).
+    # mistralai/Mistral-7B-v0.1: GQA 32/8, sliding-window attention over 4096 tokens.
     "mistral-7b": lambda: MistralConfig(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32,
                                         num_key_value_heads=8, intermediate_size=14336, vocab_size=32000,
                                         max_position_embeddings=32768, rms_norm_eps=1e-5, sliding_window=4096,

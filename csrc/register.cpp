@@ -136,8 +136,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 // Tensor ops: schemas (the contract hybrid_engine.kernels dispatches to) and their CPU kernels.
 TORCH_LIBRARY(hybrid_engine, m) {
   m.def("decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, Tensor context_lens, "
-        "float scale) -> Tensor");
-  m.def("prefill_attention(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens, bool causal, float scale) -> Tensor");
+        "float scale, int window=0) -> Tensor");
+  m.def("prefill_attention(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens, bool causal, float scale, "
+        "int window=0) -> Tensor");
   m.def("add_norm(Tensor x, Tensor? residual, Tensor weight, Tensor? bias, float eps, bool rms) -> (Tensor, Tensor)");
   m.def("silu_and_mul(Tensor x) -> Tensor");
 }

@@ -1,6 +1,6 @@
 """Qwen2/Qwen2.5, Qwen3 and Mistral through every layer, against transformers 5 on small random
 models: prefill logits (fp32, bf16), greedy generation with an EOS mid-way, saved checkpoints,
-PEFT LoRA merged into TP slices, the sliding-window limit, and HybridEngine under DeepSpeed ZeRO-3
+PEFT LoRA merged into TP slices, sliding windows shorter than the sequences, and HybridEngine under DeepSpeed ZeRO-3
 (where tp 2 covers the column-parallel Q/K/V biases of Qwen2 and the replicated q/k norms of Qwen3)."""
 import peft
 import pytest
@@ -21,11 +21,17 @@ SHARED = dict(num_attention_heads=4, num_key_value_heads=2, intermediate_size=88
               vocab_size=VOCAB, max_position_embeddings=80, initializer_range=0.3)
 # Qwen2 tied (as Qwen2.5-0.5B), Qwen3 with head_dim != hidden / heads, Mistral with a window the
 # test sequences fit in.
+
+
+def config_of(cls: type, **fixed):
+    return lambda **overrides: cls(**{**SHARED, **fixed, **overrides})
+
+
 FAMILIES = {
-    "qwen2": lambda: Qwen2Config(hidden_size=56, tie_word_embeddings=True,
-                                 rope_parameters={"rope_type": "default", "rope_theta": 1e6}, **SHARED),
-    "qwen3": lambda: Qwen3Config(hidden_size=48, head_dim=20, tie_word_embeddings=False, **SHARED),
-    "mistral": lambda: MistralConfig(hidden_size=64, sliding_window=64, tie_word_embeddings=False, **SHARED),
+    "qwen2": config_of(Qwen2Config, hidden_size=56, tie_word_embeddings=True,
+                       rope_parameters={"rope_type": "default", "rope_theta": 1e6}),
+    "qwen3": config_of(Qwen3Config, hidden_size=48, head_dim=20, tie_word_embeddings=False),
+    "mistral": config_of(MistralConfig, hidden_size=64, sliding_window=64, tie_word_embeddings=False),
 }
 LENGTHS, WIDTH = [7, 13, 2, 10], 13
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -35,10 +41,7 @@ def family_model(family: str, seed: int = 0, **overrides):
     """Random weights, norms and biases included (transformers starts them at 1 and 0, which would
     hide a norm or bias that is loaded into the wrong place or not at all)."""
     torch.manual_seed(seed)
-    config = FAMILIES[family]()
-    for key, value in overrides.items():
-        setattr(config, key, value)
-    hf = AutoModelForCausalLM.from_config(config)
+    hf = AutoModelForCausalLM.from_config(FAMILIES[family](**overrides))
     with torch.no_grad():
         for name, param in hf.named_parameters():
             if "norm" in name or name.endswith("bias"):
@@ -101,25 +104,21 @@ def test_lora_merges_as_merge_and_unload(family):
     assert all(torch.equal(before[n], p) for n, p in model.named_parameters())
 
 
-def test_sequence_beyond_the_sliding_window_is_refused_before_any_work():
-    """Our kernels attend to the whole context: a sequence longer than Mistral's window would be
-    computed wrongly, so it is refused; up to the window it equals transformers (above)."""
-    hf = family_model("mistral", sliding_window=20)
+@pytest.mark.parametrize("family, overrides", [
+    ("mistral", dict(sliding_window=5)),
+    ("qwen2", dict(use_sliding_window=True, sliding_window=6, max_window_layers=1)),
+], ids=["mistral", "qwen2-layer1"])
+def test_sliding_window_shorter_than_the_sequences_matches_hf(family, overrides):
+    """Windows far shorter than prompt + new tokens (13 + 12), in prefill and in decode; Qwen2
+    slides only in the layers from max_window_layers on."""
+    hf = family_model(family, **overrides)
+    windows = [layer.attn.window for layer in from_hf(hf).layers]
+    assert windows == ([5, 5] if family == "mistral" else [None, 6])
     ids, mask = ragged_prompts(LENGTHS, WIDTH, pad=PAD)
-    generator = hybrid_engine.Generator(hf)
-    with pytest.raises(ValueError, match="max_new_tokens=8 after a prompt of 13 tokens exceeds the model's 20"):
-        generator.generate(ids, mask, max_new_tokens=8)
-    assert generator.cache is None
-    out = generator.generate(ids, mask, max_new_tokens=7, min_new_tokens=7, eos_token_id=2, pad_token_id=PAD)
-    assert torch.equal(out.sequences, hf_greedy(hf, ids, mask, 7, eos=2, min_new_tokens=7))
-
-
-@pytest.mark.parametrize("use_sliding_window, max_window_layers, limit", [(False, 0, 80), (True, 2, 80), (True, 1, 30)])
-def test_qwen_sliding_layers_bound_positions(use_sliding_window, max_window_layers, limit):
-    """Qwen slides only in layers >= max_window_layers, and only with use_sliding_window."""
-    config = Qwen2Config(hidden_size=56, sliding_window=30, use_sliding_window=use_sliding_window,
-                         max_window_layers=max_window_layers, **SHARED)
-    assert empty_model(config).max_positions == limit
+    out = hybrid_engine.generate(hf, ids, mask, max_new_tokens=12, min_new_tokens=12, eos_token_id=2, pad_token_id=PAD)
+    assert torch.equal(out.sequences, hf_greedy(hf, ids, mask, 12, eos=2, min_new_tokens=12))
+    full = hybrid_engine.generate(family_model(family), ids, mask, max_new_tokens=12, eos_token_id=[], pad_token_id=PAD)
+    assert not torch.equal(out.sequences, full.sequences), "the window changed nothing: the test cannot fail"
 
 
 def zero3_families_worker(rank: int, world: int, tp: int) -> dict:

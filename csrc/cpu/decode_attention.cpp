@@ -7,7 +7,8 @@
 // while they are in L1, and software prefetch fetches the rows of the heads a little ahead.
 // Scores of 16 tokens are reduced together (hsum16), the value accumulator stays in registers
 // across the block's tokens, and softmax is online per block (fp32 running max, sum and
-// accumulator), so no score row longer than a block exists.
+// accumulator), so no score row longer than a block exists. A sliding window (window > 0) starts
+// at the block holding the sequence's last `window` tokens and masks the tokens before them.
 #include <algorithm>
 #include <vector>
 
@@ -28,6 +29,7 @@ struct DecodeParams {
   const int32_t* context_lens;
   int64_t num_heads, num_kv_heads, head_dim, block_size, max_blocks;
   int64_t kv_heads_per_task;  // a task is (sequence, kv_heads_per_task consecutive kv heads)
+  int64_t window;             // 0: none
   float scale;
 };
 
@@ -131,11 +133,13 @@ HE_INLINE void decode_task(const DecodeParams& p, int64_t b, int64_t kv0, int64_
   const int64_t context_len = p.context_lens[b];
   const int32_t* block_table = p.block_tables + b * p.max_blocks;
   const int64_t num_blocks = (context_len + block_size - 1) / block_size;
+  const int64_t first_token = p.window > 0 ? std::max<int64_t>(context_len - p.window, 0) : 0;
   auto block_base = [&](const void* cache, int64_t i) {
     return static_cast<const T*>(cache) + (int64_t(block_table[i]) * block_size * p.num_kv_heads + kv0) * D;
   };
-  for (int64_t blk = 0; blk < num_blocks; ++blk) {
+  for (int64_t blk = first_token / block_size; blk < num_blocks; ++blk) {
     const int64_t n = std::min(block_size, context_len - blk * block_size);
+    const int64_t behind_window = std::max<int64_t>(first_token - blk * block_size, 0);
     const T* k = block_base(p.k_cache, blk);
     const T* v = block_base(p.v_cache, blk);
     for (int64_t j = 0; j < kvn; ++j) {  // the group's heads read the kv head's rows while they are in L1
@@ -151,6 +155,7 @@ HE_INLINE void decode_task(const DecodeParams& p, int64_t b, int64_t kv0, int64_
           store16(s + t0, token_scores<T, kD>(q + h * D, k + t0 * token_stride + j * D, token_stride,
                                               std::min(kLanes, n - t0), D));
         std::fill(s + n, s + stride, -INFINITY);
+        std::fill(s, s + behind_window, -INFINITY);
         online_softmax_step(s, stride, row_max[h], row_sum[h], acc + h * D, D);
         accumulate_values<T, kD>(acc + h * D, s, v + j * D, token_stride, n, D);
       }
@@ -179,7 +184,7 @@ HE_INLINE void decode_range(const DecodeParams& p, int64_t begin, int64_t end) {
 HE_MULTIVERSION(run_decode, decode_range, DecodeParams)
 
 void check_inputs(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
-                  const at::Tensor& block_tables, const at::Tensor& context_lens, double scale) {
+                  const at::Tensor& block_tables, const at::Tensor& context_lens, double scale, int64_t window) {
   check_input(q, kOp, "q", 3, "[batch, num_heads, head_dim]");
   check_input(k_cache, kOp, "k_cache", 4, "[num_blocks, block_size, num_kv_heads, head_dim]");
   check_input(v_cache, kOp, "v_cache", 4, "[num_blocks, block_size, num_kv_heads, head_dim]");
@@ -201,6 +206,7 @@ void check_inputs(const at::Tensor& q, const at::Tensor& k_cache, const at::Tens
   TORCH_CHECK(context_lens.size(0) == q.size(0), kOp, ": context_lens has ", context_lens.size(0),
               " entries but q has batch ", q.size(0));
   TORCH_CHECK(std::isfinite(scale), kOp, ": scale must be finite, got ", scale);
+  TORCH_CHECK(window >= 0, kOp, ": window must be >= 0 (0: none), got ", window);
 }
 
 // Out-of-range indices must never reach the kernel: every block a sequence reads must exist.
@@ -233,15 +239,16 @@ int64_t kv_heads_per_task(int64_t batch, int64_t num_kv_heads) {
 }  // namespace
 
 at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
-                            const at::Tensor& block_tables, const at::Tensor& context_lens, double scale) {
-  check_inputs(q, k_cache, v_cache, block_tables, context_lens, scale);
+                            const at::Tensor& block_tables, const at::Tensor& context_lens, double scale,
+                            int64_t window) {
+  check_inputs(q, k_cache, v_cache, block_tables, context_lens, scale, window);
   check_indices(block_tables, context_lens, k_cache.size(0), k_cache.size(1));
   at::Tensor out = at::empty_like(q);
   if (q.numel() == 0) return out;
   DecodeParams p{q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), out.data_ptr(),
                  block_tables.data_ptr<int32_t>(), context_lens.data_ptr<int32_t>(),
                  q.size(1), k_cache.size(2), q.size(2), k_cache.size(1), block_tables.size(1),
-                 kv_heads_per_task(q.size(0), k_cache.size(2)), static_cast<float>(scale)};
+                 kv_heads_per_task(q.size(0), k_cache.size(2)), window, static_cast<float>(scale)};
   const int64_t tasks = q.size(0) * (p.num_kv_heads / p.kv_heads_per_task);
   parallel_run(q.scalar_type(), tasks, 1, p, run_decode<float>, run_decode<uint16_t>);
   return out;

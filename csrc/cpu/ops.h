@@ -21,14 +21,17 @@
 namespace hybrid_engine::cpu {
 
 // q [B, H, D]; k_cache/v_cache [num_blocks, block_size, KVH, D]; block_tables int32 [B, max_blocks]
-// (-1 padded); context_lens int32 [B] (>= 1). Returns [B, H, D] in q's dtype.
+// (-1 padded); context_lens int32 [B] (>= 1); window > 0: only the last `window` tokens are seen.
+// Returns [B, H, D] in q's dtype.
 at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
-                            const at::Tensor& block_tables, const at::Tensor& context_lens, double scale);
+                            const at::Tensor& block_tables, const at::Tensor& context_lens, double scale,
+                            int64_t window);
 
 // Packed variable-length batch: q [T, H, D], k/v [T, KVH, D], cu_seqlens int32 [B + 1]; causal masks
-// within each sequence. Returns [T, H, D] in q's dtype.
+// within each sequence; window > 0 (causal only) also hides keys window or more positions behind
+// the query (sliding-window attention). Returns [T, H, D] in q's dtype.
 at::Tensor prefill_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                             const at::Tensor& cu_seqlens, bool causal, double scale);
+                             const at::Tensor& cu_seqlens, bool causal, double scale, int64_t window);
 
 // LayerNorm (rms = false: (h - mean) / std * weight + bias) or RMSNorm (rms = true:
 // h / rms * weight) of h = x + residual, with h rounded to x's dtype (it is the next residual).

@@ -7,6 +7,8 @@
 // multiply them. Softmax is online per key tile with fp32 running max/sum/accumulator, so no
 // score matrix larger than [tile rows, kKeyTile] exists. Causal masking aligns each query with
 // the same position in its own sequence; key tiles entirely in a query tile's future are skipped.
+// A sliding window (window > 0) also hides keys window or more positions behind a query; key
+// tiles entirely behind the window of a query tile's first row are packed but not multiplied.
 //
 // Measured and dropped: a bf16 variant multiplying with AVX512-BF16 dot products (vdpbf16ps) on
 // VNNI-packed tiles ran 81 ms against 57 ms for converting the tiles to fp32 (4 x 512 tokens,
@@ -37,6 +39,7 @@ struct PrefillParams {
   void* out;
   const QuerySpan* spans;
   int64_t num_spans, num_heads, num_kv_heads, head_dim, padded_dim, tile_tokens, max_seq_len;
+  int64_t window;  // 0: none
   bool causal;
   float scale;
 };
@@ -158,9 +161,12 @@ HE_INLINE void query_tile(const PrefillParams& p, const QuerySpan& span, int64_t
       pack_rows(static_cast<const T*>(p.v) + kv_offset, kv_stride, keys, D, Dp, v_tile);
       packed = tile + 1;
     }
+    if (p.window > 0 && k0 + n <= q_begin - p.window + 1) continue;
     qk_tile(q, kt_tile, s, rows, Dp, p.scale);
     for (int64_t r = 0; r < rows; ++r) {
       const int64_t visible = p.causal ? std::min(n, q_begin + r / group - k0 + 1) : n;
+      const int64_t behind_window = p.window > 0 ? q_begin + r / group - p.window + 1 - k0 : 0;
+      std::fill(s + r * kKeyTile, s + r * kKeyTile + std::clamp<int64_t>(behind_window, 0, n), -INFINITY);
       std::fill(s + r * kKeyTile + std::max<int64_t>(visible, 0), s + (r + 1) * kKeyTile, -INFINITY);
       online_softmax_step(s + r * kKeyTile, kKeyTile, row_max[r], row_sum[r], o + r * Dp, Dp);
     }
@@ -187,7 +193,7 @@ HE_INLINE void prefill_range(const PrefillParams& p, int64_t begin, int64_t end)
 HE_MULTIVERSION(run_prefill, prefill_range, PrefillParams)
 
 void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cu_seqlens,
-                  double scale) {
+                  double scale, bool causal, int64_t window) {
   check_input(q, kOp, "q", 3, "[total_tokens, num_heads, head_dim]");
   check_input(k, kOp, "k", 3, "[total_tokens, num_kv_heads, head_dim]");
   check_input(v, kOp, "v", 3, "[total_tokens, num_kv_heads, head_dim]");
@@ -202,6 +208,8 @@ void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
               q.size(2), ")");
   check_gqa(q.size(1), k.size(1), kOp);
   TORCH_CHECK(std::isfinite(scale), kOp, ": scale must be finite, got ", scale);
+  TORCH_CHECK(window >= 0, kOp, ": window must be >= 0 (0: none), got ", window);
+  TORCH_CHECK(window == 0 || causal, kOp, ": a window needs causal attention");
 }
 
 // cu_seqlens must start at 0, never decrease and end at the token count: then every span is in
@@ -228,8 +236,8 @@ std::vector<QuerySpan> query_spans(const at::Tensor& cu_seqlens, int64_t total_t
 }  // namespace
 
 at::Tensor prefill_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                             const at::Tensor& cu_seqlens, bool causal, double scale) {
-  check_inputs(q, k, v, cu_seqlens, scale);
+                             const at::Tensor& cu_seqlens, bool causal, double scale, int64_t window) {
+  check_inputs(q, k, v, cu_seqlens, scale, causal, window);
   const int64_t group = q.size(1) / k.size(1);
   const int64_t tile_tokens = std::max<int64_t>(1, kRowsPerTile / group);
   // A task packs its sequence's K/V once for all its query tiles: whole sequences per task when
@@ -243,7 +251,7 @@ at::Tensor prefill_attention(const at::Tensor& q, const at::Tensor& k, const at:
   for (const QuerySpan& span : spans) max_seq_len = std::max(max_seq_len, span.seq_end - span.seq_begin);
   const PrefillParams p{q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), spans.data(),
                         static_cast<int64_t>(spans.size()), q.size(1), k.size(1), q.size(2),
-                        (q.size(2) + kLanes - 1) / kLanes * kLanes, tile_tokens, max_seq_len, causal,
+                        (q.size(2) + kLanes - 1) / kLanes * kLanes, tile_tokens, max_seq_len, window, causal,
                         static_cast<float>(scale)};
   parallel_run(q.scalar_type(), p.num_spans * p.num_kv_heads, 1, p, run_prefill<float>, run_prefill<uint16_t>);
   return out;

@@ -142,38 +142,44 @@ def _check_qkv(q: torch.Tensor, k_name: str, k: torch.Tensor, v_name: str, v: to
 
 
 def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, *,
-                      causal: bool = True, scale: float | None = None) -> torch.Tensor:
-    """Attention within each sequence of a packed batch: q [T, H, D], k/v [T, KVH, D], cu_seqlens int32 [B+1]."""
+                      causal: bool = True, scale: float | None = None, window: int | None = None) -> torch.Tensor:
+    """Attention within each sequence of a packed batch: q [T, H, D], k/v [T, KVH, D], cu_seqlens int32 [B+1].
+    window (causal only): sliding-window attention, each query sees itself and the window - 1 keys before it."""
     backend, dtypes = _route("prefill_attention", ("q", q), ("k", k), ("v", v), ("cu_seqlens", cu_seqlens))
     _check_qkv(q, "k", k, "v", v, dtypes, 3)
     if k.shape[0] != q.shape[0]:
         raise ValueError(f"k has {k.shape[0]} tokens but q has {q.shape[0]}")
     check.check_cu_seqlens(cu_seqlens, q.shape[0])
+    check.check_window(window, bool(causal))
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     if backend == "triton":
-        return _triton("prefill_attention").prefill_attention(q, k, v, cu_seqlens, bool(causal), scale)
+        return _triton("prefill_attention").prefill_attention(q, k, v, cu_seqlens, bool(causal), scale, window)
     if backend == "cpp":
-        return torch.ops.hybrid_engine.prefill_attention(*_contiguous(q, k, v, cu_seqlens), bool(causal), scale)
-    return reference.prefill_attention(q, k, v, cu_seqlens, causal=bool(causal), scale=scale)
+        return torch.ops.hybrid_engine.prefill_attention(*_contiguous(q, k, v, cu_seqlens), bool(causal), scale,
+                                                         window or 0)
+    return reference.prefill_attention(q, k, v, cu_seqlens, causal=bool(causal), scale=scale, window=window)
 
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
-                     context_lens: torch.Tensor, *, scale: float | None = None) -> torch.Tensor:
+                     context_lens: torch.Tensor, *, scale: float | None = None,
+                     window: int | None = None) -> torch.Tensor:
     """One query per sequence over its paged cache: q [B, H, D], block_tables int32 [B, W] (-1 padded),
-    context_lens int32 [B] (>= 1). Returns [B, H, D]."""
+    context_lens int32 [B] (>= 1). window: only the last `window` cached tokens are seen. Returns [B, H, D]."""
     backend, dtypes = _route("decode_attention", ("q", q), ("k_cache", k_cache), ("v_cache", v_cache),
                              ("block_tables", block_tables), ("context_lens", context_lens))
     check.check_cache_pair(k_cache, v_cache, dtypes)
     _check_qkv(q, "k_cache", k_cache, "v_cache", v_cache, dtypes, 4)
     num_blocks, block_size = k_cache.shape[:2]
     check.check_block_tables(block_tables, context_lens, q.shape[0], num_blocks, block_size)
+    check.check_window(window, causal=True)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     if backend == "triton":
-        return _triton("decode_attention").decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale)
+        return _triton("decode_attention").decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale,
+                                                            window)
     if backend == "cpp":
         return torch.ops.hybrid_engine.decode_attention(*_contiguous(q, k_cache, v_cache, block_tables, context_lens),
-                                                        scale)
-    return reference.decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale=scale)
+                                                        scale, window or 0)
+    return reference.decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale=scale, window=window)
 
 
 def linear_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, activation: str) -> torch.Tensor:

@@ -32,26 +32,29 @@ def copy_blocks(k_cache: torch.Tensor, v_cache: torch.Tensor, copies: torch.Tens
         v_cache[dst] = v_cache[src]
 
 
-def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float) -> torch.Tensor:
-    """q [Tq, H, D], k/v [Tk, KVH, D]; causal aligns the last query with the last key."""
+def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float,
+               window: int | None = None) -> torch.Tensor:
+    """q [Tq, H, D], k/v [Tk, KVH, D]; causal aligns the last query with the last key; a window
+    (sliding-window attention, causal only) hides keys window or more positions behind the query."""
     group = q.shape[1] // k.shape[1]
     k = k.float().repeat_interleave(group, dim=1)
     v = v.float().repeat_interleave(group, dim=1)
     scores = torch.einsum("qhd,khd->hqk", q.float(), k) * scale
     if causal:
         tq, tk = q.shape[0], k.shape[0]
-        future = torch.ones(tq, tk, dtype=torch.bool, device=q.device).triu(tk - tq + 1)
-        scores = scores.masked_fill(future, float("-inf"))
+        behind = torch.arange(tq, device=q.device)[:, None] + (tk - tq) - torch.arange(tk, device=q.device)
+        hidden = (behind < 0) | (behind >= window) if window is not None else behind < 0
+        scores = scores.masked_fill(hidden, float("-inf"))
     return torch.einsum("hqk,khd->qhd", scores.softmax(dim=-1), v)
 
 
 def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, *,
-                      causal: bool = True, scale: float | None = None) -> torch.Tensor:
+                      causal: bool = True, scale: float | None = None, window: int | None = None) -> torch.Tensor:
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     out = torch.empty_like(q)
     bounds = cu_seqlens.tolist()
     for start, end in zip(bounds[:-1], bounds[1:]):
-        out[start:end] = _attention(q[start:end], k[start:end], v[start:end], causal, scale).to(q.dtype)
+        out[start:end] = _attention(q[start:end], k[start:end], v[start:end], causal, scale, window).to(q.dtype)
     return out
 
 
@@ -62,13 +65,14 @@ def gather_kv(cache: torch.Tensor, block_table: torch.Tensor, context_len: int) 
 
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
-                     context_lens: torch.Tensor, *, scale: float | None = None) -> torch.Tensor:
+                     context_lens: torch.Tensor, *, scale: float | None = None,
+                     window: int | None = None) -> torch.Tensor:
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     out = torch.empty_like(q)
     for b, context_len in enumerate(context_lens.tolist()):
         k = gather_kv(k_cache, block_tables[b], context_len)
         v = gather_kv(v_cache, block_tables[b], context_len)
-        out[b] = _attention(q[b : b + 1], k, v, False, scale)[0].to(q.dtype)
+        out[b] = _attention(q[b : b + 1], k, v, True, scale, window)[0].to(q.dtype)
     return out
 
 

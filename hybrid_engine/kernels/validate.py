@@ -133,3 +133,13 @@ def check_cu_seqlens(cu_seqlens: torch.Tensor, num_tokens: int) -> None:
     steps = cu_seqlens.diff()
     if bool((cu_seqlens[0] != 0) | (cu_seqlens[-1] != num_tokens) | (steps < 0).any()):
         raise ValueError(f"cu_seqlens must rise monotonically from 0 to T={num_tokens}, got {cu_seqlens.tolist()}")
+
+
+def check_window(window: int | None, causal: bool) -> None:
+    """A sliding attention window: None (attend to everything) or a positive int, causal only."""
+    if window is None:
+        return
+    if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+        raise ValueError(f"window must be None or an int >= 1, got {window!r}")
+    if not causal:
+        raise ValueError("window (sliding-window attention) needs causal=True")

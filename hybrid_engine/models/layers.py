@@ -122,12 +122,14 @@ class RotaryEmbedding:
 class Attention(nn.Module):
     """Packed QKV projection, optional per-head RMSNorm of queries and keys (Qwen3; when
     qk_norm_eps is given), optional RoPE, K/V written to the paged cache, varlen prefill or paged
-    decode attention, row-parallel output projection."""
+    decode attention (over the last `window` positions only, when given), row-parallel output
+    projection."""
 
     def __init__(self, hidden: int, num_heads: int, num_kv_heads: int, head_dim: int, qkv_bias: bool,
                  out_bias: bool, tp: TensorParallel, factory: dict, rotary: RotaryEmbedding | None = None,
-                 qk_norm_eps: float | None = None):
+                 qk_norm_eps: float | None = None, window: int | None = None):
         super().__init__()
+        self.window = window
         self.num_heads = tp.divide(num_heads, "num_attention_heads")
         self.num_kv_heads = tp.divide(num_kv_heads, "num_key_value_heads")
         self.head_dim, self.rotary = head_dim, rotary
@@ -151,9 +153,10 @@ class Attention(nn.Module):
             q, k = self.rotary(positions, q, k)
         kernels.write_kv(k, v, k_cache, v_cache, batch.slots)
         if batch.is_prefill:
-            o = kernels.prefill_attention(q, k, v, batch.cu_seqlens)
+            o = kernels.prefill_attention(q, k, v, batch.cu_seqlens, window=self.window)
         else:
-            o = kernels.decode_attention(q, k_cache, v_cache, batch.block_tables, batch.context_lens)
+            o = kernels.decode_attention(q, k_cache, v_cache, batch.block_tables, batch.context_lens,
+                                         window=self.window)
         return self.out(o.flatten(1))
 
 

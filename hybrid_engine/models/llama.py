@@ -1,6 +1,7 @@
 """LLaMA-shaped decoders: RoPE, RMSNorm, SwiGLU through packed gate/up, grouped query attention,
-tied or untied embeddings. LLaMA, Qwen2/Qwen2.5, Qwen3 and Mistral share this one graph and weight
-map; a family is a `Family` description of what its layers carry, not a module of its own."""
+tied or untied embeddings, sliding-window layers. LLaMA, Qwen2/Qwen2.5, Qwen3 and Mistral share
+this one graph and weight map; a family is a `Family` description of what its layers carry, not a
+module of its own."""
 from dataclasses import dataclass
 
 import torch
@@ -36,14 +37,13 @@ def attention_biases(config, family: Family) -> tuple[bool, bool]:
             default if family.out_bias is None else family.out_bias)
 
 
-def sliding_window(config) -> int | None:
-    """The attention window of the config's sliding layers, None when every layer attends fully.
-    Mistral slides in every layer; Qwen2/Qwen3 name theirs in layer_types."""
-    window = getattr(config, "sliding_window", None)
+def sliding_window(config, index: int) -> int | None:
+    """The attention window of layer `index`, None when it attends to the whole context. Mistral
+    slides in every layer; Qwen2/Qwen3 name their sliding layers in layer_types."""
     layer_types = getattr(config, "layer_types", None)
-    if window is None or (layer_types is not None and "sliding_attention" not in layer_types):
+    if layer_types is not None and layer_types[index] != "sliding_attention":
         return None
-    return window
+    return getattr(config, "sliding_window", None)
 
 
 def rope_frequencies(config: LlamaConfig) -> tuple[torch.Tensor, float]:
@@ -82,17 +82,11 @@ class LlamaForInference(CausalLM):
             self.rotary = RotaryEmbedding(*rope_frequencies(c), c.max_position_embeddings, f)
         qk_norm_eps = c.rms_norm_eps if self.family.qk_norm else None
         attn = Attention(c.hidden_size, c.num_attention_heads, c.num_key_value_heads, head_dim(c),
-                         *attention_biases(c, self.family), tp, f, self.rotary, qk_norm_eps)
+                         *attention_biases(c, self.family), tp, f, self.rotary, qk_norm_eps,
+                         sliding_window(c, index))
         mlp = MLP(c.hidden_size, c.intermediate_size, "silu", True, getattr(c, "mlp_bias", False), tp, f)
         norms = [Norm(c.hidden_size, c.rms_norm_eps, True, f) for _ in range(2)]
         return DecoderLayer(attn, mlp, *norms, pre_norm=True)
-
-    @property
-    def max_positions(self) -> int:
-        """Our attention kernels attend to the whole context, which equals sliding-window attention
-        only while a sequence fits in the window: longer ones are refused, never computed wrongly."""
-        window = sliding_window(self.config)
-        return min(self.config.max_position_embeddings, window or self.config.max_position_embeddings)
 
     def embed(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         return self.embed_tokens(input_ids)

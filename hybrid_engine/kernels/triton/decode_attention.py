@@ -3,7 +3,7 @@
 One new query per sequence b attends to its first context_lens[b] cached tokens, which live in
 the blocks block_tables[b, :] of k_cache/v_cache [num_blocks, block_size, KVH, D]:
 
-    out[b, h] = sum_j softmax_j(scale * q[b, h] . k[b, j]) v[b, j],   j < context_lens[b]
+    out[b, h] = sum_j softmax_j(scale * q[b, h] . k[b, j]) v[b, j],   context_lens[b] - window <= j < context_lens[b]
 
 Stage 1: program (b, kv head, split) takes the GROUP = H / KVH query heads that share one kv
 head, packed as the rows of a BLOCK_G >= 16 tile so tl.dot gets tensor-core shapes, and walks
@@ -21,11 +21,12 @@ from hybrid_engine.kernels.triton import dot_precision, interpreting, require_do
 from hybrid_engine.kernels.triton.online_softmax import online_softmax_step
 
 LOG2E = 1.4426950408889634
+NO_WINDOW = 1 << 30
 
 
 @triton.jit
 def _decode_split_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr, acc_ptr, m_ptr,
-                         l_ptr, qk_scale, q_stride_b, q_stride_h, table_stride, num_splits,
+                         l_ptr, qk_scale, window, q_stride_b, q_stride_h, table_stride, num_splits,
                          CACHE_BLOCK: tl.constexpr, KV_HEADS: tl.constexpr, GROUP: tl.constexpr,
                          HEAD_DIM: tl.constexpr, PARTITION: tl.constexpr, BLOCK_G: tl.constexpr,
                          BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
@@ -43,7 +44,8 @@ def _decode_split_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, cont
     m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_G], tl.float32)
     acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
-    for token_start in range(split_start, split_end, BLOCK_N):
+    # Splits wholly before the window run no iteration and leave m = -inf, l = 0: weight 0 in stage 2.
+    for token_start in range(tl.maximum(split_start, context_len - window), split_end, BLOCK_N):
         tokens = token_start + tl.arange(0, BLOCK_N)
         token_mask = tokens < split_end
         block = tl.load(block_tables_ptr + seq.to(tl.int64) * table_stride + tokens // CACHE_BLOCK,
@@ -83,8 +85,8 @@ def _decode_reduce_kernel(acc_ptr, m_ptr, l_ptr, context_lens_ptr, out_ptr, out_
 
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
-                     context_lens: torch.Tensor, scale: float) -> torch.Tensor:
-    """q [B, H, D]; contiguous caches; validated tables and lengths."""
+                     context_lens: torch.Tensor, scale: float, window: int | None = None) -> torch.Tensor:
+    """q [B, H, D]; contiguous caches; validated tables and lengths; window as in hybrid_engine.kernels."""
     require_dot_dtype("q", q.dtype)
     q, block_tables, context_lens = unit_stride(q), unit_stride(block_tables), context_lens.contiguous()
     batch, num_heads, head_dim = q.shape
@@ -98,7 +100,8 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     group = num_heads // kv_heads
     block_d = triton.next_power_of_2(head_dim)
     _decode_split_kernel[(batch, kv_heads, num_splits)](
-        q, k_cache, v_cache, block_tables, context_lens, acc, m, l, scale * LOG2E, q.stride(0), q.stride(1),
+        q, k_cache, v_cache, block_tables, context_lens, acc, m, l, scale * LOG2E, window or NO_WINDOW,
+        q.stride(0), q.stride(1),
         block_tables.stride(0), num_splits, CACHE_BLOCK=cache_block, KV_HEADS=kv_heads, GROUP=group,
         HEAD_DIM=head_dim, PARTITION=partition, BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_N=block_n,
         BLOCK_D=block_d, PRECISION=dot_precision(q.dtype))
