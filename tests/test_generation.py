@@ -66,6 +66,25 @@ def test_min_new_tokens_holds_back_eos():
     assert bool((out.generated_lengths >= 5).all())
 
 
+def test_eos_before_and_after_min_new_tokens_per_row():
+    """EOS is the greedy choice of some rows before min_new_tokens (held back) and of others after
+    it (they stop early), with prompts of different lengths: token for token as HF."""
+    hf = hf_model("opt_post")
+    ids, mask = ragged_prompts(LENGTHS, WIDTH, pad=PAD)
+    free_run = hybrid_engine.generate(hf, ids, mask, max_new_tokens=14, eos_token_id=[], pad_token_id=PAD)
+    new = free_run.sequences[:, WIDTH:]
+    # Rows 0 and 2 would emit EOS at steps 1 and 2 (before the minimum of 4); rows 1 and 3 at 6 and 9.
+    eos = sorted({int(new[0, 1]), int(new[1, 6]), int(new[2, 2]), int(new[3, 9])} - {PAD})
+    out = hybrid_engine.generate(hf, ids, mask, max_new_tokens=14, min_new_tokens=4, eos_token_id=eos,
+                                 pad_token_id=PAD)
+    assert torch.equal(out.sequences, hf_greedy(hf, ids, mask, 14, eos=eos, min_new_tokens=4))
+    lengths = out.generated_lengths
+    assert bool((lengths >= 4).all())
+    assert int((lengths < 14).sum()) >= 2, "EOS after min_new_tokens never won: nothing tested"
+    ended = out.sequences[torch.arange(len(lengths)), WIDTH + lengths - 1]
+    assert all(int(t) in eos for t, n in zip(ended, lengths) if n < 14)
+
+
 def test_num_return_sequences_greedy_equals_repeated_prompts():
     hf = hf_model("opt_pre")
     ids, mask = ragged_prompts(LENGTHS, WIDTH, pad=PAD)
@@ -146,6 +165,89 @@ def test_bf16_greedy_follows_hf_bf16_for_a_few_tokens():
     expected = hf_greedy(hf.to(torch.bfloat16), ids, mask, 3, eos=None)
     assert torch.equal(out.sequences[:, :WIDTH], expected[:, :WIDTH])
     assert (out.sequences[:, WIDTH:] == expected[:, WIDTH:]).float().mean() >= 0.9
+
+
+def fixed_logits_model(logits: torch.Tensor):
+    """A LLaMA whose next-token logits are `logits` [V] whatever the prompt: attention and MLP
+    outputs are zeroed and every token embeds alike, so the last hidden state is one constant h,
+    and the LM head maps h to the logits."""
+    hf = hf_model("llama_gqa")
+    with torch.no_grad():
+        for layer in hf.model.layers:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+        hf.model.embed_tokens.weight.copy_(hf.model.embed_tokens.weight[5].expand_as(hf.model.embed_tokens.weight))
+        h = hf.model(input_ids=torch.tensor([[5]])).last_hidden_state[0, -1]
+        hf.lm_head.weight.copy_(torch.outer(logits, h) / h.dot(h))
+    return hf
+
+
+def chi_square_p_value(counts: torch.Tensor, probs: torch.Tensor) -> float:
+    """Pearson's test of counts against probs, tokens expecting fewer than 5 draws pooled in one bin."""
+    expected = probs.double() * counts.sum()
+    small = expected < 5
+    observed = torch.cat([counts[~small].double(), counts[small].double().sum()[None]])
+    expected = torch.cat([expected[~small], expected[small].sum()[None]])
+    keep = expected > 0
+    statistic = ((observed[keep] - expected[keep]) ** 2 / expected[keep]).sum()
+    dof = int(keep.sum()) - 1
+    return float(torch.special.gammaincc(torch.tensor(dof / 2, dtype=torch.double), statistic / 2))
+
+
+@pytest.mark.parametrize("temperature,top_k,top_p", [(0.6, 0, 0.8), (1.7, 0, 1.0), (1.3, 12, 0.95)])
+def test_sampled_tokens_follow_temperature_and_top_p(temperature, top_k, top_p):
+    """Generator.generate's sampled tokens, on a model with fixed next-token logits, against the
+    distribution HF's warpers define: none outside the kept support, and counts that pass a
+    chi-square test at p = 1e-4 (the false-failure rate of a random seed; the seed is fixed, so the
+    test is deterministic). 2240 draws tell temperature 1 from 0.6 or 1.7 with p far below 1e-4."""
+    logits = torch.randn(VOCAB, generator=torch.Generator().manual_seed(11)) * 2
+    hf = fixed_logits_model(logits)
+    ids, mask = ragged_prompts([3, 6, 1, 5], 6, pad=PAD)
+    out = Generator(hf).generate(ids, mask, max_new_tokens=35, do_sample=True, temperature=temperature,
+                                 top_k=top_k, top_p=top_p, num_return_sequences=16, eos_token_id=[], seed=5)
+    with torch.no_grad():
+        model_logits = hf(input_ids=ids[:1, -1:]).logits[0, -1:]
+    scores = model_logits / temperature
+    if top_k:
+        scores = TopKLogitsWarper(top_k)(None, scores)
+    scores = TopPLogitsWarper(top_p)(None, scores)[0]
+    counts = torch.bincount(out.sequences[:, 6:].flatten(), minlength=VOCAB)
+    assert int(counts[scores == float("-inf")].sum()) == 0, "sampled a token that top-k/top-p filters out"
+    assert chi_square_p_value(counts, scores.softmax(-1)) > 1e-4
+
+
+def tied_rows(first: int, size: int, rows: int = 4, seed: int = 0) -> torch.Tensor:
+    """[rows, VOCAB] logits: one random row whose tokens ranked first..first+size-1 (0: the top) are
+    tied, and shuffles of it (the tied group sits at other positions in each row)."""
+    g = torch.Generator().manual_seed(seed)
+    row = torch.randn(VOCAB, generator=g) * 2
+    tied = row.argsort(descending=True)[first:first + size]
+    row[tied] = row[tied[0]].item()
+    return torch.stack([row] + [row[torch.randperm(VOCAB, generator=g)] for _ in range(rows - 1)])
+
+
+def top_p_inside_tie(logits: torch.Tensor, first: int) -> float:
+    """A top_p whose cut falls in the middle of the tied group that starts at rank `first`."""
+    probs = logits[0].softmax(-1).sort(descending=True).values
+    return float(probs[:first].sum() + 1.5 * probs[first])
+
+
+@pytest.mark.parametrize("first,size,top_k,top_p_at_tie", [(3, 4, 5, False), (0, 3, 2, False), (4, 5, 0, True),
+                                                           (2, 6, 5, True)])
+def test_ties_at_the_top_k_and_top_p_cuts_kept_like_hf(first, size, top_k, top_p_at_tie):
+    """A tied group straddling the k-th token (HF keeps all of it) or the top-p cut (HF keeps part)."""
+    logits = tied_rows(first, size)
+    after_top_k = TopKLogitsWarper(top_k)(None, logits.clone()) if top_k else logits.clone()
+    if top_k:
+        kept_by_k = torch.isfinite(after_top_k).sum(-1)
+        assert bool((kept_by_k == max(top_k, first + size)).all()), "the tie was not at the k-th token"
+    top_p = top_p_inside_tie(after_top_k, first) if top_p_at_tie else 1.0
+    expected = TopPLogitsWarper(top_p)(None, after_top_k) if top_p < 1 else after_top_k
+    kept = torch.isfinite(filter_logits(logits, top_k, top_p))
+    assert torch.equal(kept, torch.isfinite(expected))
+    if top_p_at_tie:
+        tied_kept = kept.sum(-1) - first
+        assert bool(((tied_kept > 0) & (tied_kept < size)).all()), "the cut was not inside the tie"
 
 
 @pytest.mark.parametrize("top_k,top_p", [(1, 1.0), (5, 1.0), (0, 0.5), (0, 0.93), (7, 0.8), (400, 0.3)])

@@ -6,6 +6,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM
 
+from hybrid_engine.generation import Generator
 from hybrid_engine.kv_cache import PagedKVCache
 from hybrid_engine.models import AttentionBatch, empty_model, from_hf, model_class, packed_shape, weight_map
 
@@ -108,6 +109,34 @@ def test_prefill_logits_bf16_as_close_as_hf_bf16(name):
 @pytest.mark.parametrize("rope", list(ROPE))
 def test_rope_scaling_matches_hf(rope):
     check_prefill(hf_model("llama_gqa", rope_parameters=ROPE[rope]), torch.float32, atol=2e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("rope", ["linear", "llama3", "yarn"])
+def test_rope_scaling_past_the_original_positions_matches_hf(rope):
+    """Prompts of 37 tokens, past every type's original_max_position_embeddings (12 to 20), where
+    the scaled frequencies must differ from the unscaled ones, against transformers' model output."""
+    params = {"original_max_position_embeddings": 12, **ROPE[rope]}
+    hf, unscaled = hf_model("llama_gqa", rope_parameters=params), hf_model("llama_gqa")
+    ids, mask = ragged_prompts([37, 30], 37, seed=4)
+    expected = hf_logits(hf, ids, mask)
+    assert not torch.allclose(expected, hf_logits(unscaled, ids, mask), atol=1e-2), "scaling had no effect"
+    torch.testing.assert_close(prefill_logits(from_hf(hf), [i[m.bool()] for i, m in zip(ids, mask)]), expected,
+                               atol=2e-4, rtol=1e-4)
+
+
+def test_dynamic_rope_up_to_the_last_position_and_refused_past_it():
+    """transformers rescales "dynamic" frequencies only for sequences longer than
+    max_position_embeddings (its original length; original_max_position_embeddings is ignored):
+    up to that length ours equals its model output, and the generator refuses anything longer
+    rather than run with unscaled frequencies."""
+    hf = hf_model("llama_gqa", rope_parameters={"original_max_position_embeddings": 12, **ROPE["dynamic"]},
+                  max_position_embeddings=40)
+    ids, mask = ragged_prompts([40, 23], 40, seed=4)
+    model = from_hf(hf)
+    torch.testing.assert_close(prefill_logits(model, [i[m.bool()] for i, m in zip(ids, mask)]),
+                               hf_logits(hf, ids, mask), atol=2e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="max_new_tokens=1 after a prompt of 40 tokens exceeds the model's 40"):
+        Generator(model).generate(ids, mask, max_new_tokens=1)
 
 
 def test_unsupported_rope_type_raises():
