@@ -188,7 +188,7 @@ def make_loader(dataset, batch_size: int, collate, shuffle: bool, seed: int) -> 
 
 def steps_per_run(loader: DataLoader, args) -> int:
     """Optimizer steps of the whole run (the schedule's length); refuses a run with none."""
-    steps = len(loader) // args.gradient_accumulation_steps * args.num_train_epochs
+    steps = len(loader) * args.num_train_epochs // args.gradient_accumulation_steps
     if steps == 0:
         raise ValueError(f"no optimizer step: {len(loader.dataset)} training records per run, "
                          f"--per_device_train_batch_size {args.per_device_train_batch_size} x "
@@ -208,29 +208,35 @@ def to_device(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device) for k, v in batch.items()}
 
 
+def train_micro(engine, loss_fn, batch: dict) -> tuple[float, int, bool]:
+    """Forward and backward of one micro batch; the engine steps the optimizer at accumulation boundaries
+    (counted over the whole run, so a window may span two epochs)."""
+    batch = to_device(batch, engine.device)
+    boundary = engine.is_gradient_accumulation_boundary()  # asked before step(), which advances the count
+    loss = loss_fn(engine.module, batch)
+    engine.backward(loss)
+    engine.step()
+    return loss.item(), int(batch["attention_mask"].sum()), boundary
+
+
 def run_training(engine, loader: DataLoader, loss_fn, evaluate, log, args) -> None:
     """Epochs of micro batches; loss_fn(module, batch) -> loss. Evaluates before training, after each
     epoch and every --eval_interval optimizer steps; logs every optimizer step."""
     log.eval(0, evaluate())
-    step, window = 0, [0.0, 0, time.perf_counter()]  # loss sum, tokens, start of this optimizer step
+    step, loss_sum, tokens, start = 0, 0.0, 0, time.perf_counter()
     for epoch in range(args.num_train_epochs):
         loader.sampler.set_epoch(epoch)
         for micro, batch in enumerate(loader, 1):
-            batch = to_device(batch, engine.device)
-            loss = loss_fn(engine.module, batch)
-            engine.backward(loss)
-            engine.step()
-            window[0] += loss.item()
-            window[1] += int(batch["attention_mask"].sum())
+            loss, n, boundary = train_micro(engine, loss_fn, batch)
+            loss_sum, tokens = loss_sum + loss, tokens + n
             if args.print_loss:
-                print(f"rank {rank()} epoch {epoch} micro {micro} loss {loss.item():.4f}", flush=True)
-            if micro % args.gradient_accumulation_steps == 0:
+                print(f"rank {rank()} epoch {epoch} micro {micro} loss {loss:.4f}", flush=True)
+            if boundary:
                 step += 1
-                loss_sum, tokens = all_sum(window[0], window[1])
-                seconds = time.perf_counter() - window[2]
-                log.step(step, loss_sum / (args.gradient_accumulation_steps * world_size()),
-                         engine.get_lr()[0], int(tokens), seconds)
-                window = [0.0, 0, time.perf_counter()]
+                total_loss, total_tokens = all_sum(loss_sum, tokens)
+                log.step(step, total_loss / (args.gradient_accumulation_steps * world_size()), engine.get_lr()[0],
+                         int(total_tokens), time.perf_counter() - start)
+                loss_sum, tokens, start = 0.0, 0, time.perf_counter()
                 if args.eval_interval and step % args.eval_interval == 0:
                     log.eval(step, evaluate())
         log.eval(step, evaluate())

@@ -1,6 +1,8 @@
 """SFT plumbing: DeepSpeed-Chat flags in both spellings, AdamW groups, the causal-LM loss, clear
 errors, and Hugging Face checkpoints (ZeRO 0 and 3, LoRA on and off) that reload with transformers
 alone and give the outputs the trained model gave."""
+import os
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, OPTConfig, OPTForCausalLM
@@ -157,3 +159,29 @@ def test_checkpoint_roundtrip(tmp_path, stage, world, dtype, runs):
             # merging LoRA into a bf16 weight rounds it once: a few bf16 ulps of the outputs
             tolerance = 1e-5 if dtype == "fp32" else 2e-2 * scale
             assert reload_diff <= tolerance and untouched_diff == 0, (name, reload_diff, untouched_diff)
+
+
+def sft_run_worker(rank: int, world: int, root: str) -> list[dict]:
+    import json
+
+    from rlhf import sft
+    example.write_data(f"{root}/data", num_records=75, seed=5)
+    example.write_model(f"{root}/base", size="tiny", seed=5)
+    sft.main(["--data-path", f"{root}/data", "--data-split", "1,0,0", "--data-output-path", f"{root}/cache",
+              "--model-name-or-path", f"{root}/base", "--output-dir", f"{root}/out", "--max-seq-len", "64",
+              "--per-device-train-batch-size", "4", "--gradient-accumulation-steps", "3", "--num-train-epochs", "2",
+              "--eval-interval", "5", "--eval-iters", "1", "--enable-tensorboard", "--tensorboard-path", f"{root}/tb",
+              "--print-loss", "--dtype", "fp32", "--gradient-checkpointing", "--lora-dim", "2", "--dropout", "0.0"])
+    with open(f"{root}/out/log.jsonl") as f:
+        return [json.loads(line) for line in f]
+
+
+def test_sft_run_log_and_accumulation_across_epochs(tmp_path):
+    """68 train records = 17 micro batches per epoch; accumulating 3 gives 34 // 3 = 11 optimizer steps
+    over 2 epochs (one window spans the epoch boundary), evals at 0, 5, 10 and after each epoch (5, 11)."""
+    records = run_ranks(1, sft_run_worker, str(tmp_path))[0]
+    steps = [r["step"] for r in records if r["kind"] == "train"]
+    evals = [r["step"] for r in records if r["kind"] == "eval"]
+    assert steps == list(range(1, 12)) and evals == [0, 5, 5, 10, 11], (steps, evals)
+    assert all(r["tokens_per_s"] > 0 and r["lr"] >= 0 for r in records if r["kind"] == "train")
+    assert os.listdir(tmp_path / "tb") and AutoModelForCausalLM.from_pretrained(tmp_path / "out") is not None
