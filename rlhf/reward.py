@@ -40,18 +40,16 @@ def pair_loss(kind: str):
 def reward_accuracy(engine, loader, eval_iters: int) -> dict:
     """Share of pairs whose chosen end score is above the rejected one's, and the mean end scores."""
     engine.eval()
-    correct, chosen_sum, rejected_sum, pairs = 0.0, 0.0, 0.0, 0
+    sums = torch.zeros(4, dtype=torch.float64)  # correct, chosen score, rejected score, pairs
     for i, batch in enumerate(loader):
         if eval_iters and i >= eval_iters:
             break
         batch = to_device(batch, engine.device)
         values = token_values(engine.module, batch["input_ids"], batch["attention_mask"])
-        chosen, rejected = end_scores(values, batch["attention_mask"]).chunk(2)
-        correct += (chosen > rejected).sum().item()
-        chosen_sum, rejected_sum, pairs = chosen_sum + chosen.sum().item(), rejected_sum + rejected.sum().item(), \
-            pairs + len(chosen)
+        chosen, rejected = end_scores(values, batch["attention_mask"]).cpu().double().chunk(2)
+        sums += torch.stack([(chosen > rejected).sum(), chosen.sum(), rejected.sum(), torch.tensor(len(chosen))])
     engine.train()
-    correct, chosen_sum, rejected_sum, pairs = all_sum(correct, chosen_sum, rejected_sum, pairs)
+    correct, chosen_sum, rejected_sum, pairs = all_sum(*sums.tolist())
     return {"accuracy": correct / pairs, "chosen_score": chosen_sum / pairs, "rejected_score": rejected_sum / pairs}
 
 

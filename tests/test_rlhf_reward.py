@@ -1,7 +1,6 @@
 """Reward model: DeepSpeed-Chat's pairwise loss against a pair-by-pair loop, end scores, the
 transformers checkpoint's own pooling, and the DeepSpeed-Chat checkpoint loader."""
 import math
-import os
 
 import pytest
 import torch
