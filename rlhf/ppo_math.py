@@ -9,9 +9,10 @@ with PPO" use them). Every per-token tensor is [B, T] over the same positions; a
 its own last True. Outputs are 0 wherever action_mask is False, so a caller can sum without masking.
 
 Where we differ from DeepSpeed-Chat's ppo_trainer.py, and why:
-- It adds the score at `start + action_mask[:, start:].sum(1)`, which assumes the mask is one
-  contiguous run starting at the prompt end and lands one past the last answer token; we add it at
-  each row's last answer token (the last True of its mask).
+- It adds the score at index `start + action_mask[:, start:].sum(1)` (ppo_trainer.compute_rewards),
+  which assumes the mask is one contiguous run from the prompt end and, unless the answer fills the
+  row, is the first padding position after the answer, not its last token; we add it at each row's
+  last answer token (the last True of its mask).
 - Its GAE runs over every position from `start` to the end of the padded batch (rewards and values
   zeroed after `ends`, again off by one); ours steps over answer tokens only, bootstrapping from the
   next *answer* token's value and from 0 after the last one, so padding never enters an advantage.
