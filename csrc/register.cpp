@@ -5,6 +5,7 @@
 #include "block_allocator.h"
 #include "reshard_plan.h"
 #include "cpu/ops.h"
+#include "cpu/vec.h"
 
 namespace py = pybind11;
 using hybrid_engine::BlockAllocator;
@@ -95,6 +96,16 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       py::set_error(PyExc_KeyError, e.what());
     }
   });
+
+  m.def("cpu_isa_variants_run", [] {
+    const int mask = hybrid_engine::cpu::isa_variants_run().load();
+    const char* isa_names[] = {"baseline", "avx2", "avx512"};  // in the order of hybrid_engine::cpu::Isa
+    std::vector<std::string> names;
+    for (int isa = 0; isa < 3; ++isa) {
+      if (mask & (1 << isa)) names.push_back(isa_names[isa]);
+    }
+    return names;
+  }, "Instruction-set variants (baseline, avx2, avx512) that the CPU kernels have run in this process.");
 
   py::class_<BlockAllocator>(m, "BlockAllocator", "Paged KV-cache block allocator (see hybrid_engine.BlockAllocator).")
       .def(py::init<int64_t, int64_t>(), py::arg("num_blocks"), py::arg("block_size"))

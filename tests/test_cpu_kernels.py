@@ -221,10 +221,28 @@ def test_silu_and_mul_saturates():
     check_silu_and_mul((4, 64), torch.float32, scale=100.0)
 
 
+def best_isa_of_this_cpu() -> str:
+    """The variant the extension should pick here, from the kernel's own view of the CPU flags."""
+    with open("/proc/cpuinfo") as f:
+        flags = set(next(line for line in f if line.startswith("flags")).split())
+    if {"avx512f", "avx512bw", "avx512vl", "avx512dq"} <= flags:
+        return "avx512"
+    return "avx2" if {"avx2", "fma"} <= flags else "baseline"
+
+
+def test_best_instruction_set_is_the_one_that_runs():
+    if "HYBRID_ENGINE_CPU_ISA" in os.environ:
+        pytest.skip("HYBRID_ENGINE_CPU_ISA is set for this process")
+    check_silu_and_mul((3, 2 * 77), torch.float32)
+    assert hybrid_engine._C.cpu_isa_variants_run() == [best_isa_of_this_cpu()]
+
+
 # Every instruction-set variant: this machine runs AVX-512, so the AVX2 and baseline builds of the
-# same kernels are forced through HYBRID_ENGINE_CPU_ISA in a child process (read once per process).
+# same kernels are forced through HYBRID_ENGINE_CPU_ISA in a child process (read once per process),
+# which reports the variants that ran: the one asked for, and no other.
 ISA_CHECK = """
 import torch
+import hybrid_engine
 import test_cpu_kernels as t
 for dtype in t.DTYPES:
     t.check_decode([1, 16, 45], 8, 2, 80, 16, dtype)
@@ -234,6 +252,7 @@ for dtype in t.DTYPES:
     t.check_add_norm((3, 77), dtype, True, True, False, dtype)
     t.check_add_norm((3, 2048), dtype, False, True, True, dtype)
     t.check_silu_and_mul((3, 2 * 77), dtype)
+print(",".join(hybrid_engine._C.cpu_isa_variants_run()))
 """
 
 
@@ -242,6 +261,7 @@ def test_other_instruction_sets(isa):
     env = {**os.environ, "HYBRID_ENGINE_CPU_ISA": isa, "PYTHONPATH": os.path.dirname(__file__)}
     result = subprocess.run([sys.executable, "-c", ISA_CHECK], env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.split()[-1] == isa, f"asked for {isa}, ran {result.stdout.split()[-1]}"
 
 
 # Bad arguments raise RuntimeError naming the argument; none may reach the kernel.

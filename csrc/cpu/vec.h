@@ -7,6 +7,7 @@
 #pragma once
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
@@ -213,6 +214,18 @@ inline Isa best_isa() {
   return isa;
 }
 
+// Bit (1 << Isa) set for each variant a HE_MULTIVERSION kernel has run in this process:
+// lets tests check that the variant they asked for is the one that ran.
+inline std::atomic<int>& isa_variants_run() {
+  static std::atomic<int> mask{0};
+  return mask;
+}
+
+HE_INLINE void record_isa(Isa isa) {
+  const int bit = 1 << static_cast<int>(isa);
+  if (!(isa_variants_run().load(std::memory_order_relaxed) & bit)) isa_variants_run().fetch_or(bit);
+}
+
 #if defined(__x86_64__) && defined(__GNUC__)
 #define HE_TARGET_AVX512 \
   __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c,prefer-vector-width=512")))
@@ -239,10 +252,12 @@ inline Isa best_isa() {
   }                                                                                              \
   template <typename T>                                                                          \
   void name(const Params& p, int64_t begin, int64_t end) {                                       \
+    using ::hybrid_engine::cpu::Isa;                                                             \
+    using ::hybrid_engine::cpu::record_isa;                                                      \
     switch (::hybrid_engine::cpu::best_isa()) {                                                  \
-      case ::hybrid_engine::cpu::Isa::kAvx512: return name##_avx512<T>(p, begin, end);           \
-      case ::hybrid_engine::cpu::Isa::kAvx2: return name##_avx2<T>(p, begin, end);               \
-      default: return name##_baseline<T>(p, begin, end);                                         \
+      case Isa::kAvx512: record_isa(Isa::kAvx512); return name##_avx512<T>(p, begin, end);       \
+      case Isa::kAvx2: record_isa(Isa::kAvx2); return name##_avx2<T>(p, begin, end);             \
+      default: record_isa(Isa::kBaseline); return name##_baseline<T>(p, begin, end);             \
     }                                                                                            \
   }
 
