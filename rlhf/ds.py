@@ -38,6 +38,15 @@ def init_distributed() -> torch.device:
     return torch.device("cuda", int(os.environ["LOCAL_RANK"]))
 
 
+def shutdown() -> None:
+    """Destroy the process groups before the interpreter exits: a gloo group left to C++ static
+    destructors now and then aborts a rank at exit ("terminate called without an active
+    exception", torch 2.13), which a launcher reports as a failed run."""
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
 

@@ -6,7 +6,7 @@ import torch
 
 from rlhf.args import add, add_no_effect, check_args, training_parser
 from rlhf.data import collate_pairs
-from rlhf.ds import all_sum, load_run, to_device, train_and_save
+from rlhf.ds import all_sum, load_run, shutdown, to_device, train_and_save
 from rlhf.reward_model import end_scores, last_token_loss, load_reward_model, pairwise_loss, token_values
 
 
@@ -64,3 +64,4 @@ def main(argv: list[str] | None = None) -> None:
 
 if __name__ == "__main__":
     main()
+    shutdown()
