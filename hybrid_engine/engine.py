@@ -47,6 +47,17 @@ def unwrap(actor: nn.Module) -> nn.Module:
     return inner if isinstance(inner, nn.Module) else actor
 
 
+def tensor_bytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def packed_weight_bytes(model: nn.Module) -> int:
+    """Bytes of the prepacked (oneDNN-blocked) weight copies the model holds; they are built on the
+    first forward and, on the CPU, double the weight memory."""
+    packs = [getattr(m, "packed", None) for m in model.modules()] + [getattr(model, "packed_lm_head", None)]
+    return tensor_bytes(p.tensor for p in packs if p is not None and p.tensor is not None)
+
+
 def check_tp_size(config, tp_size: int, world: int) -> None:
     if tp_size < 1 or world % tp_size:
         raise ValueError(f"tp_size={tp_size} must be >= 1 and divide the world size {world}")
@@ -93,7 +104,7 @@ class HybridEngine:
         self.generator = Generator(self.model, kv_cache_bytes=self.kv_cache_bytes, block_size=self.block_size)
         self.stats.update(reshard_seconds=stats.seconds, reshard_bytes_received=stats.bytes_received,
                           reshard_buffer_bytes=stats.peak_buffer_bytes,
-                          inference_weight_bytes=sum(b.numel() * b.element_size() for b in self.model.buffers()))
+                          inference_weight_bytes=tensor_bytes(self.model.buffers()))
         return self
 
     def train(self) -> "HybridEngine":
@@ -162,10 +173,11 @@ class HybridEngine:
     def _record(self, seconds: float, tokens: int) -> None:
         self.iteration += 1
         cache = self.generator.cache
-        kv_bytes = 0 if cache is None else 2 * cache.k.numel() * cache.k.element_size()
+        kv_bytes = 0 if cache is None else tensor_bytes([cache.k, cache.v])
+        packed_bytes = packed_weight_bytes(self.model)
         self.stats.update(generate_seconds=seconds, generated_tokens=tokens, tokens_per_second=tokens / seconds,
-                          kv_cache_bytes=kv_bytes,
-                          peak_inference_bytes=self.stats["inference_weight_bytes"] + kv_bytes
+                          kv_cache_bytes=kv_bytes, prepacked_weight_bytes=packed_bytes,
+                          peak_inference_bytes=self.stats["inference_weight_bytes"] + packed_bytes + kv_bytes
                           + self.stats["reshard_buffer_bytes"])
         if self.report and self.rank == 0:
             s = self.stats
