@@ -1,6 +1,9 @@
 """Paged KV-cache block allocator: the compiled BlockAllocator against the pure-Python model.
 
     python -m bench.allocator [--out results/allocator.json]
+
+Before timing, both run the same allocate / fork / append / free sequence and must return the
+same slots, copy-on-write copies, block tables and free counts (the run fails otherwise).
 """
 import argparse
 
@@ -36,6 +39,24 @@ def cycle_seconds(cls, num_seqs: int, prompt_len: int, block_size: int, steps: i
     return median_seconds(cycle, repeat=repeat)
 
 
+def bookkeeping_trace(cls, num_seqs: int, prompt_len: int, block_size: int, steps: int) -> list:
+    """Everything one allocator returns over allocate, fork (copy-on-write), append x steps, free:
+    the two implementations must agree for the timings to compare like with like."""
+    allocator = cls(2 * num_seqs * (prompt_len + steps) // block_size + 2 * num_seqs, block_size)
+    seq_ids = list(range(num_seqs)) + list(range(num_seqs, 2 * num_seqs))
+    for seq_id in range(num_seqs):
+        allocator.allocate(seq_id, prompt_len + seq_id % block_size)
+        allocator.fork(seq_id, num_seqs + seq_id)
+    trace = []
+    for _ in range(steps):
+        slots, copies = allocator.append(seq_ids)
+        trace.append((list(map(int, slots)), [tuple(map(int, c)) for c in copies]))
+    trace.append(allocator.block_table(seq_ids).tolist())
+    for seq_id in seq_ids[::2]:
+        allocator.free(seq_id)
+    return trace + [allocator.num_free_blocks]
+
+
 def run(args: argparse.Namespace) -> list[dict]:
     cases = [(f"append x{n} seqs", lambda cls, n=n: batched_append_seconds(cls, n, args.prompt_len, args.block_size, args.steps))
              for n in (256, 1024)]
@@ -58,9 +79,16 @@ def main() -> None:
     parser.add_argument("--out", default="results/allocator.json", help="where to write the JSON results")
     args = parser.parse_args()
     env = print_environment()
+    traces = [bookkeeping_trace(cls, 37, args.prompt_len, args.block_size, 2 * args.block_size + 3)
+              for cls in IMPLEMENTATIONS.values()]
+    identical = traces[0] == traces[1]
     rows = run(args)
     print_table(rows, ["case", "python_us", "c++_us", "speedup"])
-    write_json(args.out, {"benchmark": "allocator", "environment": env, "args": vars(args), "results": rows})
+    print(f"both implementations return identical slots, copies, block tables and free counts: {identical}")
+    write_json(args.out, {"benchmark": "allocator", "environment": env, "args": vars(args), "identical": identical,
+                          "results": rows})
+    if not identical:
+        raise SystemExit("FAIL: the C++ and Python allocators disagree")
 
 
 if __name__ == "__main__":

@@ -9,6 +9,11 @@ each decode step): prefill = first stamp - start of the call, decode step = medi
 between stamps (the mean is reported too), so noise from other processes shows as spread rather
 than bias. The floor of a decode step is the larger of (weights + KV bytes read) / copy bandwidth
 and decode FLOPs / GEMM rate, both measured in this run.
+
+Memory: each side is measured from the same state, one copy of the weights resident and nothing
+else (HF runs before our model exists; HF's model is freed before ours runs), and our growth
+includes our KV cache and prepacked weight copies. Tokens: in fp32 greedy our tokens must equal
+HF's (the run fails otherwise); in bf16 the agreement is reported.
 """
 import bench  # noqa: F401  (sets OMP_WAIT_POLICY=PASSIVE before torch is imported)
 
@@ -25,6 +30,7 @@ from transformers import LogitsProcessor, LogitsProcessorList
 from bench.configs import DTYPES, MODELS, causal_lm
 from bench.common import copy_bandwidth, gemm_rate, median_seconds, print_environment, print_table, write_json
 from hybrid_engine import Generator, PagedKVCache, from_hf
+from hybrid_engine.engine import return_freed_memory
 from hybrid_engine.generation import Run
 from hybrid_engine.models import prepack
 
@@ -52,20 +58,32 @@ class StepClock(LogitsProcessor):
         return scores
 
 
-def measure(name: str, run, clock: StepClock, batch: int, new_tokens: int) -> dict:
-    run(2)  # warm-up: allocator caches, lazily built kernels, KV cache pages
+def measure(name: str, setup, clock: StepClock, batch: int, new_tokens: int) -> tuple[dict, torch.Tensor]:
+    """Time one side and its memory growth from the RSS before setup() (which builds what this side
+    allocates beyond the weights, e.g. our KV cache and prepacked copies, and returns run(n))."""
+    return_freed_memory()
     Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
     before = status_bytes("VmRSS")
+    run = setup()
+    run(2)  # warm-up: allocator caches, lazily built kernels, KV cache pages
     clock.reset()
-    run(new_tokens)
+    sequences = run(new_tokens)
     total_s = time.perf_counter() - clock.ticks[0]
     steps = [b - a for a, b in zip(clock.ticks[1:], clock.ticks[2:])]
     peak = status_bytes("VmHWM")
-    # Both models stay resident in this process: the growth over the RSS before the run is this side's.
-    return {"side": name, "prefill_ms": (clock.ticks[1] - clock.ticks[0]) * 1e3,
-            "decode_ms_per_step": statistics.median(steps) * 1e3, "decode_ms_mean": statistics.mean(steps) * 1e3,
-            "tokens_per_s": batch * new_tokens / total_s, "total_s": total_s, "peak_rss_gib": peak / 2**30,
-            "run_growth_gib": (peak - before) / 2**30}
+    row = {"side": name, "prefill_ms": (clock.ticks[1] - clock.ticks[0]) * 1e3,
+           "decode_ms_per_step": statistics.median(steps) * 1e3, "decode_ms_mean": statistics.mean(steps) * 1e3,
+           "tokens_per_s": batch * new_tokens / total_s, "total_s": total_s, "rss_before_gib": before / 2**30,
+           "peak_rss_gib": peak / 2**30, "run_growth_gib": (peak - before) / 2**30}
+    return row, sequences
+
+
+def token_agreement(ours: torch.Tensor, theirs: torch.Tensor, prompt_len: int) -> dict:
+    """How many generated tokens equal HF's, and the first step where a row differs (or None)."""
+    same = ours[:, prompt_len:] == theirs[:, prompt_len:]
+    differs = (~same).any(0).nonzero()
+    return {"token_agreement": same.float().mean().item(),
+            "first_divergent_step": int(differs[0]) if len(differs) else None}
 
 
 def clock_decode_steps(clock: StepClock) -> None:
@@ -161,16 +179,7 @@ def main() -> None:
     hf.to(dtype)
     prompts = torch.randint(3, hf.config.vocab_size, (args.batch, args.prompt_len))
     mask = torch.ones_like(prompts)
-    model = from_hf(hf, dtype=dtype)
-    # The cache is allocated once here, as in an RLHF loop where every iteration reuses it.
-    blocks = (-(-(args.prompt_len + args.new_tokens) // args.block_size) + 1) * args.batch
-    generator = Generator(model, kv_cache_bytes=blocks * PagedKVCache.block_bytes(model, args.block_size),
-                          block_size=args.block_size, prepack_weights=not args.no_prepack)
-
     our_clock, hf_clock = StepClock(), StepClock()
-
-    def ours(n):
-        return generator.generate(prompts, mask, max_new_tokens=n, min_new_tokens=n, eos_token_id=[])
 
     def theirs(n):
         with torch.inference_mode():
@@ -178,10 +187,32 @@ def main() -> None:
                                min_new_tokens=n, eos_token_id=None, pad_token_id=hf.config.pad_token_id,
                                logits_processor=LogitsProcessorList([hf_clock]))
 
-    clock_decode_steps(our_clock)
-    rows = [measure("hybrid_engine", ours, our_clock, args.batch, args.new_tokens)]
+    rows = []
     if not args.skip_hf:
-        rows.insert(0, measure("hf_generate", theirs, hf_clock, args.batch, args.new_tokens))
+        # Each side starts from one copy of the weights and nothing else: HF's run first, before our
+        # model exists; then HF's model is freed before ours is measured.
+        hf_row, hf_tokens = measure("hf_generate", lambda: theirs, hf_clock, args.batch, args.new_tokens)
+        rows.append(hf_row)
+    model = from_hf(hf, dtype=dtype)
+    del hf
+    generator = None
+
+    def ours(n):
+        return generator.generate(prompts, mask, max_new_tokens=n, min_new_tokens=n, eos_token_id=[]).sequences
+
+    def setup_ours():
+        # Inside the measurement: the KV cache and the prepacked weight copies count as ours. The cache
+        # is allocated once, as in an RLHF loop where every iteration reuses it.
+        nonlocal generator
+        blocks = (-(-(args.prompt_len + args.new_tokens) // args.block_size) + 1) * args.batch
+        generator = Generator(model, kv_cache_bytes=blocks * PagedKVCache.block_bytes(model, args.block_size),
+                              block_size=args.block_size, prepack_weights=not args.no_prepack)
+        return ours
+
+    clock_decode_steps(our_clock)
+    our_row, our_tokens = measure("hybrid_engine", setup_ours, our_clock, args.batch, args.new_tokens)
+    rows.append(our_row)
+    agreement = None if args.skip_hf else token_agreement(our_tokens, hf_tokens, args.prompt_len)
     floor = decode_floor(generator.model, args, dtype)
     for row in rows:
         row["x_floor"] = row["decode_ms_per_step"] / floor["floor_ms"]
@@ -192,6 +223,9 @@ def main() -> None:
     print("floor per decode step: " + ", ".join(f"{k}={v:.4g}" for k, v in floor.items()))
     result = {"args": vars(args), "environment": env, "rows": rows, "floor": floor, "ours_stats": generator.stats}
     if not args.skip_hf:
+        result.update(agreement)
+        print(f"our tokens equal HF's: {agreement['token_agreement']:.1%} (first divergent step: "
+              f"{agreement['first_divergent_step']})")
         hf_row, our_row = rows
         result["speedup_decode"] = hf_row["decode_ms_per_step"] / our_row["decode_ms_per_step"]
         result["speedup_prefill"] = hf_row["prefill_ms"] / our_row["prefill_ms"]
@@ -204,6 +238,9 @@ def main() -> None:
         print(f"ours, self CPU time per decode step over {args.profile} steps (profiler overhead included):")
         print_table(result["ours_profile"], ["op", "ms_per_step"])
     write_json(args.out or f"results/generation-{args.model}-{args.dtype}.json", result)
+    if agreement and dtype == torch.float32 and agreement["token_agreement"] < 1:
+        # fp32 greedy must reproduce HF exactly; a speed-up of a wrong model means nothing.
+        raise SystemExit(f"FAIL: our fp32 greedy tokens differ from HF's ({agreement})")
 
 
 if __name__ == "__main__":

@@ -11,6 +11,9 @@ Paths, each timed end to end on every rank (after a 2-token warm-up of the same 
                built beforehand, HF `generate` there; time = gather + copy + generate.
   hybrid_tpN   HybridEngine(tp_size=N): eval() (reshard + inference model) + generate + train()
                (release); the TP group generates over the union of its ranks' prompts.
+With --slow-new-tokens below --new-tokens, zero3_hf is timed on that shorter run and on a 1-token
+run, and its time for --new-tokens is extrapolated from them (setup + prefill, then decode steps at
+the measured per-token rate): tokens/s of every path is for --new-tokens.
 Prompts are random token ids (never pad), different per rank, no padding; generation is greedy with
 min_new_tokens = max_new_tokens (EOS cannot end it early). Tokens/s per rank counts this rank's
 rows. peak_growth: RSS high-water growth of a rank during the timed run (gather_once's plain model,
@@ -108,9 +111,20 @@ def worker(rank: int, world: int, args: argparse.Namespace) -> dict:
     rows, tokens = [], {}
     for name, (run, n) in paths.items():
         tokens[name], row = measure(run, n)
+        if n < args.new_tokens:
+            row = extrapolate(row, measure(run, 1)[1], n, args.new_tokens)
         rows.append({"path": name, "rank": rank, "new_tokens": n, **row,
-                     "tokens_per_s": args.batch * n / row["e2e_s"]})
+                     "tokens_per_s": args.batch * args.new_tokens / row["e2e_s"]})
     return {"rows": rows, "tokens": tokens}
+
+
+def extrapolate(row: dict, one_token: dict, n: int, full: int) -> dict:
+    """A path timed on n < full tokens, extrapolated to full: the time of a 1-token run (setup and
+    prefill) plus full - 1 decode steps at the per-token rate between the 1-token and n-token runs,
+    so that the prefill is weighed as in the other paths' runs of full tokens."""
+    step = (row["e2e_s"] - one_token["e2e_s"]) / (n - 1)
+    return {**row, "measured_e2e_s": row["e2e_s"], "one_token_e2e_s": one_token["e2e_s"],
+            "decode_s_per_token": step, "e2e_s": one_token["e2e_s"] + (full - 1) * step}
 
 
 def agreement(tokens: dict[str, torch.Tensor], reference: str) -> dict[str, float]:
@@ -126,7 +140,7 @@ def summarize(results: list[dict], args: argparse.Namespace) -> list[dict]:
         if row["path"] not in worst or row["e2e_s"] > worst[row["path"]]["e2e_s"]:
             worst[row["path"]] = dict(row)
     for row in worst.values():
-        row["extrapolated"] = row["new_tokens"] != args.new_tokens  # its tokens/s, measured on a shorter run, stands in
+        row["extrapolated"] = row["new_tokens"] != args.new_tokens  # e2e_s extrapolated from shorter runs
         for other in ("gather_once", "zero3_hf"):
             if other in worst:
                 row[f"x_vs_{other}"] = row["tokens_per_s"] / worst[other]["tokens_per_s"]
@@ -143,13 +157,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--prompt-len", type=int, default=128, help="tokens per prompt (no padding)")
     p.add_argument("--new-tokens", type=int, default=64, help="tokens generated per prompt (forced, EOS disabled)")
     p.add_argument("--slow-new-tokens", type=int, default=None,
-                   help="tokens for the slow zero3_hf path (default --new-tokens); fewer marks its row extrapolated: "
-                        "tokens/s is measured on the shorter run")
+                   help="tokens for the slow zero3_hf path (default --new-tokens, at least 2); fewer marks its row "
+                        "extrapolated: its time for --new-tokens is a 1-token run's plus --new-tokens - 1 decode "
+                        "steps at the rate measured between the 1-token and the shorter run")
     p.add_argument("--skip-slow", action="store_true", help="leave out the zero3_hf path")
     p.add_argument("--skip-gather-once", action="store_true", help="leave out the gather_once path (no token check)")
     p.add_argument("--out", default=None, help="JSON path (default results/zero3-generation-<model>-w<world>-<dtype>.json)")
     args = p.parse_args(argv)
     check_tp(p, args.world, args.tp)
+    if args.slow_new_tokens is not None and not 2 <= args.slow_new_tokens <= args.new_tokens:
+        p.error(f"--slow-new-tokens must be in [2, --new-tokens={args.new_tokens}], got {args.slow_new_tokens}")
     return args
 
 
