@@ -4,20 +4,14 @@ Benchmarks and the multi-rank tests start their own ranks so that one command ru
 a comparison.
 """
 import os
-import socket
 import tempfile
 import traceback
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from hybrid_engine.distributed import destroy_process_groups, free_port
 
 
 def _entry(rank: int, world: int, port: int, threads: int, outdir: str, fn, args) -> None:
@@ -31,17 +25,6 @@ def _entry(rank: int, world: int, port: int, threads: int, outdir: str, fn, args
         raise
     torch.save({"result": result}, os.path.join(outdir, f"{rank}.pt"))
     destroy_process_groups()
-
-
-def destroy_process_groups() -> None:
-    """Tear down every process group while the interpreter is alive. A gloo group left for exit
-    is destroyed among C++ static destructors, and there now and then aborts the rank with
-    "terminate called without an active exception" (torch 2.13.0; reproduced with plain
-    torch.distributed, no DeepSpeed and no extension: 4 gloo ranks, one all_gather, ~1 run in 10
-    under load). The barrier keeps a rank from closing its connections while a peer still uses them."""
-    if dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
 
 
 def remove_deepspeed_shm(port: int, world: int) -> None:

@@ -2,7 +2,6 @@
 the schedule, LoRA, and Hugging Face checkpoints gathered from any ZeRO stage."""
 import os
 import shutil
-import socket
 import tempfile
 import time
 
@@ -15,6 +14,7 @@ from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 from transformers import AutoConfig, AutoTokenizer, PretrainedConfig, PreTrainedModel, get_scheduler, set_seed
 
+from hybrid_engine.distributed import free_port
 from rlhf.data import build_datasets
 from rlhf.log import Log
 
@@ -25,10 +25,8 @@ DROPOUT_ATTRS = ("dropout", "attention_dropout", "activation_dropout", "hidden_d
 def init_distributed() -> torch.device:
     """gloo on CPUs, NCCL on GPUs; a plain `python -m` run becomes a world of one."""
     if "RANK" not in os.environ:  # not started by deepspeed/torchrun: no MPI discovery, a free port
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=str(free_port()))
     cuda = torch.cuda.is_available()
     if not dist.is_initialized():
         deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", verbose=False)
@@ -36,15 +34,6 @@ def init_distributed() -> torch.device:
         return torch.device("cpu")
     torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
     return torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-
-
-def shutdown() -> None:
-    """Destroy the process groups before the interpreter exits: a gloo group left to C++ static
-    destructors now and then aborts a rank at exit ("terminate called without an active
-    exception", torch 2.13), which a launcher reports as a failed run."""
-    if dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
 
 
 def rank() -> int:

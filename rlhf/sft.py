@@ -7,9 +7,10 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
 
+from hybrid_engine.distributed import destroy_process_groups
 from rlhf.args import add, check_args, training_parser
 from rlhf.data import collate_sft
-from rlhf.ds import all_sum, load_run, shutdown, to_device, train_and_save
+from rlhf.ds import all_sum, load_run, to_device, train_and_save
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -68,4 +69,4 @@ def main(argv: list[str] | None = None) -> None:
 
 if __name__ == "__main__":
     main()
-    shutdown()
+    destroy_process_groups()
