@@ -26,7 +26,7 @@ def print_environment() -> dict:
     return env
 
 
-def median_seconds(fn: Callable[[], object], repeat: int, warmup: int = 1) -> float:
+def times_seconds(fn: Callable[[], object], repeat: int, warmup: int = 1) -> list[float]:
     for _ in range(warmup):
         fn()
     times = []
@@ -34,7 +34,11 @@ def median_seconds(fn: Callable[[], object], repeat: int, warmup: int = 1) -> fl
         start = time.perf_counter()
         fn()
         times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return times
+
+
+def median_seconds(fn: Callable[[], object], repeat: int, warmup: int = 1) -> float:
+    return statistics.median(times_seconds(fn, repeat, warmup))
 
 
 def peak_rss_bytes() -> int:
@@ -50,10 +54,22 @@ def copy_bandwidth(num_bytes: int = 512 * 2**20, repeat: int = 5) -> float:
     return 2 * num_bytes / seconds
 
 
-def gemm_rate(m: int, k: int, n: int, dtype: torch.dtype, repeat: int = 5) -> float:
-    """FLOP/s of an [m, k] @ [k, n] product in dtype."""
-    a, b = torch.randn(m, k).to(dtype), torch.randn(k, n).to(dtype)
-    return 2 * m * k * n / median_seconds(lambda: a @ b, repeat)
+def read_bandwidth(num_bytes: int, repeat: int = 5) -> float:
+    """Bytes/s of reading num_bytes once (a float32 sum, which runs far above memory speed out of
+    cache), best of repeat: other processes only ever slow a run down, so the fastest pass is the
+    closest to the machine's limit. Size it like the data whose reading it bounds: a working set
+    that fits in cache is read faster than one that streams from memory."""
+    data = torch.rand(max(num_bytes // 4, 1024))
+    return data.numel() * 4 / min(times_seconds(data.sum, repeat))
+
+
+def peak_gemm_rate(dtype: torch.dtype, sizes: tuple[int, ...] = (1024, 2048), repeat: int = 5) -> float:
+    """FLOP/s of large, compute-bound square products in dtype, the best of every size and repeat
+    (a decode-shaped product is bound by reading its weights and runs far slower)."""
+    def rate(size: int) -> float:
+        a, b = torch.randn(size, size).to(dtype), torch.randn(size, size).to(dtype)
+        return 2 * size**3 / min(times_seconds(lambda: a @ b, repeat))
+    return max(rate(size) for size in sizes)
 
 
 def print_table(rows: list[dict], columns: list[str]) -> None:

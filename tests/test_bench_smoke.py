@@ -67,6 +67,17 @@ def test_generation_benchmark(tmp_path):
     # (about the weights' size, 0.47 GiB for opt-125m in fp32) inside the measurement.
     assert abs(hf["rss_before_gib"] - ours["rss_before_gib"]) < 0.15
     assert ours["run_growth_gib"] > 0.3
+    # The floor is a lower bound that neither side beats, and it is made of the parts it prints.
+    floor = result["floor"]
+    assert floor["floor_ms"] < min(hf["decode_ms_per_step"], ours["decode_ms_per_step"])
+    assert min(hf["x_floor"], ours["x_floor"]) > 1
+    read_bytes = floor["weight_bytes"] + floor["kv_bytes_mean"]
+    assert floor["memory_floor_ms"] == pytest.approx(read_bytes / floor["read_bandwidth_gbs"] / 1e6)
+    assert floor["compute_floor_ms"] == pytest.approx(floor["decode_flops"] / floor["peak_gemm_gflops"] / 1e6)
+    assert floor["floor_ms"] == max(floor["memory_floor_ms"], floor["compute_floor_ms"])
+    # The peak rate comes from a compute-bound product: far above what a decode-shaped one reaches.
+    decode_gflops = floor["decode_flops"] / floor["weights_gemm_pass_prepacked_ms"] / 1e6
+    assert floor["peak_gemm_gflops"] > 2 * decode_gflops
 
 
 def test_kernels_benchmark(tmp_path):
