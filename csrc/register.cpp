@@ -152,6 +152,7 @@ TORCH_LIBRARY(hybrid_engine, m) {
         "int window=0) -> Tensor");
   m.def("add_norm(Tensor x, Tensor? residual, Tensor weight, Tensor? bias, float eps, bool rms) -> (Tensor, Tensor)");
   m.def("silu_and_mul(Tensor x) -> Tensor");
+  m.def("write_kv(Tensor key, Tensor value, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor slots) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(hybrid_engine, CPU, m) {
@@ -159,4 +160,5 @@ TORCH_LIBRARY_IMPL(hybrid_engine, CPU, m) {
   m.impl("prefill_attention", &hybrid_engine::cpu::prefill_attention);
   m.impl("add_norm", &hybrid_engine::cpu::add_norm);
   m.impl("silu_and_mul", &hybrid_engine::cpu::silu_and_mul);
+  m.impl("write_kv", &hybrid_engine::cpu::write_kv);
 }

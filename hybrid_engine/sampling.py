@@ -47,7 +47,8 @@ def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> t
 def choose_tokens(logits: torch.Tensor, options: SamplingOptions, num_generated: torch.Tensor,
                   generator: torch.Generator | None) -> torch.Tensor:
     """logits [B, V] of the last positions, num_generated [B] tokens each row already has -> int64 [B]."""
-    logits = logits.float()
+    # Greedy choice needs no float32 copy: widening bf16 is exact and keeps the order (and ties).
+    logits = logits.float() if options.do_sample else logits
     if options.min_new_tokens and options.eos_token_ids.numel():
         too_early = (num_generated < options.min_new_tokens)[:, None]
         eos = options.eos_token_ids

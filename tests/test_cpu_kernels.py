@@ -221,6 +221,32 @@ def test_silu_and_mul_saturates():
     check_silu_and_mul((4, 64), torch.float32, scale=100.0)
 
 
+@pytest.mark.parametrize("index_dtype", [torch.int64, torch.int32])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_write_kv(dtype, index_dtype):
+    """Rows of a fused projection's views (token stride 3x the row) land at their slots, -1 skipped."""
+    k_cache, v_cache = randn(5, 16, 3, 80, dtype=dtype), randn(5, 16, 3, 80, dtype=dtype)
+    slots = torch.randperm(5 * 16)[:11]
+    slots[[1, 7]] = -1
+    slots[0] = 5 * 16 - 1
+    key, value, _ = randn(11, 3, 3, 80, dtype=dtype).unbind(1)
+    expected_k, expected_v = k_cache.clone(), v_cache.clone()
+    reference.write_kv(key, value, expected_k, expected_v, slots)
+    ops.write_kv(key, value, k_cache, v_cache, slots.to(index_dtype))
+    assert torch.equal(k_cache, expected_k) and torch.equal(v_cache, expected_v)
+
+
+@pytest.mark.parametrize("slot,message", [(80, r"slots\[2\] = 80 must be -1 \(skip\) or in \[0, 80\)"),
+                                          (-2, r"slots\[2\] = -2 must be -1")], ids=["past", "below"])
+def test_write_kv_rejects_bad_slots_before_writing(slot, message):
+    k_cache, v_cache = randn(5, 16, 2, 64, dtype=torch.float32), randn(5, 16, 2, 64, dtype=torch.float32)
+    before = k_cache.clone()
+    with pytest.raises(ValueError, match=message):
+        ops.write_kv(randn(3, 2, 64, dtype=torch.float32), randn(3, 2, 64, dtype=torch.float32), k_cache, v_cache,
+                     torch.tensor([0, 1, slot]))
+    assert torch.equal(k_cache, before)
+
+
 def best_isa_of_this_cpu() -> str:
     """The variant the extension should pick here, from the kernel's own view of the CPU flags."""
     with open("/proc/cpuinfo") as f:

@@ -4,10 +4,10 @@ Each function validates its inputs (a ValueError naming the argument; no bad ind
 a kernel), then dispatches by the device of the inputs:
 
 - CUDA tensors: Triton kernels (`hybrid_engine.kernels.triton`, imported on first use).
-- CPU tensors: the C++ attention kernels in `torch.ops.hybrid_engine` when the extension has
-  them, the float32 reference for attention otherwise; the other ops run plain torch in the
-  inputs' own dtype (`native`; C++ norm and silu kernels exist but lose inside a model, see
-  `_CPP_OPS`). CPU dtypes: float32 and bfloat16
+- CPU tensors: the C++ attention and write_kv kernels in `torch.ops.hybrid_engine` when the
+  extension has them, the float32 reference for attention otherwise; the other ops run plain
+  torch in the inputs' own dtype (`native`; C++ norm and silu kernels exist but lose inside a
+  model, see `_CPP_OPS`). CPU dtypes: float32 and bfloat16
   (float16 matrix work on the CPU is about 1000x slower, so it is rejected).
 
 `use_backend(name)` forces a path inside a `with` block (per thread/task, via a ContextVar):
@@ -42,8 +42,13 @@ BACKENDS = ("auto", "triton", "cpp", "torch", "reference")
 # 0.8 s (bf16), decode 76-81 vs 70 ms/step; C++ silu_and_mul left a LLaMA decode step unchanged.
 # They stay reachable through use_backend("cpp").
 _CPP_OPS = {"decode_attention": "decode_attention", "prefill_attention": "prefill_attention",
-            "add_layer_norm": "add_norm", "add_rms_norm": "add_norm", "silu_and_mul": "silu_and_mul"}
-_CPP_BY_DEFAULT = ("decode_attention", "prefill_attention")
+            "add_layer_norm": "add_norm", "add_rms_norm": "add_norm", "silu_and_mul": "silu_and_mul",
+            "write_kv": "write_kv"}
+_CPP_BY_DEFAULT = ("decode_attention", "prefill_attention", "write_kv")
+# Norms of decode-sized inputs do go to C++: it keeps a few rows on one thread, where torch's
+# layer_norm wakes the second one (on 2 vCPUs, [16, 768] bf16: 48 us in torch, 9 us in C++; a
+# step of OPT-1.3b has 49 norms). Prefill-sized inputs stay in torch, as measured above.
+_CPP_NORM_MAX_ELEMENTS = 1 << 16
 _backend_override = contextvars.ContextVar("hybrid_engine_kernels_backend", default="auto")
 
 __all__ = [
@@ -101,8 +106,10 @@ def _route(op: str, *named: tuple[str, torch.Tensor | None]) -> tuple[str, tuple
 
 
 def write_kv(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-             slots: torch.Tensor) -> None:
-    """Write key/value [T, KVH, D] into the paged caches at slots int64 [T]; slot -1 is skipped."""
+             slots: torch.Tensor, *, check_indices: bool = True) -> None:
+    """Write key/value [T, KVH, D] into the paged caches at slots int64 [T]; slot -1 is skipped.
+    check_indices=False skips the slot range check for a caller that made it already (a model,
+    once per forward for all its layers)."""
     backend, dtypes = _route("write_kv", ("key", key), ("value", value), ("k_cache", k_cache),
                              ("v_cache", v_cache), ("slots", slots))
     check.check_cache_pair(k_cache, v_cache, dtypes)
@@ -110,11 +117,14 @@ def write_kv(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_ca
     check.check_same("value", value, "key", key)
     if key.shape[1:] != k_cache.shape[2:]:
         raise ValueError(f"key {tuple(key.shape)} does not match the [KVH, D] of k_cache {tuple(k_cache.shape)}")
-    check.check_slots(slots, key.shape[0], k_cache.shape[0] * k_cache.shape[1])
+    check.check_slots(slots, key.shape[0], k_cache.shape[0] * k_cache.shape[1], values=check_indices)
     if key.shape[0] == 0:
         return
     if backend == "triton":
         _triton("write_kv").write_kv(key, value, k_cache, v_cache, slots)
+    elif backend == "cpp":
+        torch.ops.hybrid_engine.write_kv(key.to(k_cache.dtype), value.to(v_cache.dtype), k_cache, v_cache,
+                                         slots.contiguous())
     else:
         (reference if backend == "reference" else native).write_kv(key, value, k_cache, v_cache, slots)
 
@@ -161,16 +171,17 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seql
 
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
-                     context_lens: torch.Tensor, *, scale: float | None = None,
-                     window: int | None = None) -> torch.Tensor:
+                     context_lens: torch.Tensor, *, scale: float | None = None, window: int | None = None,
+                     check_indices: bool = True) -> torch.Tensor:
     """One query per sequence over its paged cache: q [B, H, D], block_tables int32 [B, W] (-1 padded),
-    context_lens int32 [B] (>= 1). window: only the last `window` cached tokens are seen. Returns [B, H, D]."""
+    context_lens int32 [B] (>= 1). window: only the last `window` cached tokens are seen. Returns [B, H, D].
+    check_indices=False skips the range checks of block_tables and context_lens (see write_kv)."""
     backend, dtypes = _route("decode_attention", ("q", q), ("k_cache", k_cache), ("v_cache", v_cache),
                              ("block_tables", block_tables), ("context_lens", context_lens))
     check.check_cache_pair(k_cache, v_cache, dtypes)
     _check_qkv(q, "k_cache", k_cache, "v_cache", v_cache, dtypes, 4)
     num_blocks, block_size = k_cache.shape[:2]
-    check.check_block_tables(block_tables, context_lens, q.shape[0], num_blocks, block_size)
+    check.check_block_tables(block_tables, context_lens, q.shape[0], num_blocks, block_size, values=check_indices)
     check.check_window(window, causal=True)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     if backend == "triton":
@@ -224,6 +235,8 @@ def _check_vector(name: str, t: torch.Tensor | None, size: int, like: torch.Tens
 def _check_norm(op: str, x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
                 bias: torch.Tensor | None) -> str:
     backend, dtypes = _route(op, ("x", x), ("residual", residual), ("weight", weight), ("bias", bias))
+    if backend == "torch" and current_backend() == "auto" and x.numel() <= _CPP_NORM_MAX_ELEMENTS and _has_cpp("add_norm"):
+        backend = "cpp"
     check.check_float("x", x, None, dtypes)
     if residual is not None:
         check.check_same("residual", residual, "x", x)

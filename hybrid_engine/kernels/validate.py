@@ -1,8 +1,9 @@
 """Input checks of the public kernels: every bad input raises a ValueError naming the argument
 before anything reaches a kernel (Triton reads out-of-bounds memory silently, C++ crashes).
 
-Index checks cost one fused reduction and one host sync per call, so the decode hot path
-(one call per layer) stays cheap.
+Index checks cost a few small ops and one host sync per call. A model checks its step's index
+tensors once per forward and passes check_indices=False to the per-layer calls (the C++ kernels
+check indices again, cheaply, before they touch memory).
 """
 import torch
 
@@ -76,11 +77,12 @@ def check_cache_pair(k_cache: torch.Tensor, v_cache: torch.Tensor, dtypes: tuple
     check_contiguous("v_cache", v_cache)
 
 
-def check_slots(slots: torch.Tensor, num_tokens: int, num_slots: int) -> None:
+def check_slots(slots: torch.Tensor, num_tokens: int, num_slots: int, values: bool = True) -> None:
+    """values=False: shape and dtype only (the caller checked these slots' values already)."""
     check_index("slots", slots, 1, INDEX_DTYPES)
     if slots.shape[0] != num_tokens:
         raise ValueError(f"slots has {slots.shape[0]} entries for {num_tokens} tokens of key")
-    if slots.numel():
+    if values and slots.numel():
         lo, hi = bounds(slots)
         if lo < -1 or hi >= num_slots:
             raise ValueError(f"slots must be -1 (skip) or in [0, {num_slots}), got min {lo} max {hi}")
@@ -102,14 +104,15 @@ def check_copies(copies: torch.Tensor, num_blocks: int) -> None:
 
 
 def check_block_tables(block_tables: torch.Tensor, context_lens: torch.Tensor, batch: int, num_blocks: int,
-                       block_size: int) -> None:
+                       block_size: int, values: bool = True) -> None:
+    """values=False: shapes and dtypes only (the caller checked these tensors' values already)."""
     check_index("block_tables", block_tables, 2, (torch.int32,))
     check_index("context_lens", context_lens, 1, (torch.int32,))
     if block_tables.shape[0] != batch or context_lens.shape[0] != batch:
         raise ValueError(f"block_tables {tuple(block_tables.shape)} and context_lens {tuple(context_lens.shape)} "
                          f"must have one row per query, batch {batch}")
     width = block_tables.shape[1]
-    if batch == 0:
+    if batch == 0 or not values:
         return
     if width == 0:
         raise ValueError("block_tables has no columns")

@@ -81,6 +81,7 @@ class CausalLM(nn.Module):
                 kv_caches: list[tuple[torch.Tensor, torch.Tensor]], select: torch.Tensor | None = None) -> torch.Tensor:
         """input_ids, positions [T] -> hidden states [T, head input dim] (only rows `select` if given,
         e.g. each prompt's last token); writes K/V of all T tokens."""
+        batch.check_indices(kv_caches[0][0])
         h, residual = self.embed(input_ids, positions), None
         for layer, (k_cache, v_cache) in zip(self.layers, kv_caches):
             h, residual = layer(h, residual, positions, batch, k_cache, v_cache)

@@ -12,6 +12,7 @@ import torch.distributed as dist
 from torch import nn
 
 from hybrid_engine import kernels
+from hybrid_engine.kernels import validate as check
 from hybrid_engine.models.prepack import PackedWeight, linear
 
 
@@ -53,6 +54,15 @@ class AttentionBatch:
     @property
     def is_prefill(self) -> bool:
         return self.cu_seqlens is not None
+
+    def check_indices(self, k_cache: torch.Tensor) -> None:
+        """Range checks of slots and block tables against a layer's cache, once per forward: every
+        layer reuses these tensors and skips the kernels' own per-call checks (a host sync each)."""
+        num_blocks, block_size = k_cache.shape[:2]
+        check.check_slots(self.slots, self.slots.shape[0], num_blocks * block_size)
+        if not self.is_prefill:
+            check.check_block_tables(self.block_tables, self.context_lens, self.block_tables.shape[0], num_blocks,
+                                     block_size)
 
 
 def empty(*shape: int, like: dict) -> torch.Tensor:
@@ -151,12 +161,12 @@ class Attention(nn.Module):
             q, k = self.q_norm(q)[0], self.k_norm(k)[0]
         if self.rotary is not None:
             q, k = self.rotary(positions, q, k)
-        kernels.write_kv(k, v, k_cache, v_cache, batch.slots)
+        kernels.write_kv(k, v, k_cache, v_cache, batch.slots, check_indices=False)  # checked by the model
         if batch.is_prefill:
             o = kernels.prefill_attention(q, k, v, batch.cu_seqlens, window=self.window)
         else:
             o = kernels.decode_attention(q, k_cache, v_cache, batch.block_tables, batch.context_lens,
-                                         window=self.window)
+                                         window=self.window, check_indices=False)
         return self.out(o.flatten(1))
 
 
