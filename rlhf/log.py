@@ -3,20 +3,30 @@
 import json
 import os
 import time
+from pathlib import Path
 
 from tqdm import tqdm
 
 
+def rss_bytes() -> int:
+    """This process's resident memory now (VmRSS), 0 where /proc is missing."""
+    status = Path("/proc/self/status")
+    for line in status.read_text().splitlines() if status.exists() else ():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
 class Log:
     def __init__(self, output_dir: str, total_steps: int, rank: int, tensorboard_path: str | None = None,
-                 desc: str = "train"):
+                 desc: str = "train", initial: int = 0):
         self.rank, self.start = rank, time.perf_counter()
         self.file = self.bar = self.tb = None
         if rank != 0:
             return
         os.makedirs(output_dir, exist_ok=True)
         self.file = open(os.path.join(output_dir, "log.jsonl"), "a")
-        self.bar = tqdm(total=total_steps, desc=desc, dynamic_ncols=True)
+        self.bar = tqdm(total=total_steps, initial=initial, desc=desc, dynamic_ncols=True)
         if tensorboard_path:
             from torch.utils.tensorboard import SummaryWriter  # imported only when asked: slow import
             self.tb = SummaryWriter(tensorboard_path)
@@ -32,10 +42,15 @@ class Log:
 
     def step(self, step: int, loss: float, lr: float, tokens: int, seconds: float) -> None:
         """One optimizer step: tokens counted over all ranks."""
-        self.write("train", step, {"loss": loss, "lr": lr, "tokens_per_s": tokens / seconds, "step_s": seconds})
+        metrics = {"loss": loss, "lr": lr, "tokens_per_s": tokens / seconds, "step_s": seconds}
+        self.iteration(step, metrics, shown=("loss", "lr", "tokens_per_s"))
+
+    def iteration(self, step: int, metrics: dict, shown: tuple[str, ...] = ()) -> None:
+        """One step of any shape; the bar shows the `shown` metrics."""
+        self.write("train", step, metrics)
         if self.bar is not None:
             self.bar.update(1)
-            self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens / seconds:.0f}")
+            self.bar.set_postfix({k: f"{metrics[k]:.4g}" for k in shown})
 
     def eval(self, step: int, metrics: dict) -> None:
         self.write("eval", step, metrics)

@@ -1,0 +1,132 @@
+"""The four models of step 3 (and the actor's EMA), built as DeepSpeed-Chat's DeepSpeedRLHFEngine
+builds them: a trained actor and critic, a frozen reference copy of the SFT actor and a frozen
+reward model. The actor generates through `HybridEngine` with --enable_hybrid_engine, else through
+transformers' `generate` on the DeepSpeed module (DeepSpeed-Chat without its hybrid engine).
+
+Every check that can fail is made before the first model is loaded: a missing step-1/2 output, a
+critic whose tokenizer differs from the actor's, answers longer than the models' positions."""
+import argparse
+import os
+from dataclasses import dataclass
+
+import deepspeed
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+
+from hybrid_engine import HybridEngine
+from rlhf.ds import build_engine, load_config, prepare_model
+from rlhf.reward_model import load_dschat_reward, load_reward_model
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+ROLE_STEP = {"actor": "step 1 (python -m rlhf.sft)", "critic": "step 2 (python -m rlhf.reward)"}
+
+
+@dataclass
+class RLHFEngine:
+    actor: nn.Module            # DeepSpeed engine
+    ref: nn.Module              # frozen; a ZeRO-3 inference engine when the actor is ZeRO-3
+    critic: nn.Module           # DeepSpeed engine
+    reward: nn.Module           # frozen; a ZeRO-3 inference engine when the critic is ZeRO-3
+    actor_ema: nn.Module | None
+    hybrid: HybridEngine | None
+    tokenizer: object
+
+
+def role_args(args: argparse.Namespace, role: str) -> argparse.Namespace:
+    """The step-1/2 settings (rlhf.ds names) of the actor or the critic from the step-3 flags."""
+    get = lambda name: getattr(args, f"{role}_{name}")  # noqa: E731
+    return argparse.Namespace(
+        zero_stage=get("zero_stage"), learning_rate=get("learning_rate"), weight_decay=get("weight_decay"),
+        lora_dim=get("lora_dim"), lora_module_name=get("lora_module_name"), lora_learning_rate=get("lora_learning_rate"),
+        gradient_checkpointing=get("gradient_checkpointing"), dropout=get("dropout"),
+        only_optimize_lora=args.only_optimize_lora, dtype=args.dtype, offload=args.offload,
+        per_device_train_batch_size=args.per_device_training_batch_size,
+        gradient_accumulation_steps=args.gradient_accumulation_steps, lr_scheduler_type=args.lr_scheduler_type,
+        num_warmup_steps=args.num_warmup_steps)
+
+
+def check_checkpoint(path: str, role: str) -> None:
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise ValueError(f"--{role}_model_name_or_path {path!r}: no model there (config.json missing); "
+                         f"run {ROLE_STEP[role]} first, or point the flag at its --output_dir")
+
+
+def check_tokenizers(actor_tokenizer, critic_path: str) -> None:
+    """The critic and the reward model score the actor's token ids: their vocabularies must be the same."""
+    critic_tokenizer = AutoTokenizer.from_pretrained(critic_path)
+    if critic_tokenizer.get_vocab() != actor_tokenizer.get_vocab():
+        raise ValueError(f"the critic's tokenizer ({critic_path}) differs from the actor's "
+                         f"({actor_tokenizer.name_or_path}): the critic and reward model would read the actor's "
+                         "token ids as other words; train the reward model from the same tokenizer")
+    for name in ("eos_token_id", "pad_token_id"):
+        if getattr(critic_tokenizer, name) != getattr(actor_tokenizer, name):
+            raise ValueError(f"the critic's tokenizer has {name} {getattr(critic_tokenizer, name)}, "
+                             f"the actor's {getattr(actor_tokenizer, name)}")
+
+
+def check_positions(path: str, role: str, length: int) -> None:
+    positions = getattr(AutoConfig.from_pretrained(path), "max_position_embeddings", None)
+    if positions is not None and length > positions:
+        raise ValueError(f"--max_prompt_seq_len + --max_answer_seq_len = {length} exceeds the {role}'s "
+                         f"max_position_embeddings {positions} ({path})")
+
+
+def check_models(args: argparse.Namespace, tokenizer) -> None:
+    """Everything about the two checkpoints that would otherwise fail mid-training."""
+    check_checkpoint(args.actor_model_name_or_path, "actor")
+    check_checkpoint(args.critic_model_name_or_path, "critic")
+    check_tokenizers(tokenizer, args.critic_model_name_or_path)
+    length = args.max_prompt_seq_len + args.max_answer_seq_len
+    check_positions(args.actor_model_name_or_path, "actor", length)
+    check_positions(args.critic_model_name_or_path, "critic", length)
+
+
+def load_actor(args: argparse.Namespace, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
+    path = args.actor_model_name_or_path
+    return AutoModelForCausalLM.from_pretrained(path, config=load_config(path, args.actor_dropout), dtype=dtype)
+
+
+def load_critic(path: str, pad_token_id: int, dropout: float | None = None) -> PreTrainedModel:
+    """Our sequence-classification checkpoint, or a DeepSpeed-Chat step-2 pytorch_model.bin."""
+    config = load_config(path, dropout)
+    if not any(a.endswith("ForSequenceClassification") for a in config.architectures or []):
+        dschat = os.path.join(path, "pytorch_model.bin")
+        if os.path.isfile(dschat):
+            return load_dschat_reward(dschat, config, pad_token_id)
+    return load_reward_model(path, config, pad_token_id)
+
+
+def eval_config(zero_stage: int, dtype: str) -> dict:
+    # persistence threshold 0: every parameter lives only as its partition (the EMA is updated there)
+    return {"train_micro_batch_size_per_gpu": 1, "steps_per_print": 10**9,
+            "zero_optimization": {"stage": zero_stage, "stage3_param_persistence_threshold": 0},
+            "bf16": {"enabled": dtype == "bf16"}, "fp16": {"enabled": dtype == "fp16"}}
+
+
+def frozen(model: PreTrainedModel, zero_stage: int, dtype: str, device: torch.device) -> nn.Module:
+    """A model that only runs forwards: partitioned like its trained twin under ZeRO-3, else plain."""
+    model.requires_grad_(False).eval()
+    if zero_stage != 3:
+        return model.to(device, DTYPES[dtype])
+    engine, *_ = deepspeed.initialize(model=model, config=eval_config(zero_stage, dtype))
+    engine.eval()  # DeepSpeedEngine.eval returns None, not the engine
+    return engine
+
+
+def build_rlhf_engine(args: argparse.Namespace, tokenizer, steps: dict[str, int], device: torch.device) -> RLHFEngine:
+    """steps: optimizer steps of the run per trained role ("actor", "critic"), the schedules' length."""
+    actor_args, critic_args = role_args(args, "actor"), role_args(args, "critic")
+    actor = build_engine(prepare_model(load_actor(args).to(device), actor_args), actor_args, steps["actor"])
+    ref = frozen(load_actor(args), args.actor_zero_stage, args.dtype, device)
+    ema = None
+    if args.enable_ema:  # the actor's shape (LoRA included), so the update is tensor by tensor
+        ema = frozen(prepare_model(load_actor(args), actor_args), args.actor_zero_stage, args.dtype, device)
+    pad = tokenizer.pad_token_id
+    critic_model = load_critic(args.critic_model_name_or_path, pad, args.critic_dropout).to(device)
+    critic = build_engine(prepare_model(critic_model, critic_args), critic_args, steps["critic"])
+    reward = frozen(load_critic(args.critic_model_name_or_path, pad), args.critic_zero_stage, args.dtype, device)
+    hybrid = None
+    if args.enable_hybrid_engine:
+        hybrid = HybridEngine(actor, tp_size=args.inference_tp_size, dtype=DTYPES[args.dtype], report=False)
+    return RLHFEngine(actor, ref, critic, reward, ema, hybrid, tokenizer)
