@@ -12,6 +12,7 @@ exists is skipped (unless --force, or an input of it was rebuilt in this run).
         --deployment-type single_node --num-gpus 8 --data-path Dahoas/rm-static --step1-args "--lora_dim 128"
 """
 import argparse
+import hashlib
 import importlib.util
 import os
 import shlex
@@ -117,7 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
     add(parser, "verbose", "Also stream each step's output here (it always goes to the step's training.log).",
         action="store_true")
     add(parser, "example", "Build the synthetic topic-words task (rlhf.example) under OUTPUT_DIR/example and run "
-        f"the steps on it with settings for a 2-vCPU machine, on {EXAMPLE_RANKS} ranks (--num-gpus to change).",
+        f"the steps on it with settings for a 2-vCPU machine, on {EXAMPLE_RANKS} ranks (--num-gpus to change). "
+        "Its base model is random, so the reward model starts from the SFT actor (step 2 after step 1).",
         action="store_true")
     add(parser, "example_size", "Base model of --example: tiny (~0.12M parameters, tests) or small (~1.2M).",
         choices=("tiny", "small"), default="small")
@@ -156,7 +158,9 @@ def prepare_example(args: argparse.Namespace) -> None:
         example.write_data(data, args.example_records, seed=1234)
     if not os.path.isfile(os.path.join(base, "config.json")):
         example.write_model(base, args.example_size, seed=1234)
-    args.actor_model = args.reward_model = base
+    # The reward model starts from the SFT actor: the random base model knows nothing of the language
+    # (DeepSpeed-Chat's start from a pretrained model), and the reward model learns far better from it.
+    args.actor_model, args.reward_model = base, os.path.join(args.output_dir, FOLDERS[1], model_name(base))
     args.data_path = [data]
 
 
@@ -198,11 +202,23 @@ def launcher(args, port: int) -> list[str]:
 
 
 def step_env(args) -> dict[str, str]:
-    """Thread settings for CPU ranks, unless already set: OpenMP spin-waiting makes small matrix products up
-    to 50x slower on a small shared CPU, and ranks * threads should not exceed the cores."""
+    """Settings for the ranks, unless already set: OpenMP spin-waiting makes small matrix products up to 50x
+    slower on a small shared CPU, ranks * threads should not exceed the cores, and DeepSpeed's JIT-built
+    CPU ops get a directory of this Python environment's own."""
     ranks = 1 if args.deployment_type == "single_gpu" else (args.num_gpus or 1)
-    return {"OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE"),
-            "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // ranks)))}
+    defaults = {"OMP_WAIT_POLICY": "PASSIVE", "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // ranks)),
+                "TORCH_EXTENSIONS_DIR": extensions_dir()}
+    return {name: os.environ.get(name, value) for name, value in defaults.items()}
+
+
+def extensions_dir() -> str:
+    """torch's default build directory of JIT extensions (~/.cache/torch_extensions/py311_cpu) is shared by
+    every Python environment of the user. DeepSpeed builds its CPU communication op there on the first
+    launch; two environments with different include paths then rebuild it in turn, over a minute each on
+    2 vCPUs (seen here). One directory per environment (sys.prefix) builds it once."""
+    cache = os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache"))
+    env = hashlib.sha1(sys.prefix.encode()).hexdigest()[:10]
+    return os.path.join(cache, "torch_extensions", f"py{sys.version_info.major}{sys.version_info.minor}_env-{env}")
 
 
 def format_seconds(seconds: float) -> str:
@@ -256,34 +272,39 @@ def failure_hint(n: int, code: int, log_text: str) -> str:
     return "\n".join("hint: " + h for h in hints)
 
 
-def check_checkpoint(path: str, n: int) -> None:
-    """Step 3's inputs: a config and a tokenizer that load, with the step to run if not."""
+def inputs_of(args, steps: dict[int, Step], n: int) -> list[int]:
+    """The earlier steps whose checkpoints step n starts from."""
+    if n == 3:
+        return [1, 2]
+    return [1] if n == 2 and os.path.abspath(args.reward_model) == steps[1].output_dir else []
+
+
+def check_checkpoint(path: str, n: int, needed_by: int) -> None:
+    """A config and a tokenizer that load, with the step to run if not."""
+    needs = f"step {needed_by} needs the step-{n} checkpoint {path}, which"
     if not os.path.isfile(os.path.join(path, "config.json")):
-        raise StepError(f"step 3 needs the step-{n} checkpoint {path}, which does not exist (no config.json): "
-                        f"run step {n} first (this command with --step {n})")
+        raise StepError(f"{needs} does not exist (no config.json): run step {n} first (this command with --step {n})")
     from transformers import AutoConfig, AutoTokenizer
     try:
         AutoConfig.from_pretrained(path)
         AutoTokenizer.from_pretrained(path)
     except Exception as e:  # any reason a checkpoint does not load is reported the same way
-        raise StepError(f"step 3 needs the step-{n} checkpoint {path}, which does not load ({type(e).__name__}: "
-                        f"{e}): run step {n} again with --force") from None
+        raise StepError(f"{needs} does not load ({type(e).__name__}: {e}): run step {n} again with --force") from None
 
 
-def check_step3(steps: dict[int, Step]) -> None:
-    for n in (1, 2):
-        check_checkpoint(steps[n].output_dir, n)
-    if importlib.util.find_spec(MODULES[3]) is None:
-        raise StepError(f"step 3 needs the module {MODULES[3]}, which this installation does not have yet")
+def check_inputs(args, steps: dict[int, Step], n: int) -> None:
+    for i in inputs_of(args, steps, n):
+        check_checkpoint(steps[i].output_dir, i, needed_by=n)
+    if importlib.util.find_spec(MODULES[n]) is None:
+        raise StepError(f"step {n} needs the module {MODULES[n]}, which this installation does not have yet")
 
 
 def run_step(args, step: Step) -> None:
     """Launch one step; StepError with the end of its log when it fails."""
-    if step.number == 3:
-        check_step3(steps_of(args))
+    steps = steps_of(args)
+    check_inputs(args, steps, step.number)
     os.makedirs(step.output_dir, exist_ok=True)
-    cmd = [*launcher(args, free_port()), "--module", MODULES[step.number], *step_flags(args, steps_of(args),
-                                                                                       step.number)]
+    cmd = [*launcher(args, free_port()), "--module", MODULES[step.number], *step_flags(args, steps, step.number)]
     env = step_env(args)
     print(f"[step {step.number}] {' '.join(f'{k}={v}' for k, v in env.items())} {shlex.join(cmd)}", flush=True)
     print(f"[step {step.number}] started {time.strftime('%H:%M:%S')}, log: {step.log}", flush=True)
@@ -298,11 +319,10 @@ def run_step(args, step: Step) -> None:
     print(f"[step {step.number}] finished in {format_seconds(seconds)}: {step.output_dir}", flush=True)
 
 
-def skip_reason(args, step: Step, rebuilt: set[int]) -> str | None:
-    if args.force or not step.finished:
+def skip_reason(args, steps: dict[int, Step], n: int, rebuilt: set[int]) -> str | None:
+    step = steps[n]
+    if args.force or not step.finished or rebuilt & set(inputs_of(args, steps, n)):
         return None
-    if step.number == 3 and rebuilt & {1, 2}:
-        return None  # its actor or critic is new
     return f"[step {step.number}] skipped: finished output exists in {step.output_dir} (--force to run it again)"
 
 
@@ -336,7 +356,7 @@ def run(args) -> None:
         print(f"[step 3] not run: the module {MODULES[3]} does not exist yet; the example runs steps 1-2", flush=True)
         wanted.remove(3)
     for n in wanted:
-        reason = skip_reason(args, steps[n], rebuilt)
+        reason = skip_reason(args, steps, n, rebuilt)
         if reason:
             print(reason, flush=True)
             continue

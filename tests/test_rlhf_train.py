@@ -102,6 +102,24 @@ def test_step3_refuses_missing_or_broken_inputs(tmp_path):
     assert not (tmp_path / "step3-models").exists()  # nothing launched
 
 
+def test_example_reward_model_starts_from_the_sft_actor(tmp_path):
+    with pytest.raises(SystemExit) as exit:
+        train.main([*EXAMPLE, "--output-dir", str(tmp_path), "--step", "2"])
+    assert f"step 2 needs the step-1 checkpoint {tmp_path / 'actor-models' / 'opt-tiny'}" in str(exit.value.code)
+
+
+def test_steps_rerun_when_their_inputs_were_rebuilt(tmp_path):
+    args = train.parse_args(["--actor-model", "a/opt-x", "--reward-model", "b/opt-y", "--output-dir", str(tmp_path)])
+    steps = train.steps_of(args)
+    for step in steps.values():
+        os.makedirs(step.checkpoint)
+        open(os.path.join(step.checkpoint, "config.json"), "w").close()
+    assert all(train.skip_reason(args, steps, n, rebuilt=set()) for n in (1, 2, 3))
+    assert train.skip_reason(args, steps, 2, rebuilt={1}) and not train.skip_reason(args, steps, 3, rebuilt={1})
+    args.force = True
+    assert not any(train.skip_reason(args, steps, n, rebuilt=set()) for n in (1, 2, 3))
+
+
 def test_failure_hints():
     assert "OOM killer" in train.failure_hint(1, 247, "...exits with return code = -9")
     assert "OOM killer" in train.failure_hint(3, -9, "")
