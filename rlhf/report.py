@@ -9,6 +9,7 @@ import json
 import os
 
 TOTAL_TIME = "time_total_s"
+PHASE_ORDER = ("generation", "reshard", "experience", "actor", "critic")  # as an iteration runs them
 
 
 def read_log(path: str) -> list[dict]:
@@ -28,12 +29,17 @@ def series(records: list[dict], kind: str, key: str) -> tuple[list[int], list[fl
 
 
 def phase_keys(records: list[dict]) -> list[str]:
-    """time_<phase>_s keys of the train records, in first-seen order, the total left out."""
+    """time_<phase>_s keys of the train records, the total left out, known phases in the order an iteration
+    runs them, then any others as first seen."""
     keys = {}
     for r in records:
         if r.get("kind") == "train":
             keys.update((k, None) for k in r if k.startswith("time_") and k.endswith("_s") and k != TOTAL_TIME)
-    return list(keys)
+
+    def order(key: str) -> int:
+        name = key[len("time_"):]
+        return next((i for i, phase in enumerate(PHASE_ORDER) if name.startswith(phase)), len(PHASE_ORDER))
+    return sorted(keys, key=order)
 
 
 def reward_table(records: list[dict], max_rows: int = 20) -> str:
@@ -51,8 +57,10 @@ def reward_table(records: list[dict], max_rows: int = 20) -> str:
 
 
 def plot_rewards(records: list[dict], path: str) -> bool:
-    """Train reward_mean per step, eval reward_mean and task_score; False when there is nothing to draw."""
+    """Train reward_mean (and its moving average reward_ema) per step, eval reward_mean and task_score;
+    False when there is nothing to draw."""
     curves = [("train reward_mean", *series(records, "train", "reward_mean"), "-"),
+              ("train reward_ema", *series(records, "train", "reward_ema"), "-"),
               ("eval reward_mean", *series(records, "eval", "reward_mean"), "o-"),
               ("eval task_score", *series(records, "eval", "task_score"), "s--")]
     curves = [c for c in curves if c[1]]
@@ -109,22 +117,26 @@ def write_plots(step3_dir: str) -> list[str]:
 
 
 def compare_answers(sft_path: str, ppo_path: str, prompts: list[str], max_new_tokens: int, shown: int,
-                    score=None) -> str:
-    """Greedy answers of both actors to the first `shown` prompts, with score(prompt, answer), and the
-    mean score over all prompts when score is given."""
+                    score=None, seed: int = 1234) -> str:
+    """Sampled answers (as PPO trains and evaluates on; greedy decoding of a small model mostly repeats one
+    word) of both actors to the first `shown` prompts, with score(prompt, answer), and the mean score over
+    all prompts when score is given. Both actors sample with the same seed."""
+    from transformers.utils import logging as hf_logging
+
     from rlhf.chat import complete, load_actor
+    hf_logging.disable_progress_bar()
     answers = {}
     for name, path in (("SFT", sft_path), ("PPO", ppo_path)):
         model, tokenizer = load_actor(path)
-        answers[name] = complete(model, tokenizer, prompts, max_new_tokens, do_sample=False)
+        answers[name] = complete(model, tokenizer, prompts, max_new_tokens, do_sample=True, seed=seed)
     lines = []
     for i, prompt in enumerate(prompts[:shown]):
         lines.append(f"prompt:{prompt}")
         for name, texts in answers.items():
-            note = f"  (score {score(prompt, texts[i]):+.2f})" if score else ""
+            note = f" (score {score(prompt, texts[i]):+.2f})" if score else ""
             lines.append(f"  {name}: {texts[i]}{note}")
     if score:
         means = {name: sum(map(score, prompts, texts)) / len(prompts) for name, texts in answers.items()}
-        lines.append(f"mean score over {len(prompts)} prompts (greedy): "
+        lines.append(f"mean score over {len(prompts)} prompts (sampled): "
                      + ", ".join(f"{name} {m:+.3f}" for name, m in means.items()))
     return "\n".join(lines)

@@ -134,7 +134,7 @@ def write_step3_log(path) -> None:
                {"kind": "train", "step": 1, "reward_mean": 9.0, "time_total_s": 1.0},
                {"kind": "eval", "step": 0, "reward_mean": -1.0, "task_score": 0.1}]
     for step, reward in [(1, 0.1), (2, 0.2), (3, 0.9), (4, 0.9), (3, 0.3), (4, 0.4), (5, 0.5)]:
-        phases = {"time_generation_s": 0.5, "time_experience_s": 0.1, "time_actor_s": 0.2}
+        phases = {"time_actor_s": 0.2, "time_generation_s": 0.5, "time_experience_s": 0.1}
         if step != 3:
             phases["time_critic_s"] = 0.15
         records.append({"kind": "train", "step": step, "reward_mean": reward, **phases,
@@ -169,7 +169,7 @@ def test_report_compares_answers(steps12):
     text = report.compare_answers(os.path.join(steps12, "actor-models", "opt-tiny"), base, prompts, 8, 2,
                                   example.score)
     assert text.count("prompt: Human:") == 2 and text.count("  SFT: ") == 2 and text.count("  PPO: ") == 2
-    assert "mean score over 6 prompts (greedy): SFT " in text
+    assert "mean score over 6 prompts (sampled): SFT " in text
 
 
 def test_step3_of_the_example(steps12):
