@@ -234,20 +234,24 @@ def best_limits(*measured: dict) -> dict:
     return {key: max(m[key] for m in measured) for key in measured[0]}
 
 
-def decode_floor(model, args, dtype: torch.dtype, limits: dict) -> dict:
-    """Lower bound of one decode step at the mean context length: the larger of the bytes it must
-    read (weights it multiplies by, K/V it attends to) at the read bandwidth and its FLOPs at the
-    peak GEMM rate, both measured in this run."""
+def decode_work(model, args, dtype: torch.dtype) -> dict:
+    """What one decode step at the mean context length must do: the bytes it reads (the weights it
+    multiplies by, the K/V it attends to) and its FLOPs."""
     weights = decode_weights(model)
-    weight_bytes = sum(w.numel() * w.element_size() for w in weights)
     context = args.prompt_len + args.new_tokens / 2
-    kv = kv_bytes(model, args.batch, context, dtype)
     attention_flops = 4 * args.batch * context * model.config.num_attention_heads * model.head_dim * model.num_layers
-    flops = 2 * args.batch * sum(w.numel() for w in weights) + attention_flops
-    memory_ms = (weight_bytes + kv) / (limits["read_bandwidth_gbs"] * 1e9) * 1e3
-    compute_ms = flops / (limits["peak_gemm_gflops"] * 1e9) * 1e3
-    return {"weight_bytes": weight_bytes, "kv_bytes_mean": kv, **limits, "memory_floor_ms": memory_ms,
-            "decode_flops": flops, "compute_floor_ms": compute_ms, "floor_ms": max(memory_ms, compute_ms)}
+    return {"weight_bytes": sum(w.numel() * w.element_size() for w in weights),
+            "kv_bytes_mean": kv_bytes(model, args.batch, context, dtype),
+            "decode_flops": 2 * args.batch * sum(w.numel() for w in weights) + attention_flops}
+
+
+def decode_floor(work: dict, limits: dict) -> dict:
+    """Lower bound of one decode step: the larger of its bytes at the read bandwidth and its FLOPs at
+    the peak GEMM rate, both measured in this run."""
+    memory_ms = (work["weight_bytes"] + work["kv_bytes_mean"]) / (limits["read_bandwidth_gbs"] * 1e9) * 1e3
+    compute_ms = work["decode_flops"] / (limits["peak_gemm_gflops"] * 1e9) * 1e3
+    return {**work, **limits, "memory_floor_ms": memory_ms, "compute_floor_ms": compute_ms,
+            "floor_ms": max(memory_ms, compute_ms)}
 
 
 def gemm_passes(model, batch: int, dtype: torch.dtype) -> dict:
@@ -301,9 +305,9 @@ def main() -> None:
                                logits_processor=LogitsProcessorList([hf_clock]))
 
     # The machine's limits, measured before and after the runs (the best of both: load from other
-    # processes only lowers a rate), over a working set as large as a decode step's.
-    step_bytes = sum(t.numel() * t.element_size() for t in hf.parameters())
-    limits_before = machine_limits(step_bytes, dtype)
+    # processes only lowers a rate), over a working set as large as the weights (before) and as a
+    # whole decode step's reads (after).
+    limits_before = machine_limits(sum(t.numel() * t.element_size() for t in hf.parameters()), dtype)
     rows = []
     if not args.skip_hf:
         # Each side starts from one copy of the weights and nothing else: HF's run first, before our
@@ -330,8 +334,9 @@ def main() -> None:
     our_row, our_tokens = measure("hybrid_engine", setup_ours, our_clock, args.batch, args.new_tokens)
     rows.append(our_row)
     agreement = None if args.skip_hf else token_agreement(our_tokens, hf_tokens, args.prompt_len)
-    limits = best_limits(limits_before, machine_limits(step_bytes, dtype))
-    floor = decode_floor(generator.model, args, dtype, limits)
+    work = decode_work(generator.model, args, dtype)
+    limits = best_limits(limits_before, machine_limits(work["weight_bytes"] + int(work["kv_bytes_mean"]), dtype))
+    floor = decode_floor(work, limits)
     floor.update(gemm_passes(generator.model, args.batch, dtype))
     for row in rows:
         row["x_floor"] = row["decode_ms_per_step"] / floor["floor_ms"]
