@@ -24,7 +24,7 @@ from rlhf.args import add, add_no_effect
 from rlhf.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
 from rlhf.data import build_datasets, collate_prompts
 from rlhf.data.unsupervised import collate_blocks, text_blocks
-from rlhf.ds import all_sum, init_distributed, make_loader, rank, save_hf, world_size
+from rlhf.ds import all_max, all_sum, init_distributed, make_loader, rank, save_hf, world_size
 from rlhf.log import Log, rss_bytes
 from rlhf.ppo_math import RunningMoments
 from rlhf.ppo_trainer import PPOTrainer, local_shard, sequence_masks
@@ -132,7 +132,8 @@ def add_ppo(parser: argparse.ArgumentParser) -> None:
         action="store_true")
     add(parser, "normalize_reward", "Divide scores by their running standard deviation (DeepSpeed-Chat does not).",
         action="store_true")
-    add(parser, "enable_ema", "Keep an EMA of the actor (saved to output_dir/actor_ema).", action="store_true")
+    add(parser, "enable_ema", "Keep an EMA of the actor, in fp32 (saved to output_dir/actor_ema).",
+        action="store_true")
     add(parser, "ema_beta", "EMA decay per actor step.", type=float, default=0.992)
 
 
@@ -356,7 +357,7 @@ def run(trainer: PPOTrainer, prompts: Cycle, unsup: Cycle | None, evaluate_now, 
         reward_ema = metrics["reward_mean"] if reward_ema is None else 0.9 * reward_ema + 0.1 * metrics["reward_mean"]
         generated = sum(int(e["action_mask"].sum()) for e in experiences)
         metrics.update(reward_ema=reward_ema, dropped_answers=trainer.stats["dropped_answers"],
-                       lr_actor=trainer.engine.actor.get_lr()[0], rss_bytes=rss_bytes(),
+                       lr_actor=trainer.engine.actor.get_lr()[0], rss_bytes_max_rank=all_max(rss_bytes()),
                        tokens_per_s=all_sum(generated)[0] / max(times.get("generation", 0.0), 1e-9) / world_size(),
                        **{f"time_{k}_s": v for k, v in times.items()}, time_total_s=time.perf_counter() - begin)
         log.iteration(step, metrics, shown=("reward_mean", "kl_ref", "actor_loss", "critic_loss", "time_total_s"))

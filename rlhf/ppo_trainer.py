@@ -127,22 +127,27 @@ class PPOTrainer:
         input_ids, prompt_mask = prompt_batch["input_ids"].to(device), prompt_batch["attention_mask"].to(device)
         self.times = {}
         e.actor.eval()
+        try:
+            return self._experience(input_ids, prompt_mask)
+        finally:
+            e.actor.train()
+
+    def _experience(self, input_ids: torch.Tensor, prompt_mask: torch.Tensor) -> dict | None:
+        e = self.engine
         with self.clock("generation"):
             seq, lengths = self.generate_sequence(input_ids, prompt_mask)
         keep = lengths > 1
         self.stats = {"dropped_answers": float((~keep).sum()), "answers": float(len(keep))}
         if not all_ranks_agree(int(keep.sum()) >= self.minibatches):
             return None
-        seq, lengths, prompt_mask = seq[keep], lengths[keep], prompt_mask[keep]
-        self.stats["answer_length"] = lengths.float().mean().item()
-        width = seq.shape[1] - input_ids.shape[1]
+        width = int(lengths[keep].max())  # columns after the longest kept answer are padding on every row
+        seq, lengths, prompt_mask = seq[keep, :input_ids.shape[1] + width], lengths[keep], prompt_mask[keep]
         attention_mask, action_mask = sequence_masks(prompt_mask, lengths, width)
         with self.clock("experience"):
             logprobs = answer_logprobs(e.actor, seq, attention_mask, width)
             ref_logprobs = answer_logprobs(e.ref, seq, attention_mask, width)
             values = answer_values(unwrap(e.critic), seq, attention_mask, width)
             scores = end_scores(token_values(unwrap(e.reward), seq, attention_mask), attention_mask)
-        e.actor.train()
         if self.args.normalize_reward:
             self.moments.update(gather_rows(scores))
         return {"seq": seq, "attention_mask": attention_mask,

@@ -121,7 +121,8 @@ def build_rlhf_engine(args: argparse.Namespace, tokenizer, steps: dict[str, int]
     ref = frozen(load_actor(args), args.actor_zero_stage, args.dtype, device)
     ema = None
     if args.enable_ema:  # the actor's shape (LoRA included), so the update is tensor by tensor
-        ema = frozen(prepare_model(load_actor(args), actor_args), args.actor_zero_stage, args.dtype, device)
+        # in fp32 whatever --dtype: a bf16 EMA would round most updates of (1 - beta) * delta away
+        ema = frozen(prepare_model(load_actor(args), actor_args), args.actor_zero_stage, "fp32", device)
     pad = tokenizer.pad_token_id
     critic_model = load_critic(args.critic_model_name_or_path, pad, args.critic_dropout).to(device)
     critic = build_engine(prepare_model(critic_model, critic_args), critic_args, steps["critic"])
