@@ -2,8 +2,10 @@
 ranks, skipped when finished; a failing step reports its log; step 3 refuses missing or broken inputs;
 the step-3 report (reward curve, plots, SFT vs PPO answers) from a log in the lead's format; and, once
 rlhf.ppo exists, step 3 of the example end to end."""
+import glob
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -48,6 +50,8 @@ def test_steps_1_2_through_the_launcher_on_2_ranks(steps12):
         assert "dist_world_size=2" in log  # the launcher started 2 ranks
         assert evals(output)[0]["step"] == 0 and evals(output)[-1]["step"] > 0  # before and after training
     assert "total:" in stdout and "steps run: 1 2" in stdout
+    ports = re.findall(r"--master_port (\d+)", stdout)
+    assert len(ports) == 2 and not [f for port in ports for f in glob.glob(f"/dev/shm/*_{port}_*")]
     rm_config = json.load(open(os.path.join(steps12, "reward-models", "opt-tiny", "config.json")))
     assert rm_config["architectures"] == ["OPTForSequenceClassification"]
     sft_evals = evals(os.path.join(steps12, "actor-models", "opt-tiny"))
