@@ -1,0 +1,508 @@
+"""Real PPO iterations of rlhf's step-3 trainer, split into generation, experience and training, for the
+ways a user can run the same iteration (DeepSpeed-Chat's Figure 5 on this machine):
+
+    python -m bench.e2e --model opt-1.3b [--reward-model opt-350m] [--world 2] [--batch 2]
+                        [--prompt-len 256] [--answer-len 256] [--iterations 2] [--tp 1 2] [--out ...]
+
+Paths, each in its own freshly launched ranks (memory is freed between paths), each running one
+warm-up iteration and then --iterations measured ones through rlhf.ppo_trainer.PPOTrainer:
+  ds_chat        transformers' generate on the ZeRO-3 actor: every forward gathers every layer
+                 (DeepSpeed-Chat without its hybrid engine).
+  gather_once    every actor parameter gathered once per iteration (one all_gather each, LoRA merged)
+                 into a plain, un-hooked transformers model built beforehand, then its generate; the
+                 gather is part of generation_s and reported apart as gather_s.
+  hybrid_engine  ours (--enable_hybrid_engine): ZeRO-3 shards resharded into TP inference weights;
+                 resharding is part of generation_s and reported apart as reshard_s.
+The actor, reference, critic and reward model are built from the real configurations with random
+weights (the critic and the reward model share --reward-model's architecture) and saved once per run
+as checkpoints the rlhf code loads. Actor and critic run under ZeRO-3 on --world CPU ranks (gloo).
+Prompts are random token ids (never EOS), the same on every path; every answer is forced to
+--answer-len tokens (--min_answer_seq_len = --max_answer_seq_len), sampled as PPO samples.
+
+--slow-answer-len N (< --answer-len) times ds_chat's generation on N tokens and on 1 token and
+extrapolates it to --answer-len (the 1-token run's time plus the per-token decode rate between the
+two); the answers are then filled up to --answer-len with random tokens so that experience and
+training run on the same lengths as every other path. Such a path says so: `extrapolated` and
+`timed_answer_tokens` in its row and in the JSON.
+
+Reported per path: the median over measured iterations (each the slowest rank's time) of every
+phase, seconds per sequence (all ranks' sequences), generated tokens/s (all ranks), per-rank peak RSS
+(VmHWM over the whole rank, loading included, and over the measured iterations alone), and each
+path's speed-up against ds_chat and gather_once. Memory is planned before anything is launched: the
+per-rank estimate of every path is printed, and a run whose estimate exceeds the memory available
+now is refused with what would fit.
+"""
+import bench  # noqa: F401  (sets OMP_WAIT_POLICY=PASSIVE before torch is imported)
+
+import argparse
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, PretrainedConfig
+
+from bench.common import print_environment, print_table, write_json
+from bench.launch import run_ranks
+from bench.zero3 import DTYPES, MODELS, check_tp
+from hybrid_engine.engine import return_freed_memory
+from hybrid_engine.lora import base_name, find_adapters, is_adapter_param
+
+GIB = 2**30
+LORA_MODULES = "layers."  # OPT's model.decoder.layers.N and LLaMA's model.layers.N
+BASELINES = ("ds_chat", "gather_once")
+PHASES = ("generation", "experience", "training")
+
+
+# ---- checkpoints the rlhf code loads ------------------------------------------------------------
+def make_tokenizer(config: PretrainedConfig):
+    """A word-level tokenizer over the model's vocabulary with the config's special ids: prompts are
+    random ids, so only the vocabulary size and the special ids matter."""
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    special = {config.pad_token_id: "<pad>", config.eos_token_id: "</s>"}
+    vocab = {special.get(i, f"t{i}"): i for i in range(config.vocab_size)}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="</s>", pad_token="<pad>", padding_side="left")
+
+
+def write_checkpoints(args: argparse.Namespace, root: str) -> dict[str, str]:
+    """The actor (causal LM) and the reward model (sequence classification, 1 label) with random weights
+    in --dtype, each with the same tokenizer; freed before the ranks start."""
+    actor_config, reward_config = MODELS[args.model](), MODELS[args.reward_model]()
+    if actor_config.vocab_size != reward_config.vocab_size:
+        raise SystemExit(f"--reward-model {args.reward_model} has a vocabulary of {reward_config.vocab_size}, "
+                         f"--model {args.model} {actor_config.vocab_size}: they must read the same token ids")
+    tokenizer = make_tokenizer(actor_config)
+    reward_config.num_labels, reward_config.pad_token_id = 1, actor_config.pad_token_id
+    paths = {"actor": os.path.join(root, "actor"), "reward": os.path.join(root, "reward")}
+    torch.manual_seed(args.seed)
+    for role, build in (("actor", lambda: AutoModelForCausalLM.from_config(actor_config, dtype=DTYPES[args.dtype])),
+                        ("reward", lambda: AutoModelForSequenceClassification.from_config(
+                            reward_config, dtype=DTYPES[args.dtype]))):
+        model = build()
+        model.save_pretrained(paths[role])  # safetensors
+        tokenizer.save_pretrained(paths[role])
+        del model
+        return_freed_memory()
+    return paths
+
+
+def ppo_argv(args: argparse.Namespace, path: str, tp: int, checkpoints: dict[str, str], out: str) -> list[str]:
+    """rlhf.ppo's flags for one path: DeepSpeed-Chat's benchmark setting with a forced answer length."""
+    argv = ["--data_path", "unused", "--actor_model_name_or_path", checkpoints["actor"],
+            "--critic_model_name_or_path", checkpoints["reward"], "--output_dir", out,
+            "--max_prompt_seq_len", str(args.prompt_len), "--max_answer_seq_len", str(args.answer_len),
+            "--min_answer_seq_len", str(args.answer_len), "--per_device_generation_batch_size", str(args.batch),
+            "--per_device_training_batch_size", str(args.batch), "--actor_zero_stage", "3",
+            "--critic_zero_stage", "3", "--dtype", args.dtype, "--num_warmup_steps", "0", "--seed", str(args.seed)]
+    if args.lora_dim:
+        argv += ["--actor_lora_dim", str(args.lora_dim), "--critic_lora_dim", str(args.lora_dim),
+                 "--actor_lora_module_name", LORA_MODULES, "--critic_lora_module_name", LORA_MODULES,
+                 "--only_optimize_lora"]
+    if args.gradient_checkpointing:
+        argv += ["--actor_gradient_checkpointing", "--critic_gradient_checkpointing"]
+    if path.startswith("hybrid_engine"):
+        argv += ["--enable_hybrid_engine", "--inference_tp_size", str(tp)]
+    return argv
+
+
+# ---- the paths --------------------------------------------------------------------------------
+def make_trainer_class():
+    """PPOTrainer subclasses for gather_once and the extrapolated ds_chat (rlhf is imported in the ranks)."""
+    import deepspeed
+    from hybrid_engine.engine import unwrap
+    from rlhf.ppo_trainer import PPOTrainer, answer_lengths
+
+    class GatherOnceTrainer(PPOTrainer):
+        """Generation: gather every actor parameter once into `plain`, then transformers' generate there."""
+
+        def __init__(self, engine, args, plain):
+            super().__init__(engine, args)
+            self.plain, self.plain_params = plain, dict(plain.named_parameters())
+
+        @torch.no_grad()
+        def gather(self) -> None:
+            module = unwrap(self.engine.actor)
+            for name, p in module.named_parameters():  # one all_gather per parameter, as GatheredParameters does
+                if not is_adapter_param(name):
+                    with deepspeed.zero.GatheredParameters([p]):
+                        self.plain_params[base_name(name)].copy_(p)
+            for adapter in find_adapters(module):  # LoRA merged: W + scale * B @ A
+                with deepspeed.zero.GatheredParameters([adapter.a, adapter.b]):
+                    w = self.plain_params[adapter.weight]
+                    w.copy_((w.float() + adapter.scale * (adapter.b.float() @ adapter.a.float())).to(w.dtype))
+
+        def _generate_hf(self, input_ids, attention_mask, options):
+            with self.clock("gather"):
+                self.gather()
+            seq = self.plain.generate(input_ids=input_ids, attention_mask=attention_mask, **options)
+            return seq, answer_lengths(seq[:, input_ids.shape[1]:], options["eos_token_id"])
+
+    class ExtrapolatedTrainer(PPOTrainer):
+        """ds_chat timed on `timed` tokens and on 1, extrapolated to the full answer length; the answers
+        are filled up with random tokens (never EOS) so experience and training see full lengths."""
+
+        def __init__(self, engine, args, timed: int):
+            super().__init__(engine, args)
+            self.timed, self.generation_estimate, self.measured = timed, 0.0, {}
+
+        def _timed_generate(self, input_ids, attention_mask, options, n: int):
+            start = time.perf_counter()
+            seq, _ = super()._generate_hf(input_ids, attention_mask, {**options, "max_new_tokens": n,
+                                                                      "min_new_tokens": n})
+            return seq, time.perf_counter() - start
+
+        def _generate_hf(self, input_ids, attention_mask, options):
+            full = options["max_new_tokens"]
+            _, one = self._timed_generate(input_ids, attention_mask, options, 1)
+            seq, timed = self._timed_generate(input_ids, attention_mask, options, self.timed)
+            self.generation_estimate = one + (full - 1) * (timed - one) / (self.timed - 1)
+            self.measured = {"one_token_generation_s": one, "timed_generation_s": timed}
+            fill = random_tokens((len(seq), full - self.timed), self.engine.tokenizer, self.generator)
+            return torch.cat([seq, fill], 1), torch.full((len(seq),), full)
+
+    return GatherOnceTrainer, ExtrapolatedTrainer
+
+
+def random_tokens(shape: tuple[int, int], tokenizer, generator: torch.Generator) -> torch.Tensor:
+    """Random token ids that are neither EOS nor padding."""
+    special = torch.tensor(sorted({tokenizer.eos_token_id, tokenizer.pad_token_id}))
+    ids = torch.randint(0, len(tokenizer) - len(special), shape, generator=generator)
+    for s in special:  # shift past each special id in turn: a uniform draw over the other ids
+        ids += ids >= s
+    return ids
+
+
+def prompt_batches(tokenizer, args: argparse.Namespace, rank: int, count: int) -> list[dict]:
+    """Per iteration, --batch random prompts of --prompt-len tokens, left-padded as rlhf collates them;
+    the same on every path (seeded by rank and iteration)."""
+    from rlhf.data import collate_prompts
+
+    batches = []
+    for i in range(count):
+        g = torch.Generator().manual_seed(args.seed + 1000 * rank + i)
+        rows = random_tokens((args.batch, args.prompt_len), tokenizer, g)
+        batches.append(collate_prompts([{"prompt_ids": r} for r in rows], tokenizer.pad_token_id))
+    return batches
+
+
+def build_trainer(path: str, args: argparse.Namespace, ppo_args, engine):
+    from rlhf.ppo_trainer import PPOTrainer
+
+    GatherOnceTrainer, ExtrapolatedTrainer = make_trainer_class()
+    if path == "gather_once":
+        config = unwrap_config(engine)
+        plain = AutoModelForCausalLM.from_config(config, dtype=DTYPES[args.dtype]).eval()
+        return GatherOnceTrainer(engine, ppo_args, plain)
+    if path == "ds_chat" and args.slow_answer_len:
+        return ExtrapolatedTrainer(engine, ppo_args, args.slow_answer_len)
+    return PPOTrainer(engine, ppo_args)
+
+
+def unwrap_config(engine) -> PretrainedConfig:
+    from hybrid_engine.engine import unwrap
+    return unwrap(engine.actor).config
+
+
+def run_iteration(trainer, batch: dict, ppo_args) -> dict:
+    """One PPO iteration as rlhf.ppo runs it; seconds per phase (training = actor + critic steps)."""
+    from rlhf.ppo import add_times, train_iteration
+
+    dist.barrier()
+    start = time.perf_counter()
+    exp = trainer.generate_experience(batch)
+    if exp is None:
+        raise RuntimeError("an answer of at most one token was dropped: the forced length did not hold")
+    times = dict(trainer.times)
+    trainer.times = {}
+    train_iteration(trainer, [exp], None, ppo_args)
+    times = add_times(times, trainer.times)
+    iteration = time.perf_counter() - start
+    estimate = getattr(trainer, "generation_estimate", None)
+    if estimate:  # the measured short runs are replaced by the extrapolated full-length generation
+        iteration += estimate - times["generation"]
+        times["generation"] = estimate
+    return {"generation_s": times["generation"], "reshard_s": times.get("reshard"), "gather_s": times.get("gather"),
+            "experience_s": times["experience"], "training_s": times["actor_training"] + times["critic_training"],
+            "actor_training_s": times["actor_training"], "critic_training_s": times["critic_training"],
+            "iteration_s": iteration, "generated_tokens": int(exp["action_mask"].sum()),
+            **getattr(trainer, "measured", {})}
+
+
+def worker(rank: int, world: int, args: argparse.Namespace, path: str, tp: int, checkpoints: dict) -> dict:
+    from tqdm import tqdm
+    from transformers import AutoTokenizer
+
+    from bench.generation import status_bytes
+    from rlhf.ds import init_distributed
+    from rlhf.ppo import parse_args as ppo_parse_args, steps_per_role
+    from rlhf.rlhf_engine import build_rlhf_engine, check_models
+
+    device = init_distributed()
+    with tempfile.TemporaryDirectory() as out:
+        ppo_args = ppo_parse_args(ppo_argv(args, path, tp, checkpoints, out))
+        tokenizer = AutoTokenizer.from_pretrained(checkpoints["actor"])
+        check_models(ppo_args, tokenizer)
+        total = 1 + args.iterations
+        engine = build_rlhf_engine(ppo_args, tokenizer, steps_per_role(ppo_args, total, False), device)
+        trainer = build_trainer(path, args, ppo_args, engine)
+        batches = prompt_batches(tokenizer, args, rank, total)
+        setup_peak = status_bytes("VmHWM")
+        records = []
+        for i, batch in enumerate(tqdm(batches, desc=f"{path} (1 warm-up + {args.iterations})", disable=rank != 0)):
+            if i == 1:  # VmHWM from here on: the measured iterations alone
+                return_freed_memory()
+                Path("/proc/self/clear_refs").write_text("5")
+            records.append(run_iteration(trainer, batch, ppo_args))
+        return {"iterations": records[1:], "peak_rss_bytes": max(setup_peak, status_bytes("VmHWM")),
+                "peak_rss_iterations_bytes": status_bytes("VmHWM")}
+
+
+# ---- summary ----------------------------------------------------------------------------------
+def summarize(results: list[dict], args: argparse.Namespace, path: str, tp: int) -> dict:
+    """Per iteration the slowest rank's record (its phases add up within its iteration time), then the
+    median of each figure over the iterations; per-sequence and per-token figures over all ranks."""
+    sequences = args.batch * args.world
+    slowest = [max((r["iterations"][i] for r in results), key=lambda x: x["iteration_s"])
+               for i in range(args.iterations)]
+    keys = [k for k, v in slowest[0].items() if v is not None and k != "generated_tokens"]
+    row = {k: statistics.median(record[k] for record in slowest) for k in keys}
+    timed = args.slow_answer_len if path == "ds_chat" and args.slow_answer_len else args.answer_len
+    row.update({f"{phase}_s_per_seq": row[f"{phase}_s"] / sequences for phase in (*PHASES, "iteration")})
+    row.update(tp=tp if path.startswith("hybrid_engine") else None,
+               generated_tokens=sum(r["iterations"][-1]["generated_tokens"] for r in results),
+               extrapolated=timed != args.answer_len, timed_answer_tokens=timed,
+               peak_rss_gib_per_rank=[r["peak_rss_bytes"] / GIB for r in results],
+               peak_rss_iterations_gib_per_rank=[r["peak_rss_iterations_bytes"] / GIB for r in results])
+    row["tokens_per_s"] = sequences * args.answer_len / row["generation_s"]
+    return row
+
+
+def add_ratios(paths: dict[str, dict]) -> None:
+    """Speed-up of each path against each baseline: baseline seconds / path seconds, per phase."""
+    for row in paths.values():
+        for base in BASELINES:
+            if base in paths:
+                row[f"x_vs_{base}"] = {f"{p}_s": paths[base][f"{p}_s"] / row[f"{p}_s"] for p in (*PHASES, "iteration")}
+
+
+def table_rows(paths: dict[str, dict]) -> list[dict]:
+    rows = []
+    for name, row in paths.items():
+        cells = {"path": name, **{c: row.get(c) for c in ("generation_s", "reshard_s", "gather_s", "experience_s",
+                                                            "training_s", "iteration_s")},
+                 **{f"{p[:3]}_s/seq": row[f"{p}_s_per_seq"] for p in PHASES}, "tokens/s": row["tokens_per_s"],
+                 "peak_rss_gib": "/".join(f"{g:.2f}" for g in row["peak_rss_gib_per_rank"]),
+                 "extrapolated": f"yes ({row['timed_answer_tokens']} timed)" if row["extrapolated"] else "no"}
+        for base in BASELINES:
+            ratios = row.get(f"x_vs_{base}", {})
+            cells[f"gen_x_{base}"] = ratios.get("generation_s")
+            cells[f"iter_x_{base}"] = ratios.get("iteration_s")
+        rows.append({k: "-" if v is None else v for k, v in cells.items()})
+    return rows
+
+
+def plot(paths: dict[str, dict], title: str, png: str) -> None:
+    """DeepSpeed-Chat's Figure 5: per path, one bar of seconds per sequence split into the phases."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(paths)
+    fig, ax = plt.subplots(figsize=(1.8 + 1.6 * len(names), 4.5))
+    bottom = [0.0] * len(names)
+    for phase, color in zip(PHASES, ("#d62728", "#ff7f0e", "#1f77b4")):
+        values = [paths[n][f"{phase}_s_per_seq"] for n in names]
+        ax.bar(names, values, bottom=bottom, color=color, label=phase)
+        bottom = [b + v for b, v in zip(bottom, values)]
+    for i, n in enumerate(names):
+        note = f"{bottom[i]:.3g} s" + (f"\n(generation extrapolated\nfrom {paths[n]['timed_answer_tokens']} tokens)"
+                                       if paths[n]["extrapolated"] else "")
+        ax.annotate(note, (i, bottom[i]), ha="center", va="bottom", fontsize=8)
+    ax.set_ylabel("seconds per sequence")
+    ax.set_ylim(0, max(bottom) * 1.25)
+    ax.set_title(title, fontsize=9)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(png, dpi=120)
+    print(f"wrote {png}")
+
+
+# ---- memory plan ------------------------------------------------------------------------------
+def count_params(config: PretrainedConfig, factory, lora_dim: int) -> tuple[int, int]:
+    """(parameters of the model, LoRA parameters added on its layers' linears), counted on the meta device."""
+    with torch.device("meta"):
+        model = factory(config)
+    lora = sum(lora_dim * (m.in_features + m.out_features) for n, m in model.named_modules()
+               if isinstance(m, torch.nn.Linear) and LORA_MODULES in n)
+    return sum(p.numel() for p in model.parameters()), lora
+
+
+def memory_plan(args: argparse.Namespace, path: str, tp: int) -> dict[str, float]:
+    """Estimated bytes per rank of one path, by part. Trained weights under ZeRO-3 in bf16 cost 2 bytes
+    (partitioned) + 16 (fp32 master, Adam m and v, fp32 gradient, partitioned); frozen ones 2
+    (partitioned). rlhf loads each model whole in fp32 before partitioning it."""
+    w, b = args.world, DTYPES[args.dtype].itemsize
+    actor_config, reward_config = MODELS[args.model](), MODELS[args.reward_model]()
+    reward_config.num_labels = 1
+    actor, actor_lora = count_params(actor_config, AutoModelForCausalLM.from_config, args.lora_dim)
+    critic, critic_lora = count_params(reward_config, AutoModelForSequenceClassification.from_config, args.lora_dim)
+    trained_actor, trained_critic = (actor_lora, critic_lora) if args.lora_dim else (actor, critic)
+    opt = 16 if b == 2 else 12
+    h, layers, vocab = actor_config.hidden_size, actor_config.num_hidden_layers, actor_config.vocab_size
+    seq = args.prompt_len + args.answer_len
+    tokens = args.batch * seq
+    kv = 2 * layers * tokens * h * b
+    layer_activations = tokens * (34 * h + 5 * actor_config.num_attention_heads * seq) * b / 2
+    activations = (layers * tokens * h * b + layer_activations if args.gradient_checkpointing
+                   else layers * layer_activations)
+    logits = args.batch * (args.answer_len + 1) * vocab * (b + 8)  # logits, fp32 log-softmax and its gradient
+    inference = {"ds_chat": kv + 2 * 5e7 * b,  # KV cache + DeepSpeed's prefetch buckets
+                 "gather_once": actor * b + kv,  # the plain model
+                 "hybrid_engine": 2 * actor * b / tp + kv / tp}  # weights + prepacked copies
+    plan = {"runtime (torch, DeepSpeed, gloo)": 0.6 * GIB,
+            "actor + reference shards": 2 * (actor + actor_lora) * b / w,
+            "actor optimizer": trained_actor * opt / w,
+            "critic + reward shards": 2 * (critic + critic_lora) * b / w,
+            "critic optimizer": trained_critic * opt / w}
+    steady = sum(plan.values())
+    plan["generation"] = inference["hybrid_engine" if path.startswith("hybrid") else path]
+    plan["training activations + logits"] = activations + logits
+    loading = steady - plan["critic + reward shards"] - plan["critic optimizer"] + 4 * (actor + actor_lora)
+    plan["peak"] = max(loading, steady + max(plan["generation"], plan["training activations + logits"]))
+    return plan
+
+
+def mem_available() -> int:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("no MemAvailable in /proc/meminfo")
+
+
+def check_memory(args: argparse.Namespace, paths: list[tuple[str, int]]) -> dict:
+    """Print the per-rank plan of every path; refuse when a path's world of ranks would not fit."""
+    plans = {name: memory_plan(args, name, tp) for name, tp in paths}
+    parts = list(next(iter(plans.values())))
+    print(f"memory plan per rank (GiB; {args.world} ranks run at a time, one path after another):")
+    print_table([{"part": part, **{name: plan[part] / GIB for name, plan in plans.items()}} for part in parts],
+                ["part", *plans])
+    available = mem_available()
+    need = max(plan["peak"] for plan in plans.values()) * args.world
+    print(f"largest path: {need / GIB:.1f} GiB for {args.world} ranks; available now: {available / GIB:.1f} GiB")
+    if need > available and not args.ignore_memory_plan:
+        raise SystemExit(
+            f"refused: the plan needs {need / GIB:.1f} GiB and {available / GIB:.1f} GiB are available. What would "
+            "fit: a LoRA actor and critic (--lora-dim 128), --gradient-checkpointing, a smaller --batch, "
+            f"--tp {args.world} instead of 1 (the inference weights split over the ranks), fewer --paths, or "
+            "--world 1 (no ZeRO-3 sharding; each rank holds whole models). --ignore-memory-plan runs anyway.")
+    return {name: {k: v / GIB for k, v in plan.items()} for name, plan in plans.items()}
+
+
+# ---- command line -----------------------------------------------------------------------------
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", choices=sorted(MODELS), default="opt-1.3b", help="actor configuration (random weights)")
+    p.add_argument("--reward-model", choices=sorted(MODELS), default="opt-350m",
+                   help="reward model configuration; the critic is a copy of it")
+    p.add_argument("--world", type=int, default=2, help="CPU ranks (gloo) started per path; ZeRO-3 shards over them")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16", help="training and inference dtype")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per rank, the same for every path")
+    p.add_argument("--batch", type=int, default=2, help="prompts per rank per iteration (and the PPO mini-batch)")
+    p.add_argument("--prompt-len", type=int, default=256, help="tokens per prompt (DeepSpeed-Chat's setting: 256)")
+    p.add_argument("--answer-len", type=int, default=256,
+                   help="tokens per answer, forced on every path (DeepSpeed-Chat's setting: 256)")
+    p.add_argument("--iterations", type=int, default=2, help="measured PPO iterations per path, after one warm-up")
+    p.add_argument("--paths", nargs="+", choices=["ds_chat", "gather_once", "hybrid_engine"],
+                   default=["ds_chat", "gather_once", "hybrid_engine"], help="which paths to run")
+    p.add_argument("--tp", type=int, nargs="+", default=None,
+                   help="tensor-parallel degrees of the hybrid_engine path (default 1, or --world when the memory "
+                        "plan of tp 1 does not fit, said when it happens)")
+    p.add_argument("--slow-answer-len", type=int, default=None,
+                   help="time ds_chat's generation on this many tokens (and 1) and extrapolate it to --answer-len; "
+                        "marked in every output (default: 16 for actors of >= 1B parameters, else the full length)")
+    p.add_argument("--lora-dim", type=int, default=None,
+                   help="LoRA rank of actor and critic with --only_optimize_lora (0: train every weight; default 128 "
+                        "for actors of >= 1B parameters, which do not fit trained in full next to the other models)")
+    p.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None,
+                   help="recompute activations in the actor and critic backward (default: on for actors >= 1B)")
+    p.add_argument("--seed", type=int, default=1234, help="seed of weights, prompts and sampling")
+    p.add_argument("--ignore-memory-plan", action="store_true", help="run even when the memory plan does not fit")
+    p.add_argument("--out", default=None, help="JSON path (default results/e2e-<model>-<world>.json); the PNG goes "
+                                               "next to it")
+    args = p.parse_args(argv)
+    for name in ("world", "threads", "batch", "prompt_len", "answer_len", "iterations"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.answer_len < 2:
+        p.error("--answer-len must be >= 2 (PPO drops answers of one token)")
+    large = count_params(MODELS[args.model](), AutoModelForCausalLM.from_config, 0)[0] >= 1e9
+    args.lora_dim = (128 if large else 0) if args.lora_dim is None else args.lora_dim
+    args.gradient_checkpointing = large if args.gradient_checkpointing is None else args.gradient_checkpointing
+    if args.slow_answer_len is None:
+        args.slow_answer_len = min(16, args.answer_len) if large else args.answer_len
+    if not 2 <= args.slow_answer_len <= args.answer_len:
+        p.error(f"--slow-answer-len must be in [2, --answer-len={args.answer_len}], got {args.slow_answer_len}")
+    if args.slow_answer_len == args.answer_len:
+        args.slow_answer_len = None
+    if args.tp is not None:
+        check_tp(p, args.world, args.tp)
+    return args
+
+
+def choose_tp(args: argparse.Namespace) -> list[int]:
+    if args.tp is not None:
+        return args.tp
+    if "hybrid_engine" not in args.paths or args.world == 1:
+        return [1]
+    fits = memory_plan(args, "hybrid_engine", 1)["peak"] * args.world <= mem_available()
+    if not fits:
+        print(f"--tp 1 does not fit the memory available (its plan is below); hybrid_engine runs with --tp {args.world}")
+    return [1] if fits else [args.world]
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    args.tp = choose_tp(args)
+    paths = [(p, 1) for p in args.paths if p != "hybrid_engine"]
+    if "hybrid_engine" in args.paths:
+        paths += [("hybrid_engine" if i == 0 else f"hybrid_engine_tp{tp}", tp) for i, tp in enumerate(args.tp)]
+    env = {**print_environment(), "torch_threads_per_rank": args.threads, "load_average": os.getloadavg()}
+    print(f"actor {args.model}, reward/critic {args.reward_model}, {args.dtype}, ZeRO-3 on {args.world} ranks, "
+          f"{args.threads} torch thread(s) per rank; per rank: batch {args.batch}, prompt {args.prompt_len}, answer "
+          f"{args.answer_len} (forced); {'LoRA dim %d (only LoRA trained)' % args.lora_dim if args.lora_dim else 'full-parameter training'}"
+          f"{', gradient checkpointing' if args.gradient_checkpointing else ''}; 1 warm-up + {args.iterations} "
+          f"iterations per path; load average {os.getloadavg()[0]:.2f}")
+    plans = check_memory(args, paths)
+    results = {}
+    with tempfile.TemporaryDirectory(prefix="bench-e2e-") as root:
+        checkpoints = write_checkpoints(args, root)
+        for name, tp in paths:
+            ranks = run_ranks(args.world, worker, args, name, tp, checkpoints, threads=args.threads)
+            results[name] = summarize(ranks, args, name, tp)
+            results[name]["memory_plan_gib_per_rank"] = plans[name]["peak"]
+            results[name]["load_average_after"] = os.getloadavg()
+    add_ratios(results)
+    print(f"\n{args.model} actor + {args.reward_model} reward/critic, {args.world} ranks x batch {args.batch}, "
+          f"prompt {args.prompt_len} + answer {args.answer_len}; median of {args.iterations} iterations, slowest rank "
+          f"(seconds; x_*: speed-up against that baseline; tokens/s over all ranks; load average {os.getloadavg()[0]:.2f})")
+    columns = ["path", "generation_s", "reshard_s", "gather_s", "experience_s", "training_s", "iteration_s",
+               "gen_s/seq", "exp_s/seq", "tra_s/seq", "tokens/s", "gen_x_ds_chat", "iter_x_ds_chat",
+               "gen_x_gather_once", "iter_x_gather_once", "peak_rss_gib", "extrapolated"]
+    print_table(table_rows(results), columns)
+    print("peak_rss_gib: VmHWM of each rank over its whole life (loading included); generation_s includes reshard_s "
+          "and gather_s")
+    out = args.out or f"results/e2e-{args.model}-{args.world}.json"
+    config = {**vars(args), "paths_run": [n for n, _ in paths], "environment": env, "memory_plan_gib": plans}
+    write_json(out, {"config": config, "paths": results})
+    plot(results, f"{args.model} actor + {args.reward_model} reward, {args.world} CPU ranks, ZeRO-3, {args.dtype}, "
+                  f"prompt {args.prompt_len} + answer {args.answer_len}", str(Path(out).with_suffix(".png")))
+
+
+if __name__ == "__main__":
+    main()

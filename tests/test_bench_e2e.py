@@ -1,0 +1,91 @@
+"""bench.e2e end to end at a tiny size on 2 ranks, all three paths: the JSON it promises, phases that
+fit inside their iteration, the same forced number of tokens on every path, an extrapolation that
+says so and is the formula it claims, and the Figure-5 plot. No timing is compared."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bench.e2e import memory_plan, parse_args, random_tokens
+
+ROOT = Path(__file__).resolve().parents[1]
+PATHS = ("ds_chat", "gather_once", "hybrid_engine")
+WORLD, BATCH, ANSWER, TIMED = 2, 2, 6, 3
+
+
+@pytest.fixture(scope="module")
+def result(tmp_path_factory) -> tuple[dict, Path]:
+    out = tmp_path_factory.mktemp("e2e") / "e2e.json"
+    cmd = [sys.executable, "-m", "bench.e2e", "--model", "tiny", "--reward-model", "tiny", "--world", str(WORLD),
+           "--batch", str(BATCH), "--prompt-len", "7", "--answer-len", str(ANSWER), "--slow-answer-len", str(TIMED),
+           "--iterations", "1", "--out", str(out)]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, f"{' '.join(cmd)} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    return json.loads(out.read_text()), out, done.stdout
+
+
+def test_json_shape_and_phases_within_the_iteration(result):
+    data, out, stdout = result
+    assert set(data) == {"config", "paths"} and set(data["paths"]) == set(PATHS)
+    assert data["config"]["environment"]["OMP_WAIT_POLICY"] == "PASSIVE"
+    for name, row in data["paths"].items():
+        phases = [row["generation_s"], row["experience_s"], row["training_s"]]
+        assert min(phases) > 0, name
+        assert sum(phases) <= row["iteration_s"], name
+        assert row["training_s"] == pytest.approx(row["actor_training_s"] + row["critic_training_s"])
+        assert row["iteration_s_per_seq"] == pytest.approx(row["iteration_s"] / (WORLD * BATCH))
+        assert row["tokens_per_s"] == pytest.approx(WORLD * BATCH * ANSWER / row["generation_s"])
+        assert len(row["peak_rss_gib_per_rank"]) == WORLD and min(row["peak_rss_gib_per_rank"]) > 0.1
+        assert row["x_vs_ds_chat"]["iteration_s"] == pytest.approx(
+            data["paths"]["ds_chat"]["iteration_s"] / row["iteration_s"])
+        assert name in stdout
+    # the switch to generation is timed inside generation, and only on the path that does it
+    assert 0 < data["paths"]["hybrid_engine"]["reshard_s"] < data["paths"]["hybrid_engine"]["generation_s"]
+    assert 0 < data["paths"]["gather_once"]["gather_s"] < data["paths"]["gather_once"]["generation_s"]
+    assert "reshard_s" not in data["paths"]["ds_chat"] and "gather_s" not in data["paths"]["hybrid_engine"]
+    assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_every_path_trains_on_the_same_forced_number_of_tokens(result):
+    paths = result[0]["paths"]
+    assert {row["generated_tokens"] for row in paths.values()} == {WORLD * BATCH * ANSWER}
+
+
+def test_extrapolation_is_said_and_is_the_stated_formula(result):
+    paths = result[0]["paths"]
+    slow = paths["ds_chat"]
+    assert slow["extrapolated"] and slow["timed_answer_tokens"] == TIMED
+    assert not any(paths[p]["extrapolated"] for p in ("gather_once", "hybrid_engine"))
+    assert all(paths[p]["timed_answer_tokens"] == ANSWER for p in ("gather_once", "hybrid_engine"))
+    one, timed = slow["one_token_generation_s"], slow["timed_generation_s"]
+    assert slow["generation_s"] == pytest.approx(one + (ANSWER - 1) * (timed - one) / (TIMED - 1))
+    assert f"yes ({TIMED} timed)" in result[2]
+
+
+def test_random_tokens_are_never_special():
+    from transformers import PreTrainedTokenizerFast
+    from tokenizers import Tokenizer, models
+    import torch
+
+    vocab = {("<pad>" if i == 1 else "</s>" if i == 2 else f"t{i}"): i for i in range(6)}
+    tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="<pad>")),
+                                  eos_token="</s>", pad_token="<pad>")
+    ids = random_tokens((200, 50), tok, torch.Generator().manual_seed(0))
+    assert set(ids.unique().tolist()) == {0, 3, 4, 5}
+
+
+def test_memory_plan_refuses_what_does_not_fit(monkeypatch, capsys):
+    from bench import e2e
+
+    args = parse_args(["--model", "opt-1.3b", "--lora-dim", "0", "--no-gradient-checkpointing"])
+    plan = memory_plan(args, "gather_once", 1)
+    # a full-parameter 1.3B actor: 16 bytes per parameter over 2 ranks in its optimizer alone
+    assert plan["actor optimizer"] == pytest.approx(1.316e9 * 16 / 2, rel=0.01)
+    monkeypatch.setattr(e2e, "mem_available", lambda: int(plan["peak"] * 2) - 1)
+    with pytest.raises(SystemExit, match="refused.*--lora-dim"):
+        e2e.check_memory(args, [("gather_once", 1)])
+    monkeypatch.setattr(e2e, "mem_available", lambda: int(plan["peak"] * 2) + 1)
+    e2e.check_memory(args, [("gather_once", 1)])
+    assert "gather_once" in capsys.readouterr().out
