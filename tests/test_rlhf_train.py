@@ -70,14 +70,15 @@ def test_finished_steps_are_skipped(steps12, capsys):
 def test_failing_step_reports_its_log(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit:
         train.main([*EXAMPLE, "--output-dir", str(tmp_path), "--step", "1", "--deployment-type", "single_gpu",
-                    "--step1-args", "--no_such_flag 3"])
+                    "--step1-args", "--no_such_flag 3", "--verbose"])
     message = str(exit.value.code)
     log = tmp_path / "actor-models" / "opt-tiny" / "training.log"
     assert "step 1 (rlhf.sft) exited with return code 2" in message and str(log) in message
     assert "unrecognized arguments: --no_such_flag 3" in message  # the end of the log is shown
     assert "hint: a flag rlhf.sft does not accept" in message
     assert "unrecognized arguments" in log.read_text()
-    assert "--num_gpus 1 --module rlhf.sft" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "--num_gpus 1 --module rlhf.sft" in out and "sft.py: error: unrecognized arguments" in out  # --verbose
     assert not (tmp_path / "actor-models" / "opt-tiny" / "config.json").exists()
 
 
@@ -122,6 +123,31 @@ def test_steps_rerun_when_their_inputs_were_rebuilt(tmp_path):
     assert train.skip_reason(args, steps, 2, rebuilt={1}) and not train.skip_reason(args, steps, 3, rebuilt={1})
     args.force = True
     assert not any(train.skip_reason(args, steps, n, rebuilt=set()) for n in (1, 2, 3))
+
+
+def test_launcher_flags(monkeypatch):
+    monkeypatch.setattr(train, "prepare_example", lambda args: None)
+    single = train.parse_args(["--output-dir", "/o"])
+    assert train.launcher(single, 123)[1:] == ["--master_port", "123", "--num_gpus", "1"]
+    multi = train.parse_args(["--deployment-type", "multi_node", "--hostfile", "/h", "--num-nodes", "2",
+                              "--num-gpus", "8"])
+    assert train.launcher(multi, 5)[1:] == ["--master_port", "5", "--num_gpus", "8", "--hostfile", "/h",
+                                             "--num_nodes", "2"]
+    assert "--num_gpus" not in train.launcher(train.parse_args(["--deployment-type", "single_node"]), 5)
+    example_args = train.parse_args(["--example"])
+    assert example_args.num_gpus == 2  # the example's 2 ranks
+    for name in ("OMP_WAIT_POLICY", "OMP_NUM_THREADS", "TORCH_EXTENSIONS_DIR"):
+        monkeypatch.delenv(name, raising=False)
+    env = train.step_env(example_args)
+    assert env["OMP_WAIT_POLICY"] == "PASSIVE" and env["OMP_NUM_THREADS"] == str(max(1, os.cpu_count() // 2))
+    here = env["TORCH_EXTENSIONS_DIR"]
+    monkeypatch.setattr(sys, "prefix", "/another/environment")
+    assert train.extensions_dir() != here and os.path.dirname(train.extensions_dir()) == os.path.dirname(here)
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert train.step_env(example_args)["OMP_NUM_THREADS"] == "3"  # the user's setting wins
+    for bad in (["--num-gpus", "2"], ["--hostfile", "/h"], ["--example", "--actor-model", "x"]):
+        with pytest.raises(SystemExit):
+            train.parse_args(bad)
 
 
 def test_failure_hints():
