@@ -1,5 +1,6 @@
-"""The arithmetic of PPO for RLHF (step 3): log-probabilities, per-token rewards, GAE, whitening,
-the clipped actor and critic losses and the EMA of the actor. Engines and the training loop live
+"""The arithmetic of RLHF step 3: log-probabilities, per-token rewards, GAE, whitening, the clipped
+actor and critic losses and the EMA of the actor (PPO); group advantages, the k3 KL and the group
+policy loss of the critic-free GRPO and RLOO. Engines and the training loop live
 elsewhere; everything here is a pure function of tensors (RunningMoments holds plain floats).
 
 Conventions (DeepSpeed-Chat's defaults, names as CleanRL and "The N implementation details of RLHF
@@ -136,24 +137,82 @@ class RunningMoments:
         return centred / (self.var + eps) ** 0.5
 
 
+def clipped_surrogate(log_ratio: torch.Tensor, advantages: torch.Tensor, cliprange: float
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """PPO's per-token pessimistic surrogate max(-A * ratio, -A * clip(ratio)), and where the clipped
+    term is the one taken (TRL's pg_clipfrac)."""
+    ratio = log_ratio.exp()
+    pg_losses = -advantages * ratio
+    pg_losses_clipped = -advantages * ratio.clamp(1.0 - cliprange, 1.0 + cliprange)
+    return torch.max(pg_losses, pg_losses_clipped), pg_losses_clipped > pg_losses
+
+
 def actor_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
                mask: torch.Tensor, cliprange: float = 0.2) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """PPO's clipped surrogate, masked mean over answer tokens. Returns (loss, clipfrac, approx_kl);
     the gradient flows through logprobs only (old_logprobs and advantages are data of the rollout).
-    clipfrac counts tokens where the clipped term is the one taken (TRL's pg_clipfrac);
     approx_kl is the k3 estimator (ratio - 1) - log ratio of CleanRL, non-negative and unbiased."""
     _check_like(mask, logprobs=logprobs, old_logprobs=old_logprobs, advantages=advantages)
     # Zero padding before any arithmetic: a nan there would come back as nan * 0 in the backward pass.
     log_ratio = torch.where(mask, logprobs.float() - old_logprobs.detach().float(), 0)
-    ratio = log_ratio.exp()
     advantages = torch.where(mask, advantages.detach().float(), 0)
-    pg_losses = -advantages * ratio
-    pg_losses_clipped = -advantages * ratio.clamp(1.0 - cliprange, 1.0 + cliprange)
-    loss = masked_mean(torch.max(pg_losses, pg_losses_clipped), mask)
+    losses, clipped = clipped_surrogate(log_ratio, advantages, cliprange)
+    loss = masked_mean(losses, mask)
     with torch.no_grad():
-        clipfrac = masked_mean((pg_losses_clipped > pg_losses).float(), mask)
-        approx_kl = masked_mean((ratio - 1) - log_ratio, mask)
+        clipfrac = masked_mean(clipped.float(), mask)
+        approx_kl = masked_mean(log_ratio.exp() - 1 - log_ratio, mask)
     return loss, clipfrac, approx_kl
+
+
+def group_advantages(scores: torch.Tensor, group_size: int, baseline: str = "mean", scale_by_std: bool = True,
+                     eps: float = 1e-4) -> torch.Tensor:
+    """One advantage per answer, [B * G] for G answers per prompt in rows b * G + k (transformers'
+    order). baseline "mean": GRPO's r - mean of the group, divided by the group's standard deviation
+    + eps (unbiased, as TRL) unless scale_by_std is False (Dr. GRPO); "leave_one_out": RLOO's r - mean
+    of the other G - 1 answers. A group whose answers scored alike gets zeros (no signal)."""
+    if group_size < 2 or scores.dim() != 1 or scores.numel() % group_size:
+        raise ValueError(f"scores must be [B * G] with G = group_size >= 2, got shape {tuple(scores.shape)} "
+                         f"and group_size {group_size}")
+    if baseline not in ("mean", "leave_one_out"):
+        raise ValueError(f"baseline must be 'mean' or 'leave_one_out', got {baseline!r}")
+    groups = scores.detach().float().view(-1, group_size)
+    if baseline == "leave_one_out":
+        return (groups - (groups.sum(1, keepdim=True) - groups) / (group_size - 1)).flatten()
+    advantages = groups - groups.mean(1, keepdim=True)
+    if scale_by_std:
+        advantages = advantages / (groups.std(1, keepdim=True) + eps)
+    return advantages.flatten()
+
+
+def k3_kl(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Per-token KL(policy || reference) estimate exp(ref - logp) - (ref - logp) - 1 (Schulman's k3,
+    GRPO's), non-negative; 0 off the mask. The gradient flows through logprobs."""
+    _check_like(mask, logprobs=logprobs, ref_logprobs=ref_logprobs)
+    delta = torch.where(mask, ref_logprobs.detach().float() - logprobs.float(), 0)
+    return delta.exp() - delta - 1
+
+
+def group_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, ref_logprobs: torch.Tensor,
+                      advantages: torch.Tensor, mask: torch.Tensor, cliprange: float = 0.2, kl_coef: float = 0.04,
+                      per_sequence: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """GRPO/RLOO's loss: the clipped surrogate with each answer's advantage [B] on all its tokens, plus
+    kl_coef * k3 KL to the reference as a loss term (not in the reward). Averaged over all answer
+    tokens of the batch, or per answer then over answers (per_sequence, GRPO's paper). Returns
+    (loss, clipfrac, mean k3 KL)."""
+    _check_like(mask, logprobs=logprobs, old_logprobs=old_logprobs)
+    if advantages.shape != mask.shape[:1]:
+        raise ValueError(f"advantages has shape {tuple(advantages.shape)}, want [B] = [{mask.shape[0]}]")
+    log_ratio = torch.where(mask, logprobs.float() - old_logprobs.detach().float(), 0)
+    per_token_advantages = torch.where(mask, advantages.detach().float()[:, None], 0)
+    losses, clipped = clipped_surrogate(log_ratio, per_token_advantages, cliprange)
+    kl = k3_kl(logprobs, ref_logprobs, mask)
+    losses = torch.where(mask, losses + kl_coef * kl, 0)
+    if per_sequence:
+        loss = (losses.sum(1) / mask.sum(1)).mean()
+    else:
+        loss = losses.sum() / mask.sum()
+    with torch.no_grad():
+        return loss, masked_mean(clipped.float(), mask), masked_mean(kl, mask)
 
 
 def critic_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor,

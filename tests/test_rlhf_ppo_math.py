@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from rlhf.ppo_math import (RunningMoments, actor_loss, compute_rewards, critic_loss, ema_update, gae,
-                           logprobs_of, whiten)
+                           group_advantages, group_policy_loss, k3_kl, logprobs_of, whiten)
 
 # Rows: prompt then answer then padding; an answer of one token; an answer filling the row; an answer
 # running to the end after a prompt; and (second mask) an answer with a hole, as packing could make.
@@ -251,5 +251,93 @@ def bad_inputs():
 
 @pytest.mark.parametrize("call,message", bad_inputs())
 def test_bad_input_names_the_argument(call, message):
+    with pytest.raises(ValueError, match=message):
+        call()
+
+
+# ---- critic-free algorithms (GRPO, Dr. GRPO, RLOO) --------------------------------------------------
+
+def ref_group_advantages(scores: list[float], group_size: int, baseline: str, scale_by_std: bool, eps: float):
+    out = []
+    for start in range(0, len(scores), group_size):
+        group = scores[start:start + group_size]
+        mean = sum(group) / len(group)
+        std = math.sqrt(sum((r - mean) ** 2 for r in group) / (len(group) - 1))
+        for i, r in enumerate(group):
+            if baseline == "leave_one_out":
+                out.append(r - (sum(group) - r) / (len(group) - 1))
+            else:
+                out.append((r - mean) / (std + eps) if scale_by_std else r - mean)
+    return out
+
+
+@pytest.mark.parametrize("baseline, scale_by_std", [("mean", True), ("mean", False), ("leave_one_out", False)])
+@pytest.mark.parametrize("group_size", [2, 5])
+def test_group_advantages_match_loop(baseline, scale_by_std, group_size):
+    torch.manual_seed(group_size)
+    scores = torch.randn(4 * group_size, dtype=torch.float64) * 2
+    scores[:group_size] = 0.7  # a group whose answers all scored alike: no signal
+    got = group_advantages(scores, group_size, baseline, scale_by_std, eps=1e-4)
+    want = ref_group_advantages(scores.tolist(), group_size, baseline, scale_by_std, 1e-4)
+    assert got.tolist() == pytest.approx(want, rel=1e-5, abs=1e-6)
+    assert not got[:group_size].any()
+
+
+def ref_group_loss(logprobs, old_logprobs, ref_logprobs, advantages, mask, cliprange, kl_coef, per_sequence):
+    rows, clipped, kls, count = [], 0, 0.0, 0
+    for b, mask_row in enumerate(mask):
+        row = []
+        for t in answer_positions(mask_row):
+            ratio = math.exp(logprobs[b][t] - old_logprobs[b][t])
+            loss1 = -advantages[b] * ratio
+            loss2 = -advantages[b] * min(max(ratio, 1 - cliprange), 1 + cliprange)
+            delta = ref_logprobs[b][t] - logprobs[b][t]
+            kl = math.exp(delta) - delta - 1
+            row.append(max(loss1, loss2) + kl_coef * kl)
+            clipped, kls, count = clipped + (loss2 > loss1), kls + kl, count + 1
+        rows.append(row)
+    if per_sequence:
+        loss = sum(sum(r) / len(r) for r in rows) / len(rows)
+    else:
+        loss = sum(sum(r) for r in rows) / count
+    return loss, clipped / count, kls / count
+
+
+@pytest.mark.parametrize("per_sequence", [False, True])
+@pytest.mark.parametrize("kl_coef", [0.0, 0.1])
+def test_group_policy_loss_matches_loop(mask, per_sequence, kl_coef):
+    torch.manual_seed(9)
+    logprobs, old_logprobs = rollout(mask, spread=0.3)
+    ref_logprobs = old_logprobs + randn_padded(mask, scale=0.5)
+    advantages = torch.randn(mask.shape[0], dtype=torch.float64)
+    got = group_policy_loss(logprobs, old_logprobs, ref_logprobs, advantages, mask, 0.2, kl_coef, per_sequence)
+    want = ref_group_loss(logprobs.tolist(), old_logprobs.tolist(), ref_logprobs.tolist(), advantages.tolist(),
+                          mask.tolist(), 0.2, kl_coef, per_sequence)
+    assert 0 < got[1].item() < 1 and got[2].item() > 0
+    assert tuple(x.item() for x in got) == pytest.approx(want, rel=1e-5)
+
+
+def test_k3_kl_matches_loop_and_its_gradient_flows_through_logprobs(mask):
+    torch.manual_seed(2)
+    logprobs = randn_padded(mask).requires_grad_()
+    ref_logprobs = randn_padded(mask).requires_grad_()
+    kl = k3_kl(logprobs, ref_logprobs, mask)
+    for b, mask_row in enumerate(mask.tolist()):
+        for t in range(len(mask_row)):
+            delta = ref_logprobs[b, t].item() - logprobs[b, t].item()
+            assert kl[b, t].item() == pytest.approx(math.exp(delta) - delta - 1 if mask_row[t] else 0.0, rel=1e-6, abs=1e-7)
+    kl.sum().backward()
+    assert torch.isfinite(logprobs.grad).all() and logprobs.grad[mask].abs().sum() > 0
+    assert ref_logprobs.grad is None or not ref_logprobs.grad.any()
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda: group_advantages(torch.randn(7), 3), "group_size"),
+    (lambda: group_advantages(torch.randn(6), 1), "group_size"),
+    (lambda: group_advantages(torch.randn(6), 3, baseline="median"), "baseline"),
+    (lambda: group_policy_loss(*[torch.randn(2, 3)] * 3, torch.randn(3), torch.ones(2, 3, dtype=torch.bool)),
+     "advantages"),
+])
+def test_group_bad_input_names_the_argument(call, message):
     with pytest.raises(ValueError, match=message):
         call()
