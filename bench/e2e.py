@@ -373,7 +373,9 @@ def memory_plan(args: argparse.Namespace, path: str, tp: int) -> dict[str, float
     steady = sum(plan.values())
     plan["generation"] = inference["hybrid_engine" if path.startswith("hybrid") else path]
     plan["training activations + logits"] = activations + logits
-    loading = steady - plan["critic + reward shards"] - plan["critic optimizer"] + 4 * (actor + actor_lora)
+    # loading the reference: the actor's shard and optimizer are there, the reference is whole in fp32
+    loading = plan["runtime (torch, DeepSpeed, gloo)"] + (actor + actor_lora) * b / w + plan["actor optimizer"] \
+        + 4 * (actor + actor_lora)
     plan["peak"] = max(loading, steady + max(plan["generation"], plan["training activations + logits"]))
     return plan
 
