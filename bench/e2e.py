@@ -376,7 +376,10 @@ def memory_plan(args: argparse.Namespace, path: str, tp: int) -> dict[str, float
     # loading the reference: the actor's shard and optimizer are there, the reference is whole in fp32
     loading = plan["runtime (torch, DeepSpeed, gloo)"] + (actor + actor_lora) * b / w + plan["actor optimizer"] \
         + 4 * (actor + actor_lora)
-    plan["peak"] = max(loading, steady + max(plan["generation"], plan["training activations + logits"]))
+    plan["steady + larger of generation, training"] = steady + max(plan["generation"],
+                                                                   plan["training activations + logits"])
+    plan["loading peak (reference whole in fp32)"] = loading
+    plan["peak"] = max(loading, plan["steady + larger of generation, training"])
     return plan
 
 
@@ -398,12 +401,26 @@ def check_memory(args: argparse.Namespace, paths: list[tuple[str, int]]) -> dict
     need = max(plan["peak"] for plan in plans.values()) * args.world
     print(f"largest path: {need / GIB:.1f} GiB for {args.world} ranks; available now: {available / GIB:.1f} GiB")
     if need > available and not args.ignore_memory_plan:
-        raise SystemExit(
-            f"refused: the plan needs {need / GIB:.1f} GiB and {available / GIB:.1f} GiB are available. What would "
-            "fit: a LoRA actor and critic (--lora-dim 128), --gradient-checkpointing, a smaller --batch, "
-            f"--tp {args.world} instead of 1 (the inference weights split over the ranks), fewer --paths, or "
-            "--world 1 (no ZeRO-3 sharding; each rank holds whole models). --ignore-memory-plan runs anyway.")
+        raise SystemExit(f"refused: the plan needs {need / GIB:.1f} GiB and {available / GIB:.1f} GiB are available. "
+                         f"{what_would_fit(args, plans)} --ignore-memory-plan runs anyway.")
     return {name: {k: v / GIB for k, v in plan.items()} for name, plan in plans.items()}
+
+
+def what_would_fit(args: argparse.Namespace, plans: dict[str, dict]) -> str:
+    """The options not already in effect that lower the part that sets the peak."""
+    worst = max(plans, key=lambda name: plans[name]["peak"])
+    plan = plans[worst]
+    if plan["loading peak (reference whole in fp32)"] >= plan["peak"]:
+        return ("The peak is loading: rlhf.rlhf_engine loads each copy of the actor whole in fp32 on every rank "
+                "(4 bytes per parameter) before DeepSpeed partitions it, so more ranks do not help and fewer "
+                "(--world 1) lose the ZeRO-3 sharding this benchmark is about; a smaller --model, or more free memory "
+                "(other processes hold the rest).")
+    options = [] if args.lora_dim else ["--lora-dim 128 (LoRA actor and critic)"]
+    options += [] if args.gradient_checkpointing else ["--gradient-checkpointing"]
+    options += [f"--batch {args.batch // 2}"] if args.batch > 1 else []
+    options += [f"--tp {args.world}"] if worst.startswith("hybrid") and args.world > 1 else []
+    options += [f"--paths without {worst}"]
+    return f"The peak is {worst}'s; what would lower it: {', '.join(options)}."
 
 
 # ---- command line -----------------------------------------------------------------------------

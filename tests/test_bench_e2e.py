@@ -84,7 +84,7 @@ def test_memory_plan_refuses_what_does_not_fit(monkeypatch, capsys):
     # a full-parameter 1.3B actor: 16 bytes per parameter over 2 ranks in its optimizer alone
     assert plan["actor optimizer"] == pytest.approx(1.316e9 * 16 / 2, rel=0.01)
     monkeypatch.setattr(e2e, "mem_available", lambda: int(plan["peak"] * 2) - 1)
-    with pytest.raises(SystemExit, match="refused.*--lora-dim"):
+    with pytest.raises(SystemExit, match="refused.*--lora-dim 128"):
         e2e.check_memory(args, [("gather_once", 1)])
     monkeypatch.setattr(e2e, "mem_available", lambda: int(plan["peak"] * 2) + 1)
     e2e.check_memory(args, [("gather_once", 1)])
