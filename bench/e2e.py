@@ -48,7 +48,7 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 from bench.common import print_environment, print_table, write_json
 from bench.launch import run_ranks
 from bench.zero3 import DTYPES, MODELS, check_tp
-from hybrid_engine.engine import return_freed_memory
+from hybrid_engine.engine import return_freed_memory, unwrap
 from hybrid_engine.lora import base_name, find_adapters, is_adapter_param
 
 GIB = 2**30
@@ -115,7 +115,6 @@ def ppo_argv(args: argparse.Namespace, path: str, tp: int, checkpoints: dict[str
 def make_trainer_class():
     """PPOTrainer subclasses for gather_once and the extrapolated ds_chat (rlhf is imported in the ranks)."""
     import deepspeed
-    from hybrid_engine.engine import unwrap
     from rlhf.ppo_trainer import PPOTrainer, answer_lengths
 
     class GatherOnceTrainer(PPOTrainer):
@@ -196,17 +195,11 @@ def build_trainer(path: str, args: argparse.Namespace, ppo_args, engine):
 
     GatherOnceTrainer, ExtrapolatedTrainer = make_trainer_class()
     if path == "gather_once":
-        config = unwrap_config(engine)
-        plain = AutoModelForCausalLM.from_config(config, dtype=DTYPES[args.dtype]).eval()
+        plain = AutoModelForCausalLM.from_config(unwrap(engine.actor).config, dtype=DTYPES[args.dtype]).eval()
         return GatherOnceTrainer(engine, ppo_args, plain)
     if path == "ds_chat" and args.slow_answer_len:
         return ExtrapolatedTrainer(engine, ppo_args, args.slow_answer_len)
     return PPOTrainer(engine, ppo_args)
-
-
-def unwrap_config(engine) -> PretrainedConfig:
-    from hybrid_engine.engine import unwrap
-    return unwrap(engine.actor).config
 
 
 def run_iteration(trainer, batch: dict, ppo_args) -> dict:
@@ -479,10 +472,11 @@ def choose_tp(args: argparse.Namespace) -> list[int]:
         return args.tp
     if "hybrid_engine" not in args.paths or args.world == 1:
         return [1]
-    fits = memory_plan(args, "hybrid_engine", 1)["peak"] * args.world <= mem_available()
-    if not fits:
-        print(f"--tp 1 does not fit the memory available (its plan is below); hybrid_engine runs with --tp {args.world}")
-    return [1] if fits else [args.world]
+    tp1, split = (memory_plan(args, "hybrid_engine", tp)["peak"] for tp in (1, args.world))
+    if tp1 * args.world <= mem_available() or split >= tp1:  # fits, or splitting would not help
+        return [1]
+    print(f"--tp 1 does not fit the memory available (its plan is below); hybrid_engine runs with --tp {args.world}")
+    return [args.world]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -492,9 +486,10 @@ def main(argv: list[str] | None = None) -> None:
     if "hybrid_engine" in args.paths:
         paths += [("hybrid_engine" if i == 0 else f"hybrid_engine_tp{tp}", tp) for i, tp in enumerate(args.tp)]
     env = {**print_environment(), "torch_threads_per_rank": args.threads, "load_average": os.getloadavg()}
+    training = f"LoRA dim {args.lora_dim} (only LoRA trained)" if args.lora_dim else "full-parameter training"
     print(f"actor {args.model}, reward/critic {args.reward_model}, {args.dtype}, ZeRO-3 on {args.world} ranks, "
           f"{args.threads} torch thread(s) per rank; per rank: batch {args.batch}, prompt {args.prompt_len}, answer "
-          f"{args.answer_len} (forced); {'LoRA dim %d (only LoRA trained)' % args.lora_dim if args.lora_dim else 'full-parameter training'}"
+          f"{args.answer_len} (forced); {training}"
           f"{', gradient checkpointing' if args.gradient_checkpointing else ''}; 1 warm-up + {args.iterations} "
           f"iterations per path; load average {os.getloadavg()[0]:.2f}")
     plans = check_memory(args, paths)
