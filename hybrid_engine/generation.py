@@ -58,7 +58,8 @@ class Generator:
         if kv_cache_bytes is not None or kv_cache_fraction is not None:
             self.budget = {"memory_bytes": kv_cache_bytes, "memory_fraction": kv_cache_fraction}
         self.cache = self._allocate_budget() if self.budget else None  # a bad budget fails here, not later
-        self.stats: dict[str, int] = {}  # of the last call: prefills, decode_steps, preemptions
+        # of the last call: prefills, decode_steps, preemptions, peak_blocks, prompt_blocks_shared
+        self.stats: dict[str, int] = {}
 
     def free_cache(self) -> None:
         """Give the KV cache memory back; the next call allocates it again."""
@@ -186,7 +187,10 @@ class Run:
         self.running_rows = torch.empty(0, dtype=torch.int64, device=device)
         self.context_lens = torch.empty(0, dtype=torch.int32, device=device)
         self.last_tokens = torch.empty(0, dtype=torch.int64, device=device)
-        self.stats = {"prefills": 0, "decode_steps": 0, "preemptions": 0}
+        # Full prompt blocks are held once per prompt, whatever n: G separate copies would hold n of each.
+        shared = (n - 1) * sum(len(p) // cache.block_size for p in self.prompts)
+        self.stats = {"prefills": 0, "decode_steps": 0, "preemptions": 0, "peak_blocks": 0,
+                      "prompt_blocks_shared": shared}
 
     def execute(self) -> GenerationOutput:
         try:
@@ -240,6 +244,7 @@ class Run:
         sizes = torch.tensor([len(g.rows) for g in groups], device=lens.device)
         rows = torch.tensor([r for g in groups for r in g.rows], device=lens.device)
         tokens, done = self.sample(rows, logits.repeat_interleave(sizes, dim=0))
+        self.note_blocks_in_use()
         self.release(rows[done].tolist())
         keep = ~done
         self.running += rows[keep].tolist()
@@ -259,6 +264,7 @@ class Run:
         batch = AttentionBatch(slots.to(self.out.device), block_tables=block_tables, context_lens=self.context_lens)
         logits = self.model.compute_logits(self.model(self.last_tokens, positions, batch, self.cache.layers))
         self.last_tokens, done = self.sample(self.running_rows, logits)
+        self.note_blocks_in_use()
         if bool(done.any()):
             self.release([r for r, d in zip(self.running, done.tolist()) if d])
             self.keep(~done)
@@ -294,6 +300,10 @@ class Run:
         if self.options.eos_token_ids.numel():
             done |= torch.isin(tokens, self.options.eos_token_ids)
         return tokens, done
+
+    def note_blocks_in_use(self) -> None:
+        in_use = self.cache.num_blocks - self.alloc.num_free_blocks
+        self.stats["peak_blocks"] = max(self.stats["peak_blocks"], in_use)
 
     def release(self, rows: list[int]) -> None:
         for row in rows:

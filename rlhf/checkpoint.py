@@ -71,6 +71,10 @@ def resolve_resume(resume_from: str | None, output_dir: str) -> str | None:
     return resume_from
 
 
+def trained(engine) -> list[tuple[str, object]]:
+    return [(tag, model) for tag, model in (("actor", engine.actor), ("critic", engine.critic)) if model is not None]
+
+
 def save_checkpoint(output_dir: str, step: int, engine, state: dict, ema_shards: list[torch.Tensor]) -> str:
     """Every rank calls it. state: this rank's plain data and tensors (positions, random states)."""
     root = checkpoints_root(output_dir)
@@ -79,8 +83,8 @@ def save_checkpoint(output_dir: str, step: int, engine, state: dict, ema_shards:
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
     barrier()
-    engine.actor.save_checkpoint(tmp, tag="actor", save_latest=False)
-    engine.critic.save_checkpoint(tmp, tag="critic", save_latest=False)
+    for tag, model in trained(engine):
+        model.save_checkpoint(tmp, tag=tag, save_latest=False)
     torch.save({**state, "world_size": world_size(), "ema": [t.clone() for t in ema_shards]},
                os.path.join(tmp, f"rank{rank()}.pt"))
     barrier()
@@ -97,7 +101,7 @@ def load_checkpoint(path: str, engine, ema_shards: list[torch.Tensor]) -> dict:
     if state["world_size"] != world_size():
         raise ValueError(f"{path} was written by {state['world_size']} ranks; resume it with the same number "
                          f"(this run has {world_size()}): the optimizer states are partitioned per rank")
-    for tag, model in (("actor", engine.actor), ("critic", engine.critic)):
+    for tag, model in trained(engine):
         model.checkpoint_engine = SafeCheckpointEngine()
         loaded, _ = model.load_checkpoint(path, tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True)
         if loaded is None:

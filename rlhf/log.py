@@ -50,7 +50,7 @@ class Log:
         self.write("train", step, metrics)
         if self.bar is not None:
             self.bar.update(1)
-            self.bar.set_postfix({k: f"{metrics[k]:.4g}" for k in shown})
+            self.bar.set_postfix({k: f"{metrics[k]:.4g}" for k in shown if k in metrics})
 
     def eval(self, step: int, metrics: dict) -> None:
         self.write("eval", step, metrics)

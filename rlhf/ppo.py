@@ -137,6 +137,22 @@ def add_ppo(parser: argparse.ArgumentParser) -> None:
     add(parser, "ema_beta", "EMA decay per actor step.", type=float, default=0.992)
 
 
+def add_algorithm(parser: argparse.ArgumentParser) -> None:
+    add(parser, "algorithm", "ppo: actor and critic (DeepSpeed-Chat's step 3). grpo / rloo: no critic; G answers "
+        "per prompt, each answer's advantage from its group's scores (GRPO: (r - mean) / std; RLOO: r - mean of "
+        "the other G - 1), KL to the reference as a loss term (--kl_coef) instead of in the reward.",
+        choices=["ppo", "grpo", "rloo"], default="ppo")
+    add(parser, "num_samples_per_prompt", "Answers per prompt (G); default 8 for grpo/rloo, 1 for ppo. The group "
+        "shares its prompt's KV cache blocks during generation.", type=int)
+    add(parser, "kl_coef", "grpo/rloo: weight of the k3 KL-to-reference loss term.", type=float, default=0.04)
+    add(parser, "scale_by_std", "grpo: divide advantages by the group's standard deviation (--no-scale_by_std: "
+        "Dr. GRPO).", action=argparse.BooleanOptionalAction, default=True)
+    add(parser, "loss_averaging", "grpo/rloo: average the loss over all answer tokens of the batch (token) or per "
+        "answer, then over answers (sequence, the GRPO paper's).", choices=["token", "sequence"], default="token")
+    add(parser, "drop_zero_std_groups", "grpo/rloo: leave out groups whose answers all scored alike (their "
+        "advantages are 0; counted as frac_reward_zero_std either way).", action="store_true")
+
+
 def add_run(parser: argparse.ArgumentParser) -> None:
     add(parser, "save_steps", "Write a resumable checkpoint every N iterations (0: never).", type=int, default=0)
     add(parser, "resume_from", "Resume from a checkpoint directory, or `auto`: the latest in --output_dir.")
@@ -159,7 +175,7 @@ def add_run(parser: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Step 3 of RLHF: PPO (DeepSpeed-Chat's step-3 flags).")
-    for add_group in (add_data, add_models, add_batches, add_optim, add_hybrid, add_ppo, add_run):
+    for add_group in (add_data, add_models, add_batches, add_optim, add_hybrid, add_ppo, add_algorithm, add_run):
         add_group(parser)
     return parser
 
@@ -187,6 +203,12 @@ def check_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--temperature must be > 0 when sampling, got {args.temperature}")
     if args.enable_test_mode:
         args.max_steps = args.test_stop_step
+    grouped = args.algorithm != "ppo"
+    if args.num_samples_per_prompt is None:
+        args.num_samples_per_prompt = 8 if grouped else 1
+    if args.num_samples_per_prompt < (2 if grouped else 1):
+        raise ValueError(f"--num_samples_per_prompt must be >= {2 if grouped else 1} for --algorithm "
+                         f"{args.algorithm}, got {args.num_samples_per_prompt}")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -234,7 +256,8 @@ def steps_per_role(args, batches_per_epoch: int, ptx: bool) -> dict[str, int]:
     iterations = batches_per_epoch // args.generation_batches * args.num_train_epochs
     if args.max_steps:
         iterations = min(iterations, args.max_steps)
-    minibatches = -(-args.per_device_generation_batch_size // args.per_device_training_batch_size)
+    rows = args.per_device_generation_batch_size * args.num_samples_per_prompt
+    minibatches = -(-rows // args.per_device_training_batch_size)
     calls = iterations * args.generation_batches * args.ppo_epochs * minibatches
     critic = max(1, calls // args.gradient_accumulation_steps)
     return {"actor": critic * (2 if ptx else 1), "critic": critic}
@@ -288,7 +311,7 @@ def evaluate(trainer: PPOTrainer, loader: DataLoader, args, metric) -> dict:
     engine.actor.eval()
     for batch in loader:
         ids, mask = batch["input_ids"].to(engine.actor.device), batch["attention_mask"].to(engine.actor.device)
-        seq, lengths = trainer.generate_sequence(ids, mask)
+        seq, lengths = trainer.generate_sequence(ids, mask, samples=1)
         attention_mask, _ = sequence_masks(mask, lengths, seq.shape[1] - ids.shape[1])
         scores = end_scores(token_values(unwrap(engine.reward), seq, attention_mask), attention_mask)
         rule = 0.0
@@ -356,7 +379,9 @@ def run(trainer: PPOTrainer, prompts: Cycle, unsup: Cycle | None, evaluate_now, 
         metrics.update(experience_metrics(experiences))
         reward_ema = metrics["reward_mean"] if reward_ema is None else 0.9 * reward_ema + 0.1 * metrics["reward_mean"]
         generated = sum(int(e["action_mask"].sum()) for e in experiences)
-        metrics.update(reward_ema=reward_ema, dropped_answers=trainer.stats["dropped_answers"],
+        metrics.update({k: all_sum(trainer.stats[k])[0] / world_size() for k in
+                        ("frac_reward_zero_std", "kv_peak_blocks", "kv_prompt_blocks_shared") if k in trainer.stats})
+        metrics.update(reward_ema=reward_ema, dropped_answers=all_sum(trainer.stats["dropped_answers"])[0],
                        lr_actor=trainer.engine.actor.get_lr()[0], rss_bytes_max_rank=all_max(rss_bytes()),
                        tokens_per_s=all_sum(generated)[0] / max(times.get("generation", 0.0), 1e-9) / world_size(),
                        **{f"time_{k}_s": v for k, v in times.items()}, time_total_s=time.perf_counter() - begin)
@@ -421,7 +446,8 @@ def main(argv: list[str] | None = None) -> None:
               initial=start["step"])
     run(trainer, prompts, unsup, lambda: evaluate(trainer, evals, args, metric), log, args, start)
     save_hf(engine.actor, tokenizer, os.path.join(args.output_dir, "actor"))
-    save_hf(engine.critic, tokenizer, os.path.join(args.output_dir, "critic"))
+    if engine.critic is not None:
+        save_hf(engine.critic, tokenizer, os.path.join(args.output_dir, "critic"))
     if engine.actor_ema is not None:
         save_hf(engine.actor_ema, tokenizer, os.path.join(args.output_dir, "actor_ema"))
     log.close()

@@ -16,8 +16,8 @@ from torch import nn
 
 from hybrid_engine.engine import unwrap
 from rlhf.ds import all_sum
-from rlhf.ppo_math import (RunningMoments, actor_loss, compute_rewards, critic_loss, ema_update, gae, logprobs_of,
-                           masked_mean, whiten)
+from rlhf.ppo_math import (RunningMoments, actor_loss, compute_rewards, critic_loss, ema_update, gae,
+                           group_advantages, group_policy_loss, logprobs_of, masked_mean, whiten)
 from rlhf.reward_model import end_scores, token_values
 from rlhf.rlhf_engine import RLHFEngine
 from rlhf.sft import token_nll
@@ -77,7 +77,9 @@ class PPOTrainer:
         self.rank = dist.get_rank() if dist.is_initialized() else 0
         self.generator = torch.Generator().manual_seed(args.seed + 7919 * self.rank)  # answers differ by rank
         self.moments = RunningMoments()
-        self.minibatches = -(-args.per_device_generation_batch_size // args.per_device_training_batch_size)
+        self.group = args.num_samples_per_prompt
+        rows = args.per_device_generation_batch_size * self.group
+        self.minibatches = -(-rows // args.per_device_training_batch_size)
         self.times: dict[str, float] = {}
         self.stats: dict[str, float] = {}   # of the last generate_experience
         self.metrics: list[dict] = []       # one per train_rlhf call, emptied by the caller
@@ -91,12 +93,14 @@ class PPOTrainer:
         self.times[phase] = self.times.get(phase, 0.0) + time.perf_counter() - start
 
     # ---- experience -----------------------------------------------------------------------------
-    def generate_sequence(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(sequences [B, P + A], new tokens per row [B]) sampled from the actor."""
+    def generate_sequence(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                          samples: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(sequences [B * G, P + A], new tokens per row [B * G]) sampled from the actor; row b * G + k is
+        answer k to prompt b (G: samples, default --num_samples_per_prompt)."""
         a, tok = self.args, self.engine.tokenizer
         options = dict(max_new_tokens=a.max_answer_seq_len, min_new_tokens=a.min_answer_seq_len,
                        do_sample=a.do_sample, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p,
-                       eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+                       num_return_sequences=samples or self.group, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
         if self.engine.hybrid is not None:
             return self._generate_hybrid(input_ids, attention_mask, options)
         return self._generate_hf(input_ids, attention_mask, options)
@@ -107,6 +111,7 @@ class PPOTrainer:
             hybrid.eval()
         try:
             out = hybrid.generate(input_ids, attention_mask, generator=self.generator, **options)
+            self.stats.update({f"kv_{k}": float(v) for k, v in hybrid.generator.stats.items() if "blocks" in k})
         finally:
             hybrid.train()  # inference weights and KV cache go back before training
         return out.sequences, out.generated_lengths
@@ -121,11 +126,12 @@ class PPOTrainer:
 
     @torch.no_grad()
     def generate_experience(self, prompt_batch: dict) -> dict | None:
-        """Answers and everything PPO needs of them. Answers of at most one token are dropped; None (on
-        every rank) when some rank has fewer answers left than mini-batches: the ranks train in step."""
+        """Answers and everything the algorithm needs of them. PPO drops answers of at most one token;
+        the group algorithms keep groups whole (and may drop those without signal). None (on every
+        rank) when some rank has fewer answers left than mini-batches: the ranks train in step."""
         e, device = self.engine, self.engine.actor.device
         input_ids, prompt_mask = prompt_batch["input_ids"].to(device), prompt_batch["attention_mask"].to(device)
-        self.times = {}
+        self.times, self.stats = {}, {}
         e.actor.eval()
         try:
             return self._experience(input_ids, prompt_mask)
@@ -136,8 +142,9 @@ class PPOTrainer:
         e = self.engine
         with self.clock("generation"):
             seq, lengths = self.generate_sequence(input_ids, prompt_mask)
-        keep = lengths > 1
-        self.stats = {"dropped_answers": float((~keep).sum()), "answers": float(len(keep))}
+        prompt_mask = prompt_mask.repeat_interleave(self.group, 0)
+        keep = lengths > 1 if e.critic is not None else torch.ones_like(lengths, dtype=torch.bool)
+        self.stats.update(dropped_answers=float((~keep).sum()), answers=float(len(keep)))
         if not all_ranks_agree(int(keep.sum()) >= self.minibatches):
             return None
         width = int(lengths[keep].max())  # columns after the longest kept answer are padding on every row
@@ -146,13 +153,28 @@ class PPOTrainer:
         with self.clock("experience"):
             logprobs = answer_logprobs(e.actor, seq, attention_mask, width)
             ref_logprobs = answer_logprobs(e.ref, seq, attention_mask, width)
-            values = answer_values(unwrap(e.critic), seq, attention_mask, width)
             scores = end_scores(token_values(unwrap(e.reward), seq, attention_mask), attention_mask)
+            exp = {"seq": seq, "attention_mask": attention_mask, "action_mask": action_mask, "logprobs": logprobs,
+                   "ref_logprobs": ref_logprobs, "scores": scores}
+            if e.critic is not None:
+                exp["values"] = answer_values(unwrap(e.critic), seq, attention_mask, width)
         if self.args.normalize_reward:
             self.moments.update(gather_rows(scores))
-        return {"seq": seq, "attention_mask": attention_mask,
-                "action_mask": action_mask, "logprobs": logprobs, "ref_logprobs": ref_logprobs, "values": values,
-                "scores": scores}
+        return exp if e.critic is not None else self._with_group_advantages(exp)
+
+    def _with_group_advantages(self, exp: dict) -> dict | None:
+        """Each answer's advantage from its group's scores; groups without signal counted (and dropped)."""
+        a, groups = self.args, exp["scores"].view(-1, self.group)
+        baseline = "leave_one_out" if a.algorithm == "rloo" else "mean"
+        exp["advantages"] = group_advantages(exp["scores"], self.group, baseline, a.scale_by_std)
+        zero_std = groups.max(1).values == groups.min(1).values
+        self.stats["frac_reward_zero_std"] = zero_std.float().mean().item()
+        if not a.drop_zero_std_groups:
+            return exp
+        keep = (~zero_std).repeat_interleave(self.group)
+        if not all_ranks_agree(int(keep.sum()) >= self.minibatches):
+            return None
+        return {k: v[keep] for k, v in exp.items()}
 
     # ---- training -------------------------------------------------------------------------------
     def advantages_and_returns(self, exp: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -167,8 +189,11 @@ class PPOTrainer:
             advantages = whiten(advantages, mask)
         return rewards, advantages, returns
 
-    def train_rlhf(self, exp: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        """One actor step and one critic step on an experience mini-batch: (actor_loss, critic_loss)."""
+    def train_rlhf(self, exp: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """One actor step and one critic step on an experience mini-batch: (actor_loss, critic_loss);
+        critic_loss is None for the critic-free algorithms."""
+        if self.engine.critic is None:
+            return self._train_group(exp), None
         a, e, mask = self.args, self.engine, exp["action_mask"]
         seq, attention_mask, width = exp["seq"], exp["attention_mask"], mask.shape[1]
         with torch.no_grad():
@@ -186,6 +211,19 @@ class PPOTrainer:
             e.critic.step()
         self._record(exp, rewards, advantages, loss, clipfrac, approx_kl, vf_loss, vf_clipfrac)
         return loss.detach(), vf_loss.detach()
+
+    def _train_group(self, exp: dict) -> torch.Tensor:
+        a, actor, mask = self.args, self.engine.actor, exp["action_mask"]
+        with self.clock("actor_training"):
+            logprobs = answer_logprobs(actor, exp["seq"], exp["attention_mask"], mask.shape[1])
+            loss, clipfrac, kl = group_policy_loss(logprobs, exp["logprobs"], exp["ref_logprobs"], exp["advantages"],
+                                                   mask, a.cliprange, a.kl_coef, a.loss_averaging == "sequence")
+            actor.backward(loss)
+            actor.step()
+            self.update_ema()
+        self.metrics.append({"actor_loss": loss.item(), "actor_clipfrac": clipfrac.item(), "kl_k3": kl.item(),
+                             "advantage_abs_mean": exp["advantages"].abs().mean().item()})
+        return loss.detach()
 
     def train_unsupervised(self, batch: dict, unsup_coef: float) -> torch.Tensor:
         """PTX: an actor step on unsup_coef times the language-model loss of a block of plain text."""

@@ -26,7 +26,7 @@ ROLE_STEP = {"actor": "step 1 (python -m rlhf.sft)", "critic": "step 2 (python -
 class RLHFEngine:
     actor: nn.Module            # DeepSpeed engine
     ref: nn.Module              # frozen; a ZeRO-3 inference engine when the actor is ZeRO-3
-    critic: nn.Module           # DeepSpeed engine
+    critic: nn.Module | None    # DeepSpeed engine; None for the critic-free algorithms
     reward: nn.Module           # frozen; a ZeRO-3 inference engine when the critic is ZeRO-3
     actor_ema: nn.Module | None
     hybrid: HybridEngine | None
@@ -118,14 +118,16 @@ def build_rlhf_engine(args: argparse.Namespace, tokenizer, steps: dict[str, int]
     """steps: optimizer steps of the run per trained role ("actor", "critic"), the schedules' length."""
     actor_args, critic_args = role_args(args, "actor"), role_args(args, "critic")
     actor = build_engine(prepare_model(load_actor(args).to(device), actor_args), actor_args, steps["actor"])
-    ref = frozen(load_actor(args), args.actor_zero_stage, args.dtype, device)
+    ref = frozen(load_actor(args, DTYPES[args.dtype]), args.actor_zero_stage, args.dtype, device)  # no fp32 copy
     ema = None
     if args.enable_ema:  # the actor's shape (LoRA included), so the update is tensor by tensor
         # in fp32 whatever --dtype: a bf16 EMA would round most updates of (1 - beta) * delta away
         ema = frozen(prepare_model(load_actor(args), actor_args), args.actor_zero_stage, "fp32", device)
     pad = tokenizer.pad_token_id
-    critic_model = load_critic(args.critic_model_name_or_path, pad, args.critic_dropout).to(device)
-    critic = build_engine(prepare_model(critic_model, critic_args), critic_args, steps["critic"])
+    critic = None
+    if args.algorithm == "ppo":
+        critic_model = load_critic(args.critic_model_name_or_path, pad, args.critic_dropout).to(device)
+        critic = build_engine(prepare_model(critic_model, critic_args), critic_args, steps["critic"])
     reward = frozen(load_critic(args.critic_model_name_or_path, pad), args.critic_zero_stage, args.dtype, device)
     hybrid = None
     if args.enable_hybrid_engine:

@@ -96,6 +96,21 @@ def test_num_return_sequences_greedy_equals_repeated_prompts():
     assert torch.equal(forked.sequences, repeated.sequences)
 
 
+def test_forked_samples_share_the_prompt_blocks():
+    """G samples of a 10-token prompt in blocks of 4: the 2 full prompt blocks are held once, the
+    partial third is copied on write per sample; G separate copies would hold every block G times."""
+    hf = hf_model("opt_pre")
+    ids, mask = ragged_prompts([10], 10, pad=PAD)
+    generator = Generator(hf, block_size=4)
+    g, new_tokens = 4, 3  # contexts reach 10 + 3 - 1 = 12 tokens: 3 blocks per sample
+    generator.generate(ids, mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens, num_return_sequences=g,
+                       do_sample=True, seed=0)
+    assert generator.stats["peak_blocks"] == 2 + g and generator.stats["prompt_blocks_shared"] == 2 * (g - 1)
+    generator.generate(ids.repeat_interleave(g, 0), mask.repeat_interleave(g, 0), max_new_tokens=new_tokens,
+                       min_new_tokens=new_tokens, do_sample=True, seed=0)
+    assert generator.stats["peak_blocks"] == 3 * g and generator.stats["prompt_blocks_shared"] == 0
+
+
 def test_forked_samples_follow_their_own_prefix():
     """Samples forked from one prompt (whose last block is shared, then copied on write) each pick
     tokens among the top 2 of the HF model run on that sample's own full sequence."""

@@ -1,6 +1,7 @@
 """Step 3 (rlhf.ppo): DeepSpeed-Chat's flags, checks made before training, the experience against
 per-row forwards of the unpadded sequences, both generation paths against each other, one run per
-engine configuration, and resume against an uninterrupted run (with a checkpoint killed mid-write).
+engine configuration (PPO, and the critic-free GRPO and RLOO), and resume against an uninterrupted
+run (with a checkpoint killed mid-write).
 The models are the synthetic task's tiny OPT, untrained: what these tests check does not need a
 trained model (tests/test_rlhf_functional.py trains one and checks that PPO raises the reward)."""
 import json
@@ -74,6 +75,8 @@ def test_help_defaults_and_no_effect_flags():
             args.ema_beta, args.unsup_coef) == (0.1, 5.0, 1.0, 0.95, 0.2, 0.2, 0.992, 27.8)
     assert args.do_sample and args.temperature == 1.0 and args.top_p == 1.0 and args.top_k == 0
     assert parse_args(REQUIRED + ["--enable_test_mode", "--test_stop_step", "7"]).max_steps == 7
+    assert args.algorithm == "ppo" and args.num_samples_per_prompt == 1
+    assert parse_args(REQUIRED + ["--algorithm", "rloo"]).num_samples_per_prompt == 8
 
 
 @pytest.mark.parametrize("flags, match", [
@@ -83,6 +86,7 @@ def test_help_defaults_and_no_effect_flags():
     (["--min_answer_seq_len", "300"], "--min_answer_seq_len"),
     (["--only_optimize_lora"], "--only_optimize_lora"),
     (["--temperature", "0"], "--temperature"),
+    (["--algorithm", "grpo", "--num_samples_per_prompt", "1"], "--num_samples_per_prompt"),
 ])
 def test_bad_flags_are_refused(flags, match):
     with pytest.raises(ValueError, match=match):
@@ -238,6 +242,10 @@ CONFIGS = {  # together: ZeRO 0 and 3, hybrid engine on and off, TP 1 and 2, LoR
     "zero3-hybrid-tp2-ema": (2, ["--actor_zero_stage", "3", "--critic_zero_stage", "3", "--enable_hybrid_engine",
                                  "--inference_tp_size", "2", "--enable_ema", "--dtype", "bf16"]),
     "zero3-hf": (2, ["--actor_zero_stage", "3", "--critic_zero_stage", "3"]),
+    "grpo-zero3-hybrid": (2, ["--algorithm", "grpo", "--num_samples_per_prompt", "3", "--actor_zero_stage", "3",
+                              "--enable_hybrid_engine", "--per_device_generation_batch_size", "2"]),
+    "rloo-zero0-hf-sequence": (1, ["--algorithm", "rloo", "--num_samples_per_prompt", "2", "--loss_averaging",
+                                   "sequence", "--per_device_generation_batch_size", "3"]),
 }
 
 
@@ -250,7 +258,8 @@ def test_engine_configuration_trains_and_saves(task, tmp_path, name):
     log = read_log(out)
     train = [r for r in log if r["kind"] == "train"]
     assert [r["step"] for r in train] == [1, 2] and [r["kind"] for r in (log[0], log[-1])] == ["eval", "eval"]
-    phases = {"generation", "experience", "actor_training", "critic_training"}
+    grouped = "--algorithm" in extra
+    phases = {"generation", "experience", "actor_training"} | (set() if grouped else {"critic_training"})
     phases |= {"reshard"} if "--enable_hybrid_engine" in extra else set()
     phases |= {"ema"} if "--enable_ema" in extra else set()
     phases |= {"ptx_training"} if "--unsupervised_dataset_name" in extra else set()
@@ -259,21 +268,32 @@ def test_engine_configuration_trains_and_saves(task, tmp_path, name):
         assert all(math.isfinite(v) for v in record.values() if isinstance(v, float))
         assert record["answer_length"] > 1 and record["rss_bytes_max_rank"] > 0
         assert ("ptx_loss" in record) == ("--unsupervised_dataset_name" in extra)
+        assert ("critic_loss" in record) != grouped and ("frac_reward_zero_std" in record) == grouped
+        assert ("kv_peak_blocks" in record) == ("--enable_hybrid_engine" in extra)
     start = load_file(f"{task}/actor/model.safetensors")
     actor = load_file(f"{out}/actor/model.safetensors")
     assert set(actor) == set(start)  # plain transformers names, LoRA merged away
     assert max_diff(actor, start) > 1e-4  # the actor trained
-    assert max_diff(load_file(f"{out}/critic/model.safetensors"), load_file(f"{task}/rm/model.safetensors")) > 1e-4
+    if grouped:  # no critic is built, trained or saved
+        assert not os.path.exists(f"{out}/critic")
+    else:
+        assert max_diff(load_file(f"{out}/critic/model.safetensors"), load_file(f"{task}/rm/model.safetensors")) > 1e-4
     if "--enable_ema" in extra:  # two steps of beta 0.992: the EMA moved, by far less than the actor
         ema = load_file(f"{out}/actor_ema/model.safetensors")
         assert 0 < max_diff(ema, start) < 0.1 * max_diff(actor, start)
     AutoModelForCausalLM.from_pretrained(f"{out}/actor")  # loads with transformers alone
 
 
-def resume_worker(rank: int, world: int, task: str, root: str) -> None:
+RESUME = {  # world, flags
+    "ppo": (2, ["--actor_zero_stage", "3", "--critic_zero_stage", "3", "--enable_hybrid_engine", "--enable_ema",
+                "--unsupervised_dataset_name", "unsup.txt"]),
+    "grpo": (1, ["--algorithm", "grpo", "--num_samples_per_prompt", "2", "--enable_hybrid_engine", "--enable_ema"]),
+}
+
+
+def resume_worker(rank: int, world: int, task: str, root: str, flags: list[str]) -> None:
     from rlhf import ppo
-    argv = ["--max_steps", "4", "--save_steps", "2", "--actor_zero_stage", "3", "--critic_zero_stage", "3",
-            "--enable_hybrid_engine", "--enable_ema", "--unsupervised_dataset_name", f"{task}/unsup.txt"]
+    argv = ["--max_steps", "4", "--save_steps", "2", *[f"{task}/{f}" if f == "unsup.txt" else f for f in flags]]
     ppo.main(ppo_argv(task, f"{root}/uninterrupted", *argv))
     save = torch.save
 
@@ -292,17 +312,21 @@ def resume_worker(rank: int, world: int, task: str, root: str) -> None:
     ppo.main(ppo_argv(task, f"{root}/resumed", *argv, "--resume_from", "auto"))
 
 
-def test_resume_equals_an_uninterrupted_run_and_skips_a_half_written_checkpoint(task, tmp_path):
-    run_ranks(2, resume_worker, task, str(tmp_path))
+@pytest.mark.parametrize("algorithm", list(RESUME))
+def test_resume_equals_an_uninterrupted_run_and_skips_a_half_written_checkpoint(task, tmp_path, algorithm):
+    world, flags = RESUME[algorithm]
+    run_ranks(world, resume_worker, task, str(tmp_path), flags)
     whole = [r for r in read_log(str(tmp_path / "uninterrupted")) if r["kind"] == "train"]
     resumed = [r for r in read_log(str(tmp_path / "resumed")) if r["kind"] == "train"]
     # the killed run logged steps 1-4 but its step-4 checkpoint stayed .tmp: the resumed run redid 3 and 4
     assert [r["step"] for r in resumed] == [1, 2, 3, 4, 3, 4]
     assert sorted(os.listdir(tmp_path / "resumed" / "checkpoints")) == ["step2", "step4"]
+    keys = ("actor_loss", "reward_mean", "kl_ref", "answer_length")
+    keys += ("critic_loss", "ptx_loss") if algorithm == "ppo" else ("kl_k3", "advantage_abs_mean")
     for a, b in zip(whole[2:], resumed[4:]):
-        for key in ("actor_loss", "critic_loss", "ptx_loss", "reward_mean", "kl_ref", "answer_length"):
+        for key in keys:
             assert a[key] == b[key], (key, a, b)
-    for model in ("actor", "critic", "actor_ema"):
+    for model in ("actor", "actor_ema") + (("critic",) if algorithm == "ppo" else ()):
         assert max_diff(load_file(f"{tmp_path}/uninterrupted/{model}/model.safetensors"),
                         load_file(f"{tmp_path}/resumed/{model}/model.safetensors")) == 0, model
 
