@@ -6,12 +6,11 @@ a comparison.
 import os
 import tempfile
 import traceback
-from pathlib import Path
 
 import torch
 import torch.multiprocessing as mp
 
-from hybrid_engine.distributed import destroy_process_groups, free_port
+from hybrid_engine.distributed import destroy_process_groups, free_port, remove_deepspeed_shm
 
 
 def _entry(rank: int, world: int, port: int, threads: int, outdir: str, fn, args) -> None:
@@ -25,13 +24,6 @@ def _entry(rank: int, world: int, port: int, threads: int, outdir: str, fn, args
         raise
     torch.save({"result": result}, os.path.join(outdir, f"{rank}.pt"))
     destroy_process_groups()
-
-
-def remove_deepspeed_shm(port: int, world: int) -> None:
-    """DeepSpeed's CPU all-reduce op creates one shared-memory file per rank (~66 MB of RAM, in
-    /dev/shm) named after the master address and port, and never unlinks it."""
-    for rank in range(world):
-        Path(f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_127.0.0.1_{port}_{rank}").unlink(missing_ok=True)
 
 
 def run_ranks(world: int, fn, *args, threads: int = 1) -> list:

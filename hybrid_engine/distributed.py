@@ -1,5 +1,7 @@
 """Process-group housekeeping every multi-rank entry point needs (launcher, RLHF commands)."""
+import os
 import socket
+from pathlib import Path
 
 import torch.distributed as dist
 
@@ -20,3 +22,10 @@ def destroy_process_groups() -> None:
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+
+
+def remove_deepspeed_shm(port: int, world: int) -> None:
+    """DeepSpeed's CPU all-reduce op creates one shared-memory file per rank (~66 MB of RAM, in
+    /dev/shm) named after the master address and port, and never unlinks it."""
+    for rank in range(world):
+        Path(f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_127.0.0.1_{port}_{rank}").unlink(missing_ok=True)

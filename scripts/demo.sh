@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The main job: set up .venv (see env.sh) and run the generation benchmark, Hugging Face generate
-# against hybrid_engine on OPT-125m (random weights, real configuration), side by side.
-# Extra arguments go to the benchmark, e.g. `bash scripts/demo.sh --dtype bf16 --new-tokens 64`.
+# The main job: set up .venv (see env.sh), then train a chat model from nothing on this machine:
+# the synthetic task of rlhf.example, SFT, reward model and PPO on 2 CPU ranks (python -m rlhf.train
+# --example), printing the reward curve and the SFT and PPO actors' answers to the same prompts.
+# Extra arguments go to rlhf.train, e.g. `bash scripts/demo.sh --output-dir /tmp/example --force`.
 source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
-python -m bench.generation --model opt-125m "$@"
+python -m rlhf.train --example "$@"

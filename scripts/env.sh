@@ -11,6 +11,9 @@ if [ ! -x .venv/bin/python ]; then
 fi
 # shellcheck disable=SC1091
 . .venv/bin/activate
+# DeepSpeed builds its CPU communication op on first use; one build per environment, kept with it
+# (a cache shared by two environments is rebuilt in turn by each, 40-75 s per launch).
+export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$PWD/.venv/torch_extensions}
 
 stamp() { cat "$@" 2>/dev/null | sha256sum | cut -d' ' -f1; }
 

@@ -204,7 +204,7 @@ def test_report_compares_answers(steps12):
 
 def test_step3_of_the_example(steps12):
     pytest.importorskip("rlhf.ppo", reason="rlhf.ppo (step 3) is not written yet")
-    proc = run_driver(steps12, "--step3-args", "--test_stop_step 2 --eval_prompts 8")
+    proc = run_driver(steps12, "--step3-args", "--max_steps 2 --eval_prompts 8")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     out = os.path.join(steps12, "step3-models", "opt-tiny")
     assert "[step 1] skipped" in proc.stdout and "[step 2] skipped" in proc.stdout
