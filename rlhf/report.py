@@ -10,6 +10,7 @@ import os
 
 TOTAL_TIME = "time_total_s"
 PHASE_ORDER = ("generation", "reshard", "experience", "actor", "critic")  # as an iteration runs them
+NESTED = {"time_generation_s": "time_reshard_s"}  # generation's time includes the reshard: stack it once
 
 
 def read_log(path: str) -> list[dict]:
@@ -82,7 +83,7 @@ def plot_phase_times(records: list[dict], path: str) -> bool:
     steps, bottom = [r["step"] for r in train], [0.0] * len(train)
     fig, ax = new_figure()
     for key in keys:
-        values = [float(r.get(key, 0.0)) for r in train]
+        values = [float(r.get(key, 0.0)) - float(r.get(NESTED.get(key, ""), 0.0)) for r in train]
         ax.bar(steps, values, bottom=bottom, label=key[len("time_"):-len("_s")])
         bottom = [b + v for b, v in zip(bottom, values)]
     total_steps, totals = series(records, "train", TOTAL_TIME)
