@@ -148,6 +148,21 @@ class Terminal:
     def send(self, data: str) -> None:
         os.write(self.fd, data.encode())
 
+    def wait_until_reading(self, timeout: float = 60) -> None:
+        """Until the child's main thread sleeps in read/poll/select (input() waiting for a line): a
+        SIGINT sent between the prompt's write and that call is only seen after the next line."""
+        waiting_calls = {"0", "7", "23", "270", "271"}  # x86-64 read, poll, select, pselect6, ppoll
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with open(f"/proc/{self.pid}/syscall") as f:
+                call = f.read().split()[0]
+            with open(f"/proc/{self.pid}/stat") as f:
+                state = f.read().rsplit(")", 1)[1].split()[0]
+            if state == "S" and call in waiting_calls:
+                return
+            time.sleep(0.05)
+        raise AssertionError(f"not waiting for input after {timeout}s; output:\n{self.output}")
+
     def exit_code(self, timeout: float = 30) -> int:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -195,9 +210,7 @@ def test_interactive_session(checkpoint):
 def test_ctrl_c_leaves_cleanly(checkpoint):
     term = Terminal("--path", checkpoint, "--max_new_tokens", "4")
     term.read_until(r"Human: $")
-    # A SIGINT between the prompt's write and input()'s read is only seen at the next line (CPython checks
-    # signals when read fails with EINTR): a person is never that fast, the test waits as long.
-    time.sleep(1)
+    term.wait_until_reading()  # a person is never fast enough to press it before input() reads
     term.send("\x03")  # the terminal turns it into SIGINT
     assert term.exit_code() == 0
     assert "Traceback" not in term.output
