@@ -367,12 +367,13 @@ def memory_plan(args: argparse.Namespace, path: str, tp: int) -> dict[str, float
     steady = sum(plan.values())
     plan["generation"] = inference["hybrid_engine" if path.startswith("hybrid") else path]
     plan["training activations + logits"] = activations + logits
-    # loading the reference: the actor's shard and optimizer are there, the reference is whole in fp32
-    loading = plan["runtime (torch, DeepSpeed, gloo)"] + (actor + actor_lora) * b / w + plan["actor optimizer"] \
-        + 4 * (actor + actor_lora)
+    # rlhf loads the actor whole in fp32 before partitioning it, then the reference whole in --dtype next
+    # to the actor's shard and optimizer
+    loading = plan["runtime (torch, DeepSpeed, gloo)"] + max(
+        4 * (actor + actor_lora), (actor + actor_lora) * b / w + plan["actor optimizer"] + actor * b)
     plan["steady + larger of generation, training"] = steady + max(plan["generation"],
                                                                    plan["training activations + logits"])
-    plan["loading peak (reference whole in fp32)"] = loading
+    plan["loading peak (whole actor, reference)"] = loading
     runtime = plan["runtime (torch, DeepSpeed, gloo)"]
     itemised = max(loading, plan["steady + larger of generation, training"]) - runtime
     # DeepSpeed's buffers, allocator caching and fragmentation: measured peaks were 1.3x the itemised
@@ -409,9 +410,9 @@ def what_would_fit(args: argparse.Namespace, plans: dict[str, dict]) -> str:
     """The options not already in effect that lower the part that sets the peak."""
     worst = max(plans, key=lambda name: plans[name]["peak"])
     plan = plans[worst]
-    if plan["loading peak (reference whole in fp32)"] >= plan["peak"]:
-        return ("The peak is loading: rlhf.rlhf_engine loads each copy of the actor whole in fp32 on every rank "
-                "(4 bytes per parameter) before DeepSpeed partitions it, so more ranks do not help and fewer "
+    if plan["loading peak (whole actor, reference)"] >= plan["steady + larger of generation, training"]:
+        return ("The peak is loading: rlhf.rlhf_engine loads the actor whole in fp32 on every rank (4 bytes per "
+                "parameter) before DeepSpeed partitions it, so more ranks do not help and fewer "
                 "(--world 1) lose the ZeRO-3 sharding this benchmark is about; a smaller --model, or more free memory "
                 "(other processes hold the rest).")
     options = [] if args.lora_dim else ["--lora-dim 128 (LoRA actor and critic)"]
