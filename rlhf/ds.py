@@ -194,19 +194,20 @@ def steps_per_run(loader: DataLoader, args) -> int:
     return steps
 
 
-def all_sum(*values: float) -> list[float]:
-    """Sum scalars over ranks in one all-reduce."""
+def all_reduce(values: list[float], op=dist.ReduceOp.SUM) -> list[float]:
+    """Reduce scalars over ranks in one all-reduce."""
     t = torch.tensor(values, dtype=torch.float64)
     if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(t)
+        dist.all_reduce(t, op=op)
     return t.tolist()
 
 
+def all_sum(*values: float) -> list[float]:
+    return all_reduce(list(values))
+
+
 def all_max(value: float) -> float:
-    t = torch.tensor([value], dtype=torch.float64)
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return t.item()
+    return all_reduce([value], dist.ReduceOp.MAX)[0]
 
 
 def to_device(batch: dict, device: torch.device) -> dict:

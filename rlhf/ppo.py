@@ -27,8 +27,8 @@ from rlhf.data.unsupervised import collate_blocks, text_blocks
 from rlhf.ds import all_max, all_sum, init_distributed, make_loader, rank, save_hf, world_size
 from rlhf.log import Log, rss_bytes
 from rlhf.ppo_math import RunningMoments
-from rlhf.ppo_trainer import PPOTrainer, local_shard, sequence_masks
-from rlhf.reward_model import end_scores, token_values
+from rlhf.ppo_trainer import PPOTrainer, minibatches, sequence_masks
+from rlhf.reward_model import reward_scores
 from rlhf.rlhf_engine import build_rlhf_engine, check_checkpoint, check_models
 
 
@@ -251,14 +251,15 @@ class Cycle:
         self.epoch, self.index, self.iterator = epoch, index, None
 
 
+def iterations(args, batches_per_epoch: int) -> int:
+    """Iterations of the whole run: every --generation_batches prompt batches, capped by --max_steps."""
+    total = batches_per_epoch // args.generation_batches * args.num_train_epochs
+    return min(total, args.max_steps) if args.max_steps else total
+
+
 def steps_per_role(args, batches_per_epoch: int, ptx: bool) -> dict[str, int]:
     """Optimizer steps of the whole run, the schedules' length (the actor also steps on PTX)."""
-    iterations = batches_per_epoch // args.generation_batches * args.num_train_epochs
-    if args.max_steps:
-        iterations = min(iterations, args.max_steps)
-    rows = args.per_device_generation_batch_size * args.num_samples_per_prompt
-    minibatches = -(-rows // args.per_device_training_batch_size)
-    calls = iterations * args.generation_batches * args.ppo_epochs * minibatches
+    calls = iterations(args, batches_per_epoch) * args.generation_batches * args.ppo_epochs * minibatches(args)
     critic = max(1, calls // args.gradient_accumulation_steps)
     return {"actor": critic * (2 if ptx else 1), "critic": critic}
 
@@ -313,7 +314,7 @@ def evaluate(trainer: PPOTrainer, loader: DataLoader, args, metric) -> dict:
         ids, mask = batch["input_ids"].to(engine.actor.device), batch["attention_mask"].to(engine.actor.device)
         seq, lengths = trainer.generate_sequence(ids, mask, samples=1)
         attention_mask, _ = sequence_masks(mask, lengths, seq.shape[1] - ids.shape[1])
-        scores = end_scores(token_values(unwrap(engine.reward), seq, attention_mask), attention_mask)
+        scores = reward_scores(unwrap(engine.reward), seq, attention_mask)
         rule = 0.0
         for prompt, answer, n in zip(ids, seq[:, ids.shape[1]:], lengths) if metric else ():
             rule += metric(tok.decode(prompt, skip_special_tokens=True), tok.decode(answer[:n], skip_special_tokens=True))
@@ -342,10 +343,6 @@ def restore_random_states(trainer: PPOTrainer, states: dict) -> None:
     trainer.generator.set_state(states["generator"])
     if "cuda" in states:
         torch.cuda.set_rng_state(states["cuda"])
-
-
-def ema_shards(trainer: PPOTrainer) -> list[torch.Tensor]:
-    return [local_shard(p) for p, _ in trainer.ema_pairs] if trainer.engine.actor_ema is not None else []
 
 
 def print_answer(trainer: PPOTrainer, exp: dict) -> None:
@@ -393,15 +390,15 @@ def run(trainer: PPOTrainer, prompts: Cycle, unsup: Cycle | None, evaluate_now, 
         if args.save_steps and step % args.save_steps == 0:
             position = {"prompts": (prompts.epoch, prompts.index),
                         "unsup": (unsup.epoch, unsup.index) if unsup else None}
-            state = {"step": step, "total": total, "reward_ema": reward_ema, "position": position,
+            state = {"step": step, "reward_ema": reward_ema, "position": position,
                      "moments": asdict(trainer.moments), "random": random_states(trainer)}
-            save_checkpoint(args.output_dir, step, trainer.engine, state, ema_shards(trainer))
+            save_checkpoint(args.output_dir, step, trainer.engine, state, trainer.ema_shards())
     log.eval(step, evaluate_now())
     return step
 
 
 def resume(trainer: PPOTrainer, path: str, prompts: Cycle, unsup: Cycle | None) -> dict:
-    state = load_checkpoint(path, trainer.engine, ema_shards(trainer))
+    state = load_checkpoint(path, trainer.engine, trainer.ema_shards())
     prompts.restore(*state["position"]["prompts"])
     if unsup is not None and state["position"]["unsup"] is not None:
         unsup.restore(*state["position"]["unsup"])
@@ -430,8 +427,7 @@ def main(argv: list[str] | None = None) -> None:
         blocks = text_blocks(args.unsupervised_dataset_name, args.unsupervised_dataset_config_name, tokenizer,
                              args.max_prompt_seq_len + args.max_answer_seq_len)
         unsup = Cycle(make_loader(blocks, args.per_device_training_batch_size, collate_blocks, True, args.seed))
-    total = len(loader) // args.generation_batches * args.num_train_epochs
-    total = min(total, args.max_steps) if args.max_steps else total
+    total = iterations(args, len(loader))
     if total == 0:
         raise ValueError(f"no iteration: {len(train)} prompts, --per_device_generation_batch_size "
                          f"{args.per_device_generation_batch_size} x --generation_batches {args.generation_batches} "

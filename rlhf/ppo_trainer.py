@@ -18,7 +18,7 @@ from hybrid_engine.engine import unwrap
 from rlhf.ds import all_sum
 from rlhf.ppo_math import (RunningMoments, actor_loss, compute_rewards, critic_loss, ema_update, gae,
                            group_advantages, group_policy_loss, logprobs_of, masked_mean, whiten)
-from rlhf.reward_model import end_scores, token_values
+from rlhf.reward_model import reward_scores, token_values
 from rlhf.rlhf_engine import RLHFEngine
 from rlhf.sft import token_nll
 
@@ -66,6 +66,12 @@ def gather_rows(x: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts)
 
 
+def minibatches(args: argparse.Namespace) -> int:
+    """PPO mini-batches per generation batch: its G answers per prompt in --per_device_training_batch_size rows."""
+    rows = args.per_device_generation_batch_size * args.num_samples_per_prompt
+    return -(-rows // args.per_device_training_batch_size)
+
+
 def all_ranks_agree(flag: bool) -> bool:
     """True only if flag is True on every rank (one all-reduce)."""
     return all_sum(float(not flag))[0] == 0
@@ -77,9 +83,7 @@ class PPOTrainer:
         self.rank = dist.get_rank() if dist.is_initialized() else 0
         self.generator = torch.Generator().manual_seed(args.seed + 7919 * self.rank)  # answers differ by rank
         self.moments = RunningMoments()
-        self.group = args.num_samples_per_prompt
-        rows = args.per_device_generation_batch_size * self.group
-        self.minibatches = -(-rows // args.per_device_training_batch_size)
+        self.group, self.minibatches = args.num_samples_per_prompt, minibatches(args)
         self.times: dict[str, float] = {}
         self.stats: dict[str, float] = {}   # of the last generate_experience
         self.metrics: list[dict] = []       # one per train_rlhf call, emptied by the caller
@@ -100,7 +104,8 @@ class PPOTrainer:
         a, tok = self.args, self.engine.tokenizer
         options = dict(max_new_tokens=a.max_answer_seq_len, min_new_tokens=a.min_answer_seq_len,
                        do_sample=a.do_sample, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p,
-                       num_return_sequences=samples or self.group, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+                       num_return_sequences=samples or self.group, eos_token_id=tok.eos_token_id,
+                       pad_token_id=tok.pad_token_id)
         if self.engine.hybrid is not None:
             return self._generate_hybrid(input_ids, attention_mask, options)
         return self._generate_hf(input_ids, attention_mask, options)
@@ -153,7 +158,7 @@ class PPOTrainer:
         with self.clock("experience"):
             logprobs = answer_logprobs(e.actor, seq, attention_mask, width)
             ref_logprobs = answer_logprobs(e.ref, seq, attention_mask, width)
-            scores = end_scores(token_values(unwrap(e.reward), seq, attention_mask), attention_mask)
+            scores = reward_scores(unwrap(e.reward), seq, attention_mask)
             exp = {"seq": seq, "attention_mask": attention_mask, "action_mask": action_mask, "logprobs": logprobs,
                    "ref_logprobs": ref_logprobs, "scores": scores}
             if e.critic is not None:
@@ -251,8 +256,11 @@ class PPOTrainer:
         if self.engine.actor_ema is None:
             return
         with self.clock("ema"):
-            ema_update([local_shard(p) for p, _ in self.ema_pairs], [local_shard(q) for _, q in self.ema_pairs],
-                       self.args.ema_beta)
+            ema_update(self.ema_shards(), [local_shard(q) for _, q in self.ema_pairs], self.args.ema_beta)
+
+    def ema_shards(self) -> list[torch.Tensor]:
+        """What this rank holds of the EMA (what a checkpoint saves); empty without --enable_ema."""
+        return [local_shard(p) for p, _ in self.ema_pairs] if self.engine.actor_ema is not None else []
 
     def _record(self, exp, rewards, advantages, loss, clipfrac, approx_kl, vf_loss, vf_clipfrac) -> None:
         mask = exp["action_mask"]
