@@ -3,6 +3,7 @@ ways a user can run the same iteration (DeepSpeed-Chat's Figure 5 on this machin
 
     python -m bench.e2e --model opt-1.3b [--reward-model opt-350m] [--world 2] [--batch 2]
                         [--prompt-len 256] [--answer-len 256] [--iterations 2] [--tp 1 2] [--out ...]
+                        [--algorithm ppo|grpo|rloo] [--samples G]
 
 Paths, each in its own freshly launched ranks (memory is freed between paths), each running one
 warm-up iteration and then --iterations measured ones through rlhf.ppo_trainer.PPOTrainer:
@@ -16,6 +17,11 @@ warm-up iteration and then --iterations measured ones through rlhf.ppo_trainer.P
 The actor, reference, critic and reward model are built from the real configurations with random
 weights (the critic and the reward model share --reward-model's architecture) and saved once per run
 as checkpoints the rlhf code loads. Actor and critic run under ZeRO-3 on --world CPU ranks (gloo).
+--algorithm grpo / rloo runs the critic-free iteration instead (no critic; --samples answers per
+prompt, sampled on every path with num_return_sequences): our path forks each prompt's KV blocks for
+its G answers, the others hold G copies. After its measured iterations, ours generates the last batch
+once more with each prompt repeated G times (untimed) and reports the peak KV blocks and bytes of both
+(prompt_kv in its row): the prompt KV the fork saved, measured.
 Prompts are random token ids (never EOS), the same on every path; every answer is forced to
 --answer-len tokens (--min_answer_seq_len = --max_answer_seq_len), sampled as PPO samples.
 
@@ -56,6 +62,11 @@ LORA_MODULES = "layers."  # OPT's model.decoder.layers.N and LLaMA's model.layer
 BASELINES = ("ds_chat", "gather_once")
 PHASES = ("generation", "experience", "training")
 UNITEMISED = 0.3  # memory beyond the itemised plan, as a fraction of it (see memory_plan)
+# The actor's ZeRO-3 training step beyond its activations and logits (gathered layers for the recompute,
+# gradient buckets, optimizer temporaries), per byte of the actor's weights. Measured: OPT-1.3B, LoRA 128,
+# checkpointing, 2 ranks x 2 x 512 tokens: 4.1 GiB above the step's start against 0.48 itemised;
+# 1.2 x 2.45 GiB plus the unitemised 30% covers it.
+ZERO3_STEP = 1.2
 
 
 # ---- checkpoints the rlhf code loads ------------------------------------------------------------
@@ -100,7 +111,8 @@ def ppo_argv(args: argparse.Namespace, path: str, tp: int, checkpoints: dict[str
             "--max_prompt_seq_len", str(args.prompt_len), "--max_answer_seq_len", str(args.answer_len),
             "--min_answer_seq_len", str(args.answer_len), "--per_device_generation_batch_size", str(args.batch),
             "--per_device_training_batch_size", str(args.batch), "--actor_zero_stage", "3",
-            "--critic_zero_stage", "3", "--dtype", args.dtype, "--num_warmup_steps", "0", "--seed", str(args.seed)]
+            "--critic_zero_stage", "3", "--dtype", args.dtype, "--num_warmup_steps", "0", "--seed", str(args.seed),
+            "--algorithm", args.algorithm, "--num_samples_per_prompt", str(args.samples)]
     if args.lora_dim:
         argv += ["--actor_lora_dim", str(args.lora_dim), "--critic_lora_dim", str(args.lora_dim),
                  "--actor_lora_module_name", LORA_MODULES, "--critic_lora_module_name", LORA_MODULES,
@@ -138,7 +150,7 @@ def make_trainer_class():
                     w.copy_((w.float() + adapter.scale * (adapter.b.float() @ adapter.a.float())).to(w.dtype))
 
         def _generate_hf(self, input_ids, attention_mask, options):
-            with self.clock("gather"):
+            with self.phase("gather"):
                 self.gather()
             seq = self.plain.generate(input_ids=input_ids, attention_mask=attention_mask, **options)
             return seq, answer_lengths(seq[:, input_ids.shape[1]:], options["eos_token_id"])
@@ -222,8 +234,9 @@ def run_iteration(trainer, batch: dict, ppo_args) -> dict:
         iteration += estimate - times["generation"]
         times["generation"] = estimate
     return {"generation_s": times["generation"], "reshard_s": times.get("reshard"), "gather_s": times.get("gather"),
-            "experience_s": times["experience"], "training_s": times["actor_training"] + times["critic_training"],
-            "actor_training_s": times["actor_training"], "critic_training_s": times["critic_training"],
+            "experience_s": times["experience"],
+            "training_s": times["actor_training"] + times.get("critic_training", 0.0),
+            "actor_training_s": times["actor_training"], "critic_training_s": times.get("critic_training"),
             "iteration_s": iteration, "generated_tokens": int(exp["action_mask"].sum()),
             **getattr(trainer, "measured", {})}
 
@@ -253,15 +266,33 @@ def worker(rank: int, world: int, args: argparse.Namespace, path: str, tp: int, 
                 return_freed_memory()
                 Path("/proc/self/clear_refs").write_text("5")
             records.append(run_iteration(trainer, batch, ppo_args))
-        return {"iterations": records[1:], "peak_rss_bytes": max(setup_peak, status_bytes("VmHWM")),
-                "peak_rss_iterations_bytes": status_bytes("VmHWM")}
+        peaks = {"peak_rss_bytes": max(setup_peak, status_bytes("VmHWM")),
+                 "peak_rss_iterations_bytes": status_bytes("VmHWM")}
+        kv = prompt_kv(trainer, batches[-1]) if engine.hybrid is not None and args.samples > 1 else None
+        return {"iterations": records[1:], **peaks, "prompt_kv": kv}
+
+
+@torch.no_grad()
+def prompt_kv(trainer, batch: dict) -> dict:
+    """Peak KV blocks (and bytes) of generating the batch with each prompt's G answers forked from one
+    prefill, as the iterations did, and with each prompt repeated G times (G separate copies)."""
+    g, ids, mask = trainer.group, batch["input_ids"], batch["attention_mask"]
+    runs = {"forked": (ids, mask, g), "repeated": (ids.repeat_interleave(g, 0), mask.repeat_interleave(g, 0), 1)}
+    kv = {}
+    for name, (input_ids, attention_mask, samples) in runs.items():
+        trainer.generate_sequence(input_ids, attention_mask, samples)
+        kv[f"{name}_peak_blocks"] = int(trainer.stats["kv_peak_blocks"])
+        kv[f"{name}_peak_bytes"] = int(trainer.stats["kv_peak_blocks"] * trainer.stats["kv_block_bytes"])
+    kv["saved_bytes"] = kv["repeated_peak_bytes"] - kv["forked_peak_bytes"]
+    kv["block_bytes"] = int(trainer.stats["kv_block_bytes"])
+    return kv
 
 
 # ---- summary ----------------------------------------------------------------------------------
 def summarize(results: list[dict], args: argparse.Namespace, path: str, tp: int) -> dict:
     """Per iteration the slowest rank's record (its phases add up within its iteration time), then the
     median of each figure over the iterations; per-sequence and per-token figures over all ranks."""
-    sequences = args.batch * args.world
+    sequences = args.batch * args.world * args.samples
     slowest = [max((r["iterations"][i] for r in results), key=lambda x: x["iteration_s"])
                for i in range(args.iterations)]
     keys = [k for k, v in slowest[0].items() if v is not None and k != "generated_tokens"]
@@ -273,6 +304,8 @@ def summarize(results: list[dict], args: argparse.Namespace, path: str, tp: int)
                extrapolated=timed != args.answer_len, timed_answer_tokens=timed,
                peak_rss_gib_per_rank=[r["peak_rss_bytes"] / GIB for r in results],
                peak_rss_iterations_gib_per_rank=[r["peak_rss_iterations_bytes"] / GIB for r in results])
+    if results[0]["prompt_kv"] is not None:
+        row["prompt_kv_per_rank"] = [r["prompt_kv"] for r in results]
     row["tokens_per_s"] = sequences * args.answer_len / row["generation_s"]
     return row
 
@@ -299,6 +332,16 @@ def table_rows(paths: dict[str, dict]) -> list[dict]:
             cells[f"iter_x_{base}"] = ratios.get("iteration_s")
         rows.append({k: "-" if v is None else v for k, v in cells.items()})
     return rows
+
+
+def print_prompt_kv(paths: dict[str, dict]) -> None:
+    for name, row in paths.items():
+        for rank, kv in enumerate(row.get("prompt_kv_per_rank", [])):
+            print(f"{name} rank {rank}: peak KV {kv['forked_peak_blocks']} blocks "
+                  f"({kv['forked_peak_bytes'] / 2**20:.3g} MiB) with each prompt's answers forked, "
+                  f"{kv['repeated_peak_blocks']} blocks "
+                  f"({kv['repeated_peak_bytes'] / 2**20:.3g} MiB) with each prompt repeated: "
+                  f"{kv['saved_bytes'] / 2**20:.3g} MiB of prompt KV saved")
 
 
 def plot(paths: dict[str, dict], title: str, png: str) -> None:
@@ -340,37 +383,42 @@ def count_params(config: PretrainedConfig, factory, lora_dim: int) -> tuple[int,
 def memory_plan(args: argparse.Namespace, path: str, tp: int) -> dict[str, float]:
     """Estimated bytes per rank of one path, by part. Trained weights under ZeRO-3 in bf16 cost 2 bytes
     (partitioned) + 16 (fp32 master, Adam m and v, fp32 gradient, partitioned); frozen ones 2
-    (partitioned). rlhf loads each model whole in fp32 before partitioning it."""
+    (partitioned). rlhf loads each model whole in --dtype before partitioning it."""
     w, b = args.world, DTYPES[args.dtype].itemsize
     actor_config, reward_config = MODELS[args.model](), MODELS[args.reward_model]()
     reward_config.num_labels = 1
     actor, actor_lora = count_params(actor_config, AutoModelForCausalLM.from_config, args.lora_dim)
     critic, critic_lora = count_params(reward_config, AutoModelForSequenceClassification.from_config, args.lora_dim)
     trained_actor, trained_critic = (actor_lora, critic_lora) if args.lora_dim else (actor, critic)
+    critic_free = args.algorithm != "ppo"
     opt = 16 if b == 2 else 12
     h, layers, vocab = actor_config.hidden_size, actor_config.num_hidden_layers, actor_config.vocab_size
-    seq = args.prompt_len + args.answer_len
-    tokens = args.batch * seq
-    kv = 2 * layers * tokens * h * b
+    seq, g = args.prompt_len + args.answer_len, args.samples
+    tokens = args.batch * seq  # per training mini-batch (--batch rows)
+    kv_per_token = 2 * layers * h * b
+    kv = kv_per_token * args.batch * g * seq  # G copies of each prompt
+    kv_forked = kv_per_token * args.batch * (args.prompt_len + g * args.answer_len)
     layer_activations = tokens * (34 * h + 5 * actor_config.num_attention_heads * seq) * b / 2
     activations = (layers * tokens * h * b + layer_activations if args.gradient_checkpointing
                    else layers * layer_activations)
     logits = args.batch * (args.answer_len + 1) * vocab * (b + 8)  # logits, fp32 log-softmax and its gradient
+    # the experience forwards run on all G answers of the batch at once, without gradients
+    logits = max(logits, args.batch * g * (args.answer_len + 1) * vocab * (b + 4))
     inference = {"ds_chat": kv + 2 * 5e7 * b,  # KV cache + DeepSpeed's prefetch buckets
                  "gather_once": actor * b + kv,  # the plain model
-                 "hybrid_engine": 2 * actor * b / tp + kv / tp}  # weights + prepacked copies
+                 "hybrid_engine": 2 * actor * b / tp + kv_forked / tp}  # weights + prepacked copies
     plan = {"runtime (torch, DeepSpeed, gloo)": 0.6 * GIB,
             "actor + reference shards": 2 * (actor + actor_lora) * b / w,
             "actor optimizer": trained_actor * opt / w,
-            "critic + reward shards": 2 * (critic + critic_lora) * b / w,
-            "critic optimizer": trained_critic * opt / w}
+            "critic + reward shards": critic * b / w + (0 if critic_free else (critic + critic_lora) * b / w),
+            "critic optimizer": 0 if critic_free else trained_critic * opt / w}
     steady = sum(plan.values())
     plan["generation"] = inference["hybrid_engine" if path.startswith("hybrid") else path]
-    plan["training activations + logits"] = activations + logits
-    # rlhf loads the actor whole in fp32 before partitioning it, then the reference whole in --dtype next
-    # to the actor's shard and optimizer
+    plan["training activations + logits"] = activations + logits + ZERO3_STEP * actor * b
+    # rlhf loads the actor whole before partitioning it, then the reference whole next to the actor's
+    # shard and optimizer
     loading = plan["runtime (torch, DeepSpeed, gloo)"] + max(
-        4 * (actor + actor_lora), (actor + actor_lora) * b / w + plan["actor optimizer"] + actor * b)
+        (actor + actor_lora) * b, (actor + actor_lora) * b / w + plan["actor optimizer"] + actor * b)
     plan["steady + larger of generation, training"] = steady + max(plan["generation"],
                                                                    plan["training activations + logits"])
     plan["loading peak (whole actor, reference)"] = loading
@@ -411,10 +459,9 @@ def what_would_fit(args: argparse.Namespace, plans: dict[str, dict]) -> str:
     worst = max(plans, key=lambda name: plans[name]["peak"])
     plan = plans[worst]
     if plan["loading peak (whole actor, reference)"] >= plan["steady + larger of generation, training"]:
-        return ("The peak is loading: rlhf.rlhf_engine loads the actor whole in fp32 on every rank (4 bytes per "
-                "parameter) before DeepSpeed partitions it, so more ranks do not help and fewer "
-                "(--world 1) lose the ZeRO-3 sharding this benchmark is about; a smaller --model, or more free memory "
-                "(other processes hold the rest).")
+        return ("The peak is loading: rlhf.rlhf_engine loads the actor whole on every rank before DeepSpeed "
+                "partitions it, so more ranks do not help and fewer (--world 1) lose the ZeRO-3 sharding this "
+                "benchmark is about; a smaller --model, or more free memory (other processes hold the rest).")
     options = [] if args.lora_dim else ["--lora-dim 128 (LoRA actor and critic)"]
     options += [] if args.gradient_checkpointing else ["--gradient-checkpointing"]
     options += [f"--batch {args.batch // 2}"] if args.batch > 1 else []
@@ -436,7 +483,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--prompt-len", type=int, default=256, help="tokens per prompt (DeepSpeed-Chat's setting: 256)")
     p.add_argument("--answer-len", type=int, default=256,
                    help="tokens per answer, forced on every path (DeepSpeed-Chat's setting: 256)")
-    p.add_argument("--iterations", type=int, default=2, help="measured PPO iterations per path, after one warm-up")
+    p.add_argument("--iterations", type=int, default=None,
+                   help="measured PPO iterations per path, after one warm-up (default 2, or 1 for actors of >= 1B "
+                        "parameters, whose defaults then finish within 30 minutes on 2 vCPUs)")
+    p.add_argument("--algorithm", choices=["ppo", "grpo", "rloo"], default="ppo",
+                   help="ppo: actor and critic (DeepSpeed-Chat's step 3); grpo / rloo: no critic, --samples answers "
+                        "per prompt with the group as the baseline")
+    p.add_argument("--samples", type=int, default=None,
+                   help="answers per prompt (G; default 8 for grpo/rloo, 1 for ppo)")
     p.add_argument("--paths", nargs="+", choices=["ds_chat", "gather_once", "hybrid_engine"],
                    default=["ds_chat", "gather_once", "hybrid_engine"], help="which paths to run")
     p.add_argument("--tp", type=int, nargs="+", default=None,
@@ -455,12 +509,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", default=None, help="JSON path (default results/e2e-<model>-<world>.json); the PNG goes "
                                                "next to it")
     args = p.parse_args(argv)
+    large = count_params(MODELS[args.model](), AutoModelForCausalLM.from_config, 0)[0] >= 1e9
+    args.iterations = (1 if large else 2) if args.iterations is None else args.iterations
     for name in ("world", "threads", "batch", "prompt_len", "answer_len", "iterations"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.answer_len < 2:
         p.error("--answer-len must be >= 2 (PPO drops answers of one token)")
-    large = count_params(MODELS[args.model](), AutoModelForCausalLM.from_config, 0)[0] >= 1e9
+    grouped = args.algorithm != "ppo"
+    args.samples = (8 if grouped else 1) if args.samples is None else args.samples
+    if args.samples < (2 if grouped else 1):
+        p.error(f"--samples must be >= {2 if grouped else 1} for --algorithm {args.algorithm}, got {args.samples}")
     args.lora_dim = (128 if large else 0) if args.lora_dim is None else args.lora_dim
     args.gradient_checkpointing = large if args.gradient_checkpointing is None else args.gradient_checkpointing
     if args.slow_answer_len is None:
@@ -494,9 +553,10 @@ def main(argv: list[str] | None = None) -> None:
         paths += [("hybrid_engine" if i == 0 else f"hybrid_engine_tp{tp}", tp) for i, tp in enumerate(args.tp)]
     env = {**print_environment(), "torch_threads_per_rank": args.threads, "load_average": os.getloadavg()}
     training = f"LoRA dim {args.lora_dim} (only LoRA trained)" if args.lora_dim else "full-parameter training"
-    print(f"actor {args.model}, reward/critic {args.reward_model}, {args.dtype}, ZeRO-3 on {args.world} ranks, "
-          f"{args.threads} torch thread(s) per rank; per rank: batch {args.batch}, prompt {args.prompt_len}, answer "
-          f"{args.answer_len} (forced); {training}"
+    algorithm = args.algorithm + (f", {args.samples} answers per prompt" if args.samples > 1 else "")
+    print(f"{algorithm}: actor {args.model}, reward/critic {args.reward_model}, {args.dtype}, ZeRO-3 on {args.world} "
+          f"ranks, {args.threads} torch thread(s) per rank; per rank: batch {args.batch}, prompt {args.prompt_len}, "
+          f"answer {args.answer_len} (forced); {training}"
           f"{', gradient checkpointing' if args.gradient_checkpointing else ''}; 1 warm-up + {args.iterations} "
           f"iterations per path; load average {os.getloadavg()[0]:.2f}")
     plans = check_memory(args, paths)
@@ -509,7 +569,8 @@ def main(argv: list[str] | None = None) -> None:
             results[name]["memory_plan_gib_per_rank"] = plans[name]["peak"]
             results[name]["load_average_after"] = os.getloadavg()
     add_ratios(results)
-    print(f"\n{args.model} actor + {args.reward_model} reward/critic, {args.world} ranks x batch {args.batch}, "
+    print(f"\n{algorithm}: {args.model} actor + {args.reward_model} reward/critic, {args.world} ranks x batch "
+          f"{args.batch}, "
           f"prompt {args.prompt_len} + answer {args.answer_len}; median of {args.iterations} iterations, slowest rank "
           f"(seconds; x_*: speed-up against that baseline; tokens/s over all ranks; load average {os.getloadavg()[0]:.2f})")
     columns = ["path", "generation_s", "reshard_s", "gather_s", "experience_s", "training_s", "iteration_s",
@@ -518,10 +579,13 @@ def main(argv: list[str] | None = None) -> None:
     print_table(table_rows(results), columns)
     print("peak_rss_gib: VmHWM of each rank over its whole life (loading included); generation_s includes reshard_s "
           "and gather_s")
-    out = args.out or f"results/e2e-{args.model}-{args.world}.json"
+    print_prompt_kv(results)
+    suffix = "" if args.algorithm == "ppo" else f"-{args.algorithm}"
+    out = args.out or f"results/e2e-{args.model}-{args.world}{suffix}.json"
     config = {**vars(args), "paths_run": [n for n, _ in paths], "environment": env, "memory_plan_gib": plans}
     write_json(out, {"config": config, "paths": results})
-    plot(results, f"{args.model} actor + {args.reward_model} reward, {args.world} CPU ranks, ZeRO-3, {args.dtype}, "
+    plot(results, f"{args.algorithm}: {args.model} actor + {args.reward_model} reward, {args.world} CPU ranks, "
+                  f"ZeRO-3, {args.dtype}, "
                   f"prompt {args.prompt_len} + answer {args.answer_len}", str(Path(out).with_suffix(".png")))
 
 

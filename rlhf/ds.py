@@ -44,9 +44,17 @@ def world_size() -> int:
     return dist.get_world_size() if dist.is_initialized() else 1
 
 
+# ZeRO-3's gathered-parameter limits, in parameters. DeepSpeed's defaults (1e9 live, reuse distance 1e9)
+# keep every layer of a 1B model gathered from its forward to its backward: the whole model in full on
+# every rank next to its shards (11.5 GB per rank at OPT-1.3B with LoRA, 2 ranks). These keep a few
+# layers; the live and prefetch limits are DeepSpeed-Chat's.
+ZERO3_LIMITS = {"stage3_max_live_parameters": 3e7, "stage3_prefetch_bucket_size": 3e7,
+                "stage3_max_reuse_distance": 3e7}
+
+
 def ds_config(args, world: int) -> dict:
     """The engine config for --zero_stage, --dtype, --offload, micro batch and accumulation."""
-    zero = {"stage": args.zero_stage, "stage3_param_persistence_threshold": 1e4}
+    zero = {"stage": args.zero_stage, "stage3_param_persistence_threshold": 1e4, **ZERO3_LIMITS}
     if args.offload and torch.cuda.is_available():  # on a CPU everything already lives in host memory
         zero["offload_optimizer"] = {"device": "cpu"}
         if args.zero_stage == 3:

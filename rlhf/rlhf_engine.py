@@ -15,7 +15,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from hybrid_engine import HybridEngine
-from rlhf.ds import build_engine, load_config, prepare_model
+from rlhf.ds import ZERO3_LIMITS, build_engine, load_config, prepare_model
 from rlhf.reward_model import load_dschat_reward, load_reward_model
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -82,7 +82,7 @@ def check_models(args: argparse.Namespace, tokenizer) -> None:
     check_positions(args.critic_model_name_or_path, "critic", length)
 
 
-def load_actor(args: argparse.Namespace, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
+def load_actor(args: argparse.Namespace, dtype: torch.dtype) -> PreTrainedModel:
     path = args.actor_model_name_or_path
     return AutoModelForCausalLM.from_pretrained(path, config=load_config(path, args.actor_dropout), dtype=dtype)
 
@@ -100,7 +100,7 @@ def load_critic(path: str, pad_token_id: int, dropout: float | None = None) -> P
 def eval_config(zero_stage: int, dtype: str) -> dict:
     # persistence threshold 0: every parameter lives only as its partition (the EMA is updated there)
     return {"train_micro_batch_size_per_gpu": 1, "steps_per_print": 10**9,
-            "zero_optimization": {"stage": zero_stage, "stage3_param_persistence_threshold": 0},
+            "zero_optimization": {"stage": zero_stage, "stage3_param_persistence_threshold": 0, **ZERO3_LIMITS},
             "bf16": {"enabled": dtype == "bf16"}, "fp16": {"enabled": dtype == "fp16"}}
 
 
@@ -117,12 +117,16 @@ def frozen(model: PreTrainedModel, zero_stage: int, dtype: str, device: torch.de
 def build_rlhf_engine(args: argparse.Namespace, tokenizer, steps: dict[str, int], device: torch.device) -> RLHFEngine:
     """steps: optimizer steps of the run per trained role ("actor", "critic"), the schedules' length."""
     actor_args, critic_args = role_args(args, "actor"), role_args(args, "critic")
-    actor = build_engine(prepare_model(load_actor(args).to(device), actor_args), actor_args, steps["actor"])
-    ref = frozen(load_actor(args, DTYPES[args.dtype]), args.actor_zero_stage, args.dtype, device)  # no fp32 copy
+    # In --dtype, not fp32: DeepSpeed casts a bf16/fp16 run's parameters to that dtype before partitioning
+    # them and builds its fp32 master weights from the cast values (deepspeed 0.19.8,
+    # DeepSpeedEngine._configure_distributed_model), so an fp32 load would only double the loading peak.
+    actor = build_engine(prepare_model(load_actor(args, DTYPES[args.dtype]).to(device), actor_args), actor_args,
+                         steps["actor"])
+    ref = frozen(load_actor(args, DTYPES[args.dtype]), args.actor_zero_stage, args.dtype, device)
     ema = None
     if args.enable_ema:  # the actor's shape (LoRA included), so the update is tensor by tensor
         # in fp32 whatever --dtype: a bf16 EMA would round most updates of (1 - beta) * delta away
-        ema = frozen(prepare_model(load_actor(args), actor_args), args.actor_zero_stage, "fp32", device)
+        ema = frozen(prepare_model(load_actor(args, torch.float32), actor_args), args.actor_zero_stage, "fp32", device)
     pad = tokenizer.pad_token_id
     critic = None
     if args.algorithm == "ppo":

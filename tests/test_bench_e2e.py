@@ -1,6 +1,7 @@
 """bench.e2e end to end at a tiny size on 2 ranks, all three paths: the JSON it promises, phases that
 fit inside their iteration, the same forced number of tokens on every path, an extrapolation that
-says so and is the formula it claims, and the Figure-5 plot. No timing is compared."""
+says so and is the formula it claims, and the Figure-5 plot; for GRPO, no critic step and the prompt
+KV its forks save. No timing is compared."""
 import json
 import subprocess
 import sys
@@ -13,17 +14,28 @@ from bench.e2e import memory_plan, parse_args, random_tokens
 ROOT = Path(__file__).resolve().parents[1]
 PATHS = ("ds_chat", "gather_once", "hybrid_engine")
 WORLD, BATCH, ANSWER, TIMED = 2, 2, 6, 3
+GROUP, GROUP_PROMPT, BLOCK = 3, 37, 16  # the KV cache's default block size
 
 
-@pytest.fixture(scope="module")
-def result(tmp_path_factory) -> tuple[dict, Path]:
-    out = tmp_path_factory.mktemp("e2e") / "e2e.json"
+def run_e2e(out: Path, *extra: str) -> tuple[dict, Path, str]:
     cmd = [sys.executable, "-m", "bench.e2e", "--model", "tiny", "--reward-model", "tiny", "--world", str(WORLD),
-           "--batch", str(BATCH), "--prompt-len", "7", "--answer-len", str(ANSWER), "--slow-answer-len", str(TIMED),
-           "--iterations", "1", "--out", str(out)]
+           "--batch", str(BATCH), "--answer-len", str(ANSWER), "--iterations", "1", "--out", str(out), *extra]
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, f"{' '.join(cmd)} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
     return json.loads(out.read_text()), out, done.stdout
+
+
+@pytest.fixture(scope="module")
+def result(tmp_path_factory) -> tuple[dict, Path, str]:
+    out = tmp_path_factory.mktemp("e2e") / "e2e.json"
+    return run_e2e(out, "--prompt-len", "7", "--slow-answer-len", str(TIMED))
+
+
+@pytest.fixture(scope="module")
+def grpo(tmp_path_factory) -> tuple[dict, Path, str]:
+    out = tmp_path_factory.mktemp("e2e") / "grpo.json"
+    return run_e2e(out, "--algorithm", "grpo", "--samples", str(GROUP), "--prompt-len", str(GROUP_PROMPT),
+                   "--paths", "ds_chat", "hybrid_engine")
 
 
 def test_json_shape_and_phases_within_the_iteration(result):
@@ -89,3 +101,26 @@ def test_memory_plan_refuses_what_does_not_fit(monkeypatch, capsys):
     monkeypatch.setattr(e2e, "mem_available", lambda: int(plan["peak"] * 2) + 1)
     e2e.check_memory(args, [("gather_once", 1)])
     assert "gather_once" in capsys.readouterr().out
+
+
+def test_grpo_trains_no_critic_on_every_answer_of_every_group(grpo):
+    data, out, stdout = grpo
+    assert data["config"]["algorithm"] == "grpo" and set(data["paths"]) == {"ds_chat", "hybrid_engine"}
+    for row in data["paths"].values():
+        assert "critic_training_s" not in row and row["training_s"] == pytest.approx(row["actor_training_s"])
+        assert row["generated_tokens"] == WORLD * BATCH * GROUP * ANSWER
+        assert row["iteration_s_per_seq"] == pytest.approx(row["iteration_s"] / (WORLD * BATCH * GROUP))
+    assert out.with_suffix(".png").exists() and "grpo, 3 answers per prompt" in stdout
+
+
+def test_grpo_prompt_kv_saved_is_the_prompts_full_blocks_held_once(grpo):
+    """Forked, each prompt's full blocks are held once for its G answers; repeated, G times. The peaks
+    differ by (G - 1) x the full prompt blocks of the batch; the partial last block is copied per answer."""
+    per_rank = grpo[0]["paths"]["hybrid_engine"]["prompt_kv_per_rank"]
+    assert len(per_rank) == WORLD
+    for kv in per_rank:
+        saved_blocks = kv["repeated_peak_blocks"] - kv["forked_peak_blocks"]
+        assert saved_blocks == BATCH * (GROUP - 1) * (GROUP_PROMPT // BLOCK)
+        assert kv["saved_bytes"] == saved_blocks * kv["block_bytes"] > 0
+        assert kv["forked_peak_bytes"] == kv["forked_peak_blocks"] * kv["block_bytes"]
+    assert "MiB of prompt KV saved" in grpo[2]
