@@ -11,7 +11,9 @@ warm-up iteration and then --iterations measured ones through rlhf.ppo_trainer.P
                  (DeepSpeed-Chat without its hybrid engine).
   gather_once    every actor parameter gathered once per iteration (one all_gather each, LoRA merged)
                  into a plain, un-hooked transformers model built beforehand, then its generate; the
-                 gather is part of generation_s and reported apart as gather_s.
+                 gather is part of generation_s and reported apart as gather_s. The plain model's
+                 weights are dropped after each generation (as vLLM's sleep mode does), so training
+                 does not hold a second full copy of the actor.
   hybrid_engine  ours (--enable_hybrid_engine): ZeRO-3 shards resharded into TP inference weights;
                  resharding is part of generation_s and reported apart as reshard_s.
 The actor, reference, critic and reward model are built from the real configurations with random
@@ -61,11 +63,15 @@ GIB = 2**30
 LORA_MODULES = "layers."  # OPT's model.decoder.layers.N and LLaMA's model.layers.N
 BASELINES = ("ds_chat", "gather_once")
 PHASES = ("generation", "experience", "training")
-UNITEMISED = 0.3  # memory beyond the itemised plan, as a fraction of it (see memory_plan)
+# Memory beyond the itemised plan: a fraction of it plus a fixed part (DeepSpeed's fixed-size buffers,
+# allocator caching). Calibrated on the peaks measured per rank (2 ranks, bf16): opt-125m PPO 4.8-5.0 GiB,
+# opt-125m GRPO (G 8) 5.44, opt-1.3b PPO (LoRA 128) 8.3 (ds_chat) and 9.5 (hybrid_engine --tp 2), and
+# 11.3 in generation at --tp 1 (a per-phase trace).
+UNITEMISED, UNITEMISED_FIXED = 0.1, 1.0 * GIB
 # The actor's ZeRO-3 training step beyond its activations and logits (gathered layers for the recompute,
 # gradient buckets, optimizer temporaries), per byte of the actor's weights. Measured: OPT-1.3B, LoRA 128,
 # checkpointing, 2 ranks x 2 x 512 tokens: 4.1 GiB above the step's start against 0.48 itemised;
-# 1.2 x 2.45 GiB plus the unitemised 30% covers it.
+# 1.2 x 2.45 GiB, with the unitemised part (below) on top, covers it.
 ZERO3_STEP = 1.2
 
 
@@ -136,9 +142,18 @@ def make_trainer_class():
         def __init__(self, engine, args, plain):
             super().__init__(engine, args)
             self.plain, self.plain_params = plain, dict(plain.named_parameters())
+            self.shapes = {name: p.shape for name, p in self.plain_params.items()}
+            self.release()
+
+        def release(self) -> None:
+            for p in self.plain_params.values():
+                p.data = torch.empty(0, dtype=p.dtype)
+            return_freed_memory()
 
         @torch.no_grad()
         def gather(self) -> None:
+            for name, p in self.plain_params.items():
+                p.data = torch.empty(self.shapes[name], dtype=p.dtype)
             module = unwrap(self.engine.actor)
             for name, p in module.named_parameters():  # one all_gather per parameter, as GatheredParameters does
                 if not is_adapter_param(name):
@@ -153,6 +168,7 @@ def make_trainer_class():
             with self.phase("gather"):
                 self.gather()
             seq = self.plain.generate(input_ids=input_ids, attention_mask=attention_mask, **options)
+            self.release()
             return seq, answer_lengths(seq[:, input_ids.shape[1]:], options["eos_token_id"])
 
     class ExtrapolatedTrainer(PPOTrainer):
@@ -401,9 +417,8 @@ def memory_plan(args: argparse.Namespace, path: str, tp: int) -> dict[str, float
     layer_activations = tokens * (34 * h + 5 * actor_config.num_attention_heads * seq) * b / 2
     activations = (layers * tokens * h * b + layer_activations if args.gradient_checkpointing
                    else layers * layer_activations)
-    logits = args.batch * (args.answer_len + 1) * vocab * (b + 8)  # logits, fp32 log-softmax and its gradient
-    # the experience forwards run on all G answers of the batch at once, without gradients
-    logits = max(logits, args.batch * g * (args.answer_len + 1) * vocab * (b + 4))
+    per_logit = b + 8  # the logits, their fp32 copy and logsumexp's fp32 exponentials (or the gradient)
+    logits = args.batch * (args.answer_len + 1) * vocab * per_logit
     inference = {"ds_chat": kv + 2 * 5e7 * b,  # KV cache + DeepSpeed's prefetch buckets
                  "gather_once": actor * b + kv,  # the plain model
                  "hybrid_engine": 2 * actor * b / tp + kv_forked / tp}  # weights + prepacked copies
@@ -414,20 +429,19 @@ def memory_plan(args: argparse.Namespace, path: str, tp: int) -> dict[str, float
             "critic optimizer": 0 if critic_free else trained_critic * opt / w}
     steady = sum(plan.values())
     plan["generation"] = inference["hybrid_engine" if path.startswith("hybrid") else path]
-    plan["training activations + logits"] = activations + logits + ZERO3_STEP * actor * b
+    # the experience forwards run on all G answers of the batch at once, without gradients
+    plan["experience"] = g * (logits + layer_activations)
+    plan["training"] = activations + logits + ZERO3_STEP * actor * b
     # rlhf loads the actor whole before partitioning it, then the reference whole next to the actor's
     # shard and optimizer
     loading = plan["runtime (torch, DeepSpeed, gloo)"] + max(
         (actor + actor_lora) * b, (actor + actor_lora) * b / w + plan["actor optimizer"] + actor * b)
-    plan["steady + larger of generation, training"] = steady + max(plan["generation"],
-                                                                   plan["training activations + logits"])
+    plan["steady + largest phase"] = steady + max(plan["generation"], plan["experience"], plan["training"])
     plan["loading peak (whole actor, reference)"] = loading
     runtime = plan["runtime (torch, DeepSpeed, gloo)"]
-    itemised = max(loading, plan["steady + larger of generation, training"]) - runtime
-    # DeepSpeed's buffers, allocator caching and fragmentation: measured peaks were 1.3x the itemised
-    # parts (opt-125m actor and critic, full training, 2 ranks: 4.8-5.0 GiB against 3.8)
-    plan["unitemised (0.3 x itemised, measured)"] = UNITEMISED * itemised
-    plan["peak"] = runtime + (1 + UNITEMISED) * itemised
+    itemised = max(loading, plan["steady + largest phase"]) - runtime
+    plan["unitemised (0.1 x itemised + 1 GiB)"] = UNITEMISED * itemised + UNITEMISED_FIXED
+    plan["peak"] = runtime + itemised + plan["unitemised (0.1 x itemised + 1 GiB)"]
     return plan
 
 
@@ -458,7 +472,7 @@ def what_would_fit(args: argparse.Namespace, plans: dict[str, dict]) -> str:
     """The options not already in effect that lower the part that sets the peak."""
     worst = max(plans, key=lambda name: plans[name]["peak"])
     plan = plans[worst]
-    if plan["loading peak (whole actor, reference)"] >= plan["steady + larger of generation, training"]:
+    if plan["loading peak (whole actor, reference)"] >= plan["steady + largest phase"]:
         return ("The peak is loading: rlhf.rlhf_engine loads the actor whole on every rank before DeepSpeed "
                 "partitions it, so more ranks do not help and fewer (--world 1) lose the ZeRO-3 sharding this "
                 "benchmark is about; a smaller --model, or more free memory (other processes hold the rest).")
