@@ -16,11 +16,15 @@ from torch import nn
 
 from hybrid_engine.engine import return_freed_memory, unwrap
 from rlhf.ds import all_sum
+from rlhf.log import rss_bytes
 from rlhf.ppo_math import (RunningMoments, actor_loss, compute_rewards, critic_loss, ema_update, gae,
                            group_advantages, group_policy_loss, logprobs_of, masked_mean, whiten)
 from rlhf.reward_model import reward_scores, token_values
 from rlhf.rlhf_engine import RLHFEngine
 from rlhf.sft import token_nll
+
+
+TRIM_BYTES = 256 << 20
 
 
 def positions(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -92,12 +96,14 @@ class PPOTrainer:
 
     @contextmanager
     def phase(self, name: str):
-        """Times a phase, then hands what it freed back to the system: glibc keeps freed heap memory, so
-        each phase would otherwise start on top of the last one's peak (OPT-1.3B actor, 2 ranks: 11 GiB
-        per rank by the critic's step, 5 GiB after a trim)."""
-        start = time.perf_counter()
+        """Times a phase; one that grew the process by TRIM_BYTES or more then hands what it freed back
+        to the system: glibc keeps freed heap memory, so each phase would start on top of the last one's
+        peak (OPT-1.3B actor, 2 ranks: 11 GiB per rank by the critic's step, 5.5 GiB after a trim). A
+        trim costs milliseconds, which at tiny sizes added a sixth to test_rlhf_ppo: only when it pays."""
+        start, rss = time.perf_counter(), rss_bytes()
         yield
-        return_freed_memory()
+        if rss_bytes() - rss >= TRIM_BYTES:
+            return_freed_memory()
         self.times[name] = self.times.get(name, 0.0) + time.perf_counter() - start
 
     # ---- experience -----------------------------------------------------------------------------
