@@ -66,7 +66,8 @@ PHASES = ("generation", "experience", "training")
 # Memory beyond the itemised plan: a fraction of it plus a fixed part (DeepSpeed's fixed-size buffers,
 # allocator caching). Calibrated on the peaks measured per rank (2 ranks, bf16): opt-125m PPO 4.8-5.0 GiB,
 # opt-125m GRPO (G 8) 5.44, opt-1.3b PPO (LoRA 128) 8.3 (ds_chat) and 9.5 (hybrid_engine --tp 2), and
-# 11.3 in generation at --tp 1 (a per-phase trace).
+# 10.1 in generation at --tp 1 in a per-phase trace's first iteration, before the 1.2 GiB of optimizer
+# state the first step creates.
 UNITEMISED, UNITEMISED_FIXED = 0.1, 1.0 * GIB
 # The actor's ZeRO-3 training step beyond its activations and logits (gathered layers for the recompute,
 # gradient buckets, optimizer temporaries), per byte of the actor's weights. Measured: OPT-1.3B, LoRA 128,
