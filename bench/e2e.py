@@ -6,7 +6,8 @@ ways a user can run the same iteration (DeepSpeed-Chat's Figure 5 on this machin
                         [--algorithm ppo|grpo|rloo] [--samples G]
 
 Paths, each in its own freshly launched ranks (memory is freed between paths), each running one
-warm-up iteration and then --iterations measured ones through rlhf.ppo_trainer.PPOTrainer:
+warm-up iteration (answers of --warmup-answer-len tokens) and then --iterations measured ones through
+rlhf.ppo_trainer.PPOTrainer:
   ds_chat        transformers' generate on the ZeRO-3 actor: every forward gathers every layer
                  (DeepSpeed-Chat without its hybrid engine).
   gather_once    every actor parameter gathered once per iteration (one all_gather each, LoRA merged)
@@ -188,11 +189,12 @@ def make_trainer_class():
 
         def _generate_hf(self, input_ids, attention_mask, options):
             full = options["max_new_tokens"]
+            n = min(self.timed, full)
             _, one = self._timed_generate(input_ids, attention_mask, options, 1)
-            seq, timed = self._timed_generate(input_ids, attention_mask, options, self.timed)
-            self.generation_estimate = one + (full - 1) * (timed - one) / (self.timed - 1)
+            seq, timed = self._timed_generate(input_ids, attention_mask, options, n)
+            self.generation_estimate = one + (full - 1) * (timed - one) / (n - 1)
             self.measured = {"one_token_generation_s": one, "timed_generation_s": timed}
-            fill = random_tokens((len(seq), full - self.timed), self.engine.tokenizer, self.generator)
+            fill = random_tokens((len(seq), full - n), self.engine.tokenizer, self.generator)
             return torch.cat([seq, fill], 1), torch.full((len(seq),), full)
 
     return GatherOnceTrainer, ExtrapolatedTrainer
@@ -282,6 +284,7 @@ def worker(rank: int, world: int, args: argparse.Namespace, path: str, tp: int, 
             if i == 1:  # VmHWM from here on: the measured iterations alone
                 return_freed_memory()
                 Path("/proc/self/clear_refs").write_text("5")
+            ppo_args.max_answer_seq_len = ppo_args.min_answer_seq_len = args.answer_len if i else args.warmup_answer_len
             records.append(run_iteration(trainer, batch, ppo_args))
         peaks = {"peak_rss_bytes": max(setup_peak, status_bytes("VmHWM")),
                  "peak_rss_iterations_bytes": status_bytes("VmHWM")}
@@ -498,6 +501,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--prompt-len", type=int, default=256, help="tokens per prompt (DeepSpeed-Chat's setting: 256)")
     p.add_argument("--answer-len", type=int, default=256,
                    help="tokens per answer, forced on every path (DeepSpeed-Chat's setting: 256)")
+    p.add_argument("--warmup-answer-len", type=int, default=None,
+                   help="tokens per answer in the unmeasured warm-up iteration, which builds what a first iteration "
+                        "builds (optimizer state, inference weights, communication ops) (default: --answer-len, or "
+                        "32 for actors of >= 1B parameters, whose full-length warm-up costs minutes per path)")
     p.add_argument("--iterations", type=int, default=None,
                    help="measured PPO iterations per path, after one warm-up (default 2, or 1 for actors of >= 1B "
                         "parameters, whose defaults then finish within 30 minutes on 2 vCPUs)")
@@ -537,6 +544,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--samples must be >= {2 if grouped else 1} for --algorithm {args.algorithm}, got {args.samples}")
     args.lora_dim = (128 if large else 0) if args.lora_dim is None else args.lora_dim
     args.gradient_checkpointing = large if args.gradient_checkpointing is None else args.gradient_checkpointing
+    if args.warmup_answer_len is None:
+        args.warmup_answer_len = min(32, args.answer_len) if large else args.answer_len
+    if not 2 <= args.warmup_answer_len <= args.answer_len:
+        p.error(f"--warmup-answer-len must be in [2, --answer-len={args.answer_len}], got {args.warmup_answer_len}")
     if args.slow_answer_len is None:
         args.slow_answer_len = min(16, args.answer_len) if large else args.answer_len
     if not 2 <= args.slow_answer_len <= args.answer_len:
@@ -572,8 +583,8 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{algorithm}: actor {args.model}, reward/critic {args.reward_model}, {args.dtype}, ZeRO-3 on {args.world} "
           f"ranks, {args.threads} torch thread(s) per rank; per rank: batch {args.batch}, prompt {args.prompt_len}, "
           f"answer {args.answer_len} (forced); {training}"
-          f"{', gradient checkpointing' if args.gradient_checkpointing else ''}; 1 warm-up + {args.iterations} "
-          f"iterations per path; load average {os.getloadavg()[0]:.2f}")
+          f"{', gradient checkpointing' if args.gradient_checkpointing else ''}; 1 warm-up (answer "
+          f"{args.warmup_answer_len}) + {args.iterations} iterations per path; load average {os.getloadavg()[0]:.2f}")
     plans = check_memory(args, paths)
     results = {}
     with tempfile.TemporaryDirectory(prefix="bench-e2e-") as root:

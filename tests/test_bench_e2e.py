@@ -13,7 +13,7 @@ from bench.e2e import memory_plan, parse_args, random_tokens
 
 ROOT = Path(__file__).resolve().parents[1]
 PATHS = ("ds_chat", "gather_once", "hybrid_engine")
-WORLD, BATCH, ANSWER, TIMED = 2, 2, 6, 3
+WORLD, BATCH, ANSWER, TIMED, WARMUP = 2, 2, 6, 3, 2
 GROUP, GROUP_PROMPT, BLOCK = 3, 37, 16  # the KV cache's default block size
 
 
@@ -28,7 +28,7 @@ def run_e2e(out: Path, *extra: str) -> tuple[dict, Path, str]:
 @pytest.fixture(scope="module")
 def result(tmp_path_factory) -> tuple[dict, Path, str]:
     out = tmp_path_factory.mktemp("e2e") / "e2e.json"
-    return run_e2e(out, "--prompt-len", "7", "--slow-answer-len", str(TIMED))
+    return run_e2e(out, "--prompt-len", "7", "--slow-answer-len", str(TIMED), "--warmup-answer-len", str(WARMUP))
 
 
 @pytest.fixture(scope="module")
@@ -61,8 +61,19 @@ def test_json_shape_and_phases_within_the_iteration(result):
 
 
 def test_every_path_trains_on_the_same_forced_number_of_tokens(result):
+    # the warm-up's shorter answers (WARMUP tokens, even below ds_chat's TIMED) leave the measured ones whole
     paths = result[0]["paths"]
     assert {row["generated_tokens"] for row in paths.values()} == {WORLD * BATCH * ANSWER}
+    assert result[0]["config"]["warmup_answer_len"] == WARMUP and f"1 warm-up (answer {WARMUP})" in result[2]
+
+
+def test_warmup_answer_len_defaults_short_only_for_1b_actors(capsys):
+    assert parse_args(["--model", "opt-1.3b"]).warmup_answer_len == 32
+    assert parse_args(["--model", "opt-125m"]).warmup_answer_len == 256
+    assert parse_args(["--model", "opt-125m", "--answer-len", "20"]).warmup_answer_len == 20
+    with pytest.raises(SystemExit):
+        parse_args(["--model", "opt-125m", "--answer-len", "20", "--warmup-answer-len", "21"])
+    assert "--warmup-answer-len must be in [2, --answer-len=20], got 21" in capsys.readouterr().err
 
 
 def test_extrapolation_is_said_and_is_the_stated_formula(result):
