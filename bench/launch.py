@@ -1,9 +1,12 @@
-"""Run a function on N CPU ranks (gloo): spawned processes, results returned in rank order.
+"""Run a function on N CPU ranks (gloo): processes forked from a server that imported torch, DeepSpeed
+and transformers once, results returned in rank order.
 
 Benchmarks and the multi-rank tests start their own ranks so that one command runs every side of
 a comparison.
 """
+import importlib
 import os
+import sys
 import tempfile
 import traceback
 
@@ -12,9 +15,15 @@ import torch.multiprocessing as mp
 
 from hybrid_engine.distributed import destroy_process_groups, free_port, remove_deepspeed_shm
 
+# Imported once by the fork server instead of by every rank of every launch: 4-5 s of CPU per rank
+# (torch alone 2.4 s), which was most of a small multi-rank test on 2 vCPUs.
+PRELOAD = ["torch", "torch.distributed", "deepspeed", "transformers", "hybrid_engine"]
 
-def _entry(rank: int, world: int, port: int, threads: int, outdir: str, fn, args) -> None:
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_SIZE=str(world),
+
+def _entry(rank: int, world: int, port: int, threads: int, environ: dict, outdir: str, fn, args) -> None:
+    # the fork server's environment is the one of the first launch; each launch brings its own
+    os.environ.clear()
+    os.environ.update(environ, RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_SIZE=str(world),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(threads)
     try:
@@ -26,16 +35,29 @@ def _entry(rank: int, world: int, port: int, threads: int, outdir: str, fn, args
     destroy_process_groups()
 
 
+def importable(fn):
+    """fn, or for a function of a module run with `python -m`, the same function imported by the
+    module's name: a forked rank never ran `__main__`, so it cannot unpickle `__main__.fn`."""
+    if fn.__module__ != "__main__":
+        return fn
+    spec = getattr(sys.modules["__main__"], "__spec__", None)
+    if spec is None:
+        raise ValueError(f"run_ranks cannot start {fn.__qualname__} of a script run by its path: define it in a "
+                         f"module, or run the script with `python -m`")
+    return getattr(importlib.import_module(spec.name), fn.__qualname__)
+
+
 def run_ranks(world: int, fn, *args, threads: int = 1) -> list:
     """fn(rank, world, *args) on each rank with `threads` torch threads; fn sets up torch.distributed
     itself (gloo). Raises RuntimeError with the failing rank's traceback."""
     if world < 1:
         raise ValueError(f"world must be >= 1, got {world}")
+    mp.get_context("forkserver").set_forkserver_preload(PRELOAD)
     port = free_port()
     with tempfile.TemporaryDirectory() as outdir:
         try:
-            mp.start_processes(_entry, args=(world, port, threads, outdir, fn, args), nprocs=world,
-                               start_method="spawn")
+            mp.start_processes(_entry, args=(world, port, threads, dict(os.environ), outdir, importable(fn), args),
+                               nprocs=world, start_method="forkserver")
         except mp.ProcessRaisedException as e:
             raise RuntimeError(f"a rank failed:\n{e}") from None
         finally:
