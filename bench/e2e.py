@@ -59,6 +59,7 @@ from bench.launch import run_ranks
 from bench.zero3 import DTYPES, MODELS, check_tp
 from hybrid_engine.engine import return_freed_memory, unwrap
 from hybrid_engine.lora import base_name, find_adapters, is_adapter_param
+from rlhf.ppo import samples_per_prompt
 
 GIB = 2**30
 LORA_MODULES = "layers."  # OPT's model.decoder.layers.N and LLaMA's model.layers.N
@@ -538,10 +539,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.answer_len < 2:
         p.error("--answer-len must be >= 2 (PPO drops answers of one token)")
-    grouped = args.algorithm != "ppo"
-    args.samples = (8 if grouped else 1) if args.samples is None else args.samples
-    if args.samples < (2 if grouped else 1):
-        p.error(f"--samples must be >= {2 if grouped else 1} for --algorithm {args.algorithm}, got {args.samples}")
+    try:
+        args.samples = samples_per_prompt(args.algorithm, args.samples, "--samples")
+    except ValueError as e:
+        p.error(str(e))
     args.lora_dim = (128 if large else 0) if args.lora_dim is None else args.lora_dim
     args.gradient_checkpointing = large if args.gradient_checkpointing is None else args.gradient_checkpointing
     if args.warmup_answer_len is None:

@@ -203,12 +203,17 @@ def check_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--temperature must be > 0 when sampling, got {args.temperature}")
     if args.enable_test_mode:
         args.max_steps = args.test_stop_step
-    grouped = args.algorithm != "ppo"
-    if args.num_samples_per_prompt is None:
-        args.num_samples_per_prompt = 8 if grouped else 1
-    if args.num_samples_per_prompt < (2 if grouped else 1):
-        raise ValueError(f"--num_samples_per_prompt must be >= {2 if grouped else 1} for --algorithm "
-                         f"{args.algorithm}, got {args.num_samples_per_prompt}")
+    args.num_samples_per_prompt = samples_per_prompt(args.algorithm, args.num_samples_per_prompt,
+                                                     "--num_samples_per_prompt")
+
+
+def samples_per_prompt(algorithm: str, given: int | None, flag: str) -> int:
+    """Answers per prompt (G): by default 8 for grpo/rloo, whose baseline is the group, and 1 for ppo."""
+    least = 1 if algorithm == "ppo" else 2
+    samples = (1 if algorithm == "ppo" else 8) if given is None else given
+    if samples < least:
+        raise ValueError(f"{flag} must be >= {least} for --algorithm {algorithm}, got {samples}")
+    return samples
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -67,6 +67,14 @@ def test_every_path_trains_on_the_same_forced_number_of_tokens(result):
     assert result[0]["config"]["warmup_answer_len"] == WARMUP and f"1 warm-up (answer {WARMUP})" in result[2]
 
 
+def test_samples_default_and_least_follow_rlhf(capsys):
+    assert parse_args(["--model", "opt-125m"]).samples == 1
+    assert parse_args(["--model", "opt-125m", "--algorithm", "rloo"]).samples == 8
+    with pytest.raises(SystemExit):
+        parse_args(["--model", "opt-125m", "--algorithm", "grpo", "--samples", "1"])
+    assert "--samples must be >= 2 for --algorithm grpo, got 1" in capsys.readouterr().err
+
+
 def test_warmup_answer_len_defaults_short_only_for_1b_actors(capsys):
     assert parse_args(["--model", "opt-1.3b"]).warmup_answer_len == 32
     assert parse_args(["--model", "opt-125m"]).warmup_answer_len == 256
