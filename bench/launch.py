@@ -4,11 +4,14 @@ and transformers once, results returned in rank order.
 Benchmarks and the multi-rank tests start their own ranks so that one command runs every side of
 a comparison.
 """
+import ctypes
 import importlib
 import os
+import signal
 import sys
 import tempfile
 import traceback
+from multiprocessing import forkserver
 
 import torch
 import torch.multiprocessing as mp
@@ -20,7 +23,22 @@ from hybrid_engine.distributed import destroy_process_groups, free_port, remove_
 PRELOAD = ["torch", "torch.distributed", "deepspeed", "transformers", "hybrid_engine"]
 
 
+def _end_with_parent() -> None:
+    """A rank's parent is the fork server, which exits when the last holder of its liveness pipe does:
+    SIGTERM the rank then (Linux prctl PR_SET_PDEATHSIG), so that killing a benchmark does not leave
+    its ranks running. multiprocessing hands each forked child that pipe too (Python 3.11); a rank
+    holding it would keep the server, and so itself, alive: the rank closes it."""
+    server = forkserver._forkserver
+    if server._forkserver_alive_fd is not None:
+        os.close(server._forkserver_alive_fd)
+        server._forkserver_alive_fd = None
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+    if os.getppid() == 1:  # the server was already gone before the prctl took effect
+        os._exit(1)
+
+
 def _entry(rank: int, world: int, port: int, threads: int, environ: dict, outdir: str, fn, args) -> None:
+    _end_with_parent()
     # the fork server's environment is the one of the first launch; each launch brings its own
     os.environ.clear()
     os.environ.update(environ, RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_SIZE=str(world),
