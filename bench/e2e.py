@@ -545,19 +545,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(str(e))
     args.lora_dim = (128 if large else 0) if args.lora_dim is None else args.lora_dim
     args.gradient_checkpointing = large if args.gradient_checkpointing is None else args.gradient_checkpointing
-    if args.warmup_answer_len is None:
-        args.warmup_answer_len = min(32, args.answer_len) if large else args.answer_len
-    if not 2 <= args.warmup_answer_len <= args.answer_len:
-        p.error(f"--warmup-answer-len must be in [2, --answer-len={args.answer_len}], got {args.warmup_answer_len}")
-    if args.slow_answer_len is None:
-        args.slow_answer_len = min(16, args.answer_len) if large else args.answer_len
-    if not 2 <= args.slow_answer_len <= args.answer_len:
-        p.error(f"--slow-answer-len must be in [2, --answer-len={args.answer_len}], got {args.slow_answer_len}")
+    answer_part(p, args, "warmup_answer_len", 32 if large else None)
+    answer_part(p, args, "slow_answer_len", 16 if large else None)
     if args.slow_answer_len == args.answer_len:
         args.slow_answer_len = None
     if args.tp is not None:
         check_tp(p, args.world, args.tp)
     return args
+
+
+def answer_part(p: argparse.ArgumentParser, args: argparse.Namespace, name: str, default: int | None) -> None:
+    """A flag counting some of an answer's tokens: by default `default` (capped) or the whole answer,
+    and always in [2, --answer-len]."""
+    value = getattr(args, name)
+    if value is None:
+        value = args.answer_len if default is None else min(default, args.answer_len)
+    if not 2 <= value <= args.answer_len:
+        p.error(f"--{name.replace('_', '-')} must be in [2, --answer-len={args.answer_len}], got {value}")
+    setattr(args, name, value)
 
 
 def choose_tp(args: argparse.Namespace) -> list[int]:

@@ -67,21 +67,26 @@ def test_every_path_trains_on_the_same_forced_number_of_tokens(result):
     assert result[0]["config"]["warmup_answer_len"] == WARMUP and f"1 warm-up (answer {WARMUP})" in result[2]
 
 
+def refusal(capsys, *argv: str) -> str:
+    """What parse_args prints when it refuses argv (it must refuse)."""
+    with pytest.raises(SystemExit):
+        parse_args(["--model", "opt-125m", *argv])
+    return capsys.readouterr().err
+
+
 def test_samples_default_and_least_follow_rlhf(capsys):
     assert parse_args(["--model", "opt-125m"]).samples == 1
     assert parse_args(["--model", "opt-125m", "--algorithm", "rloo"]).samples == 8
-    with pytest.raises(SystemExit):
-        parse_args(["--model", "opt-125m", "--algorithm", "grpo", "--samples", "1"])
-    assert "--samples must be >= 2 for --algorithm grpo, got 1" in capsys.readouterr().err
+    assert "--samples must be >= 2 for --algorithm grpo, got 1" in refusal(capsys, "--algorithm", "grpo",
+                                                                            "--samples", "1")
 
 
 def test_warmup_answer_len_defaults_short_only_for_1b_actors(capsys):
     assert parse_args(["--model", "opt-1.3b"]).warmup_answer_len == 32
     assert parse_args(["--model", "opt-125m"]).warmup_answer_len == 256
     assert parse_args(["--model", "opt-125m", "--answer-len", "20"]).warmup_answer_len == 20
-    with pytest.raises(SystemExit):
-        parse_args(["--model", "opt-125m", "--answer-len", "20", "--warmup-answer-len", "21"])
-    assert "--warmup-answer-len must be in [2, --answer-len=20], got 21" in capsys.readouterr().err
+    assert "--warmup-answer-len must be in [2, --answer-len=20], got 21" in refusal(
+        capsys, "--answer-len", "20", "--warmup-answer-len", "21")
 
 
 def test_extrapolation_is_said_and_is_the_stated_formula(result):
