@@ -57,7 +57,8 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 from bench.common import print_environment, print_table, write_json
 from bench.launch import run_ranks
 from bench.zero3 import DTYPES, MODELS, check_tp
-from hybrid_engine.engine import return_freed_memory, unwrap
+from hybrid_engine.engine import unwrap
+from hybrid_engine.memory import reset_peak, return_freed_memory, status_bytes
 from hybrid_engine.lora import base_name, find_adapters, is_adapter_param
 from rlhf.ppo import samples_per_prompt
 
@@ -265,7 +266,6 @@ def worker(rank: int, world: int, args: argparse.Namespace, path: str, tp: int, 
     from tqdm import tqdm
     from transformers import AutoTokenizer
 
-    from bench.generation import status_bytes
     from rlhf.ds import init_distributed
     from rlhf.ppo import parse_args as ppo_parse_args, steps_per_role
     from rlhf.rlhf_engine import build_rlhf_engine, check_models
@@ -283,8 +283,7 @@ def worker(rank: int, world: int, args: argparse.Namespace, path: str, tp: int, 
         records = []
         for i, batch in enumerate(tqdm(batches, desc=f"{path} (1 warm-up + {args.iterations})", disable=rank != 0)):
             if i == 1:  # VmHWM from here on: the measured iterations alone
-                return_freed_memory()
-                Path("/proc/self/clear_refs").write_text("5")
+                reset_peak()
             ppo_args.max_answer_seq_len = ppo_args.min_answer_seq_len = args.answer_len if i else args.warmup_answer_len
             records.append(run_iteration(trainer, batch, ppo_args))
         peaks = {"peak_rss_bytes": max(setup_peak, status_bytes("VmHWM")),

@@ -24,7 +24,6 @@ import collections
 import os
 import statistics
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -34,18 +33,10 @@ from bench.configs import DTYPES, MODELS, causal_lm
 from bench.common import (median_seconds, peak_gemm_rate, print_environment, print_table, read_bandwidth,
                           write_json)
 from hybrid_engine import Generator, PagedKVCache, from_hf, kernels
-from hybrid_engine.engine import return_freed_memory
+from hybrid_engine.memory import reset_peak, status_bytes
 from hybrid_engine.generation import Run
 from hybrid_engine.models import layers, prepack
 
-
-
-def status_bytes(field: str) -> int:
-    """A memory field of /proc/self/status (VmRSS, VmHWM) in bytes."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError(f"no {field} in /proc/self/status")
 
 
 class StepClock(LogitsProcessor):
@@ -65,9 +56,7 @@ class StepClock(LogitsProcessor):
 def measure(name: str, setup, clock: StepClock, batch: int, new_tokens: int) -> tuple[dict, torch.Tensor]:
     """Time one side and its memory growth from the RSS before setup() (which builds what this side
     allocates beyond the weights, e.g. our KV cache and prepacked copies, and returns run(n))."""
-    return_freed_memory()
-    Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
-    before = status_bytes("VmRSS")
+    before = reset_peak()
     run = setup()
     run(2)  # warm-up: allocator caches, lazily built kernels, KV cache pages
     clock.reset()

@@ -2,16 +2,14 @@
 real configuration with random weights, and the per-phase peak memory of a rank."""
 import argparse
 from contextlib import contextmanager
-from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, OPTConfig
 
 from bench.common import print_environment
 from bench.configs import DTYPES, MODELS as REAL_MODELS
-from bench.generation import status_bytes
 from bench.launch import run_ranks
-from hybrid_engine.engine import return_freed_memory
+from hybrid_engine.memory import reset_peak, return_freed_memory, status_bytes
 
 # "tiny" only exists so that the smoke test runs every path of a benchmark in seconds.
 MODELS = {**REAL_MODELS, "tiny": lambda: OPTConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -72,9 +70,7 @@ def peak_growth():
     heap is handed back (what the block kept alive). Freed heap is handed back first too, so memory the
     block allocates shows as growth instead of silently reusing what an earlier phase freed; the peak
     still includes allocator caching and fragmentation, not only live tensors."""
-    return_freed_memory()
-    Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
-    before, measured = status_bytes("VmRSS"), {}
+    before, measured = reset_peak(), {}
     yield measured
     measured["peak_growth_bytes"] = status_bytes("VmHWM") - before
     return_freed_memory()

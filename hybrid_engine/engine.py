@@ -10,9 +10,6 @@ Inside a TP group the ranks generate together over the union of their prompts (e
 the same loop on the same batch; the model all-reduces after each row-parallel linear), then each
 rank keeps its own rows.
 """
-import ctypes
-import ctypes.util
-import functools
 import time
 
 import torch
@@ -20,25 +17,9 @@ import torch.distributed as dist
 from torch import nn
 
 from hybrid_engine.generation import GenerationOutput, Generator
+from hybrid_engine.memory import return_freed_memory
 from hybrid_engine.models.registry import empty_model, model_class, weight_map
 from hybrid_engine.reshard import Resharder, new_tp_group
-
-
-@functools.cache
-def _malloc_trim():
-    """glibc's malloc_trim, or None (find_library runs a subprocess: look it up once)."""
-    name = ctypes.util.find_library("c")
-    return getattr(ctypes.CDLL(name), "malloc_trim", None) if name else None
-
-
-def return_freed_memory() -> None:
-    """Hand freed memory back to the system so training can use it: torch's CUDA cache, and on
-    glibc the heap, which otherwise keeps large freed blocks (its mmap threshold grows with them)."""
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-    trim = _malloc_trim()
-    if trim is not None:
-        trim(0)
 
 
 def unwrap(actor: nn.Module) -> nn.Module:

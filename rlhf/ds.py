@@ -107,10 +107,16 @@ def load_config(path: str, dropout: float | None = None, max_seq_len: int | None
         config = AutoConfig.from_pretrained(path)
     except (OSError, ValueError) as e:
         raise ValueError(f"--model_name_or_path {path!r}: no model config there ({e})") from None
-    positions = getattr(config, "max_position_embeddings", None)
-    if max_seq_len and positions and max_seq_len > positions:
-        raise ValueError(f"--max_seq_len {max_seq_len} exceeds the model's max_position_embeddings {positions}")
+    if max_seq_len:
+        check_positions(config, path, "model", "--max_seq_len", max_seq_len)
     return configure_dropout(config, dropout)
+
+
+def check_positions(config: PretrainedConfig, path: str, role: str, flags: str, length: int) -> None:
+    """A clear error before training for sequences longer than the model has positions for."""
+    positions = getattr(config, "max_position_embeddings", None)
+    if positions is not None and length > positions:
+        raise ValueError(f"{flags} = {length} exceeds the {role}'s max_position_embeddings {positions} ({path})")
 
 
 def apply_lora(model: PreTrainedModel, lora_dim: int, module_name: str, only_optimize_lora: bool) -> PreTrainedModel:

@@ -3,18 +3,8 @@
 import json
 import os
 import time
-from pathlib import Path
 
 from tqdm import tqdm
-
-
-def rss_bytes() -> int:
-    """This process's resident memory now (VmRSS), 0 where /proc is missing."""
-    status = Path("/proc/self/status")
-    for line in status.read_text().splitlines() if status.exists() else ():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    return 0
 
 
 class Log:

@@ -20,12 +20,13 @@ from transformers import AutoTokenizer, SchedulerType, set_seed
 
 from hybrid_engine.distributed import destroy_process_groups
 from hybrid_engine.engine import unwrap
+from hybrid_engine.memory import status_bytes
 from rlhf.args import add, add_no_effect
 from rlhf.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
 from rlhf.data import build_datasets, collate_prompts
 from rlhf.data.unsupervised import collate_blocks, text_blocks
 from rlhf.ds import all_max, all_sum, init_distributed, make_loader, rank, save_hf, world_size
-from rlhf.log import Log, rss_bytes
+from rlhf.log import Log
 from rlhf.ppo_math import RunningMoments
 from rlhf.ppo_trainer import PPOTrainer, minibatches, sequence_masks
 from rlhf.reward_model import reward_scores
@@ -384,7 +385,7 @@ def run(trainer: PPOTrainer, prompts: Cycle, unsup: Cycle | None, evaluate_now, 
         metrics.update({k: all_sum(trainer.stats[k])[0] / world_size() for k in
                         ("frac_reward_zero_std", "kv_peak_blocks", "kv_prompt_blocks_shared") if k in trainer.stats})
         metrics.update(reward_ema=reward_ema, dropped_answers=all_sum(trainer.stats["dropped_answers"])[0],
-                       lr_actor=trainer.engine.actor.get_lr()[0], rss_bytes_max_rank=all_max(rss_bytes()),
+                       lr_actor=trainer.engine.actor.get_lr()[0], rss_bytes_max_rank=all_max(status_bytes()),
                        tokens_per_s=all_sum(generated)[0] / max(times.get("generation", 0.0), 1e-9) / world_size(),
                        **{f"time_{k}_s": v for k, v in times.items()}, time_total_s=time.perf_counter() - begin)
         log.iteration(step, metrics, shown=("reward_mean", "kl_ref", "actor_loss", "critic_loss", "time_total_s"))

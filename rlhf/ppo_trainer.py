@@ -14,9 +14,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from hybrid_engine.engine import return_freed_memory, unwrap
+from hybrid_engine.engine import unwrap
+from hybrid_engine.memory import return_freed_memory, status_bytes
 from rlhf.ds import all_sum
-from rlhf.log import rss_bytes
 from rlhf.ppo_math import (RunningMoments, actor_loss, compute_rewards, critic_loss, ema_update, gae,
                            group_advantages, group_policy_loss, logprobs_of, masked_mean, whiten)
 from rlhf.reward_model import reward_scores, token_values
@@ -100,9 +100,9 @@ class PPOTrainer:
         to the system: glibc keeps freed heap memory, so each phase would start on top of the last one's
         peak (OPT-1.3B actor, 2 ranks: 11 GiB per rank by the critic's step, 5.5 GiB after a trim). A
         trim costs milliseconds, which at tiny sizes added a sixth to test_rlhf_ppo: only when it pays."""
-        start, rss = time.perf_counter(), rss_bytes()
+        start, rss = time.perf_counter(), status_bytes()
         yield
-        if rss_bytes() - rss >= TRIM_BYTES:
+        if status_bytes() - rss >= TRIM_BYTES:
             return_freed_memory()
         self.times[name] = self.times.get(name, 0.0) + time.perf_counter() - start
 

@@ -15,7 +15,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from hybrid_engine import HybridEngine
-from rlhf.ds import ZERO3_LIMITS, build_engine, load_config, prepare_model
+from rlhf.ds import ZERO3_LIMITS, build_engine, check_positions, load_config, prepare_model
 from rlhf.reward_model import load_dschat_reward, load_reward_model
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -65,21 +65,16 @@ def check_tokenizers(actor_tokenizer, critic_path: str) -> None:
                              f"the actor's {getattr(actor_tokenizer, name)}")
 
 
-def check_positions(path: str, role: str, length: int) -> None:
-    positions = getattr(AutoConfig.from_pretrained(path), "max_position_embeddings", None)
-    if positions is not None and length > positions:
-        raise ValueError(f"--max_prompt_seq_len + --max_answer_seq_len = {length} exceeds the {role}'s "
-                         f"max_position_embeddings {positions} ({path})")
-
-
 def check_models(args: argparse.Namespace, tokenizer) -> None:
     """Everything about the two checkpoints that would otherwise fail mid-training."""
     check_checkpoint(args.actor_model_name_or_path, "actor")
     check_checkpoint(args.critic_model_name_or_path, "critic")
     check_tokenizers(tokenizer, args.critic_model_name_or_path)
     length = args.max_prompt_seq_len + args.max_answer_seq_len
-    check_positions(args.actor_model_name_or_path, "actor", length)
-    check_positions(args.critic_model_name_or_path, "critic", length)
+    for role in ("actor", "critic"):
+        path = getattr(args, f"{role}_model_name_or_path")
+        check_positions(AutoConfig.from_pretrained(path), path, role, "--max_prompt_seq_len + --max_answer_seq_len",
+                        length)
 
 
 def load_actor(args: argparse.Namespace, dtype: torch.dtype) -> PreTrainedModel:

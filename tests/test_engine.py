@@ -4,7 +4,8 @@ import torch
 import transformers
 
 import hybrid_engine
-from hybrid_engine.engine import HybridEngine, return_freed_memory
+from hybrid_engine.engine import HybridEngine
+from hybrid_engine.memory import return_freed_memory, status_bytes
 from bench.launch import run_ranks
 from test_reshard_zero3 import ZERO3, small_hf_model
 
@@ -107,21 +108,16 @@ def test_unsupported_architecture():
         HybridEngine(gpt2)
 
 
-def rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * 4096
-
-
 def memory_cycles(he: HybridEngine, ids: torch.Tensor, mask: torch.Tensor, cycles: int, **options) -> dict:
     """RSS before the first eval(), in eval after generating, and after each train(); the engine's stats."""
     return_freed_memory()
-    start, in_eval, after_train = rss_bytes(), [], []
+    start, in_eval, after_train = status_bytes(), [], []
     for _ in range(cycles):
         he.eval()
         he.generate(ids, mask, **options)
-        in_eval.append(rss_bytes())
+        in_eval.append(status_bytes())
         he.train()
-        after_train.append(rss_bytes())
+        after_train.append(status_bytes())
     return {"start": start, "in_eval": in_eval, "after_train": after_train, "stats": dict(he.stats)}
 
 

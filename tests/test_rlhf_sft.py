@@ -105,7 +105,7 @@ def test_model_errors(tmp_path):
     with pytest.raises(ValueError, match="--model_name_or_path"):
         load_config(str(tmp_path / "missing"))
     tiny_model().config.save_pretrained(tmp_path)
-    with pytest.raises(ValueError, match="--max_seq_len 64 exceeds"):
+    with pytest.raises(ValueError, match="--max_seq_len = 64 exceeds the model's max_position_embeddings 32"):
         load_config(str(tmp_path), max_seq_len=64)
     assert load_config(str(tmp_path), dropout=0.3, max_seq_len=32).attention_dropout == 0.3
 
