@@ -175,9 +175,18 @@ class Terminal:
             if pid:
                 os.close(self.fd)
                 return os.waitstatus_to_exitcode(status)
+        state = self.kernel_state()
         os.kill(self.pid, signal.SIGKILL)
         os.waitpid(self.pid, 0)
-        raise AssertionError(f"still running after {timeout}s; output:\n{self.output}")
+        raise AssertionError(f"still running after {timeout}s; {state}; output:\n{self.output}")
+
+    def kernel_state(self) -> str:
+        """What the kernel says of the child: where it sleeps and its signal masks (a hang's evidence)."""
+        fields = ("State", "Threads", "SigPnd", "ShdPnd", "SigBlk", "SigIgn", "SigCgt")
+        with open(f"/proc/{self.pid}/status") as f:
+            status = [line.strip() for line in f if line.startswith(fields)]
+        with open(f"/proc/{self.pid}/syscall") as f, open(f"/proc/{self.pid}/wchan") as w:
+            return f"syscall {f.read().split()[0]}, wchan {w.read()}, {', '.join(status)}"
 
 
 def turn(term: Terminal, message: str) -> tuple[str, int]:
