@@ -58,8 +58,8 @@ from bench.common import print_environment, print_table, write_json
 from bench.launch import run_ranks
 from bench.zero3 import DTYPES, MODELS, check_tp
 from hybrid_engine.engine import unwrap
-from hybrid_engine.memory import reset_peak, return_freed_memory, status_bytes
 from hybrid_engine.lora import base_name, find_adapters, is_adapter_param
+from hybrid_engine.memory import reset_peak, return_freed_memory, status_bytes
 from rlhf.ppo import samples_per_prompt
 
 GIB = 2**30

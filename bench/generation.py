@@ -33,10 +33,9 @@ from bench.configs import DTYPES, MODELS, causal_lm
 from bench.common import (median_seconds, peak_gemm_rate, print_environment, print_table, read_bandwidth,
                           write_json)
 from hybrid_engine import Generator, PagedKVCache, from_hf, kernels
-from hybrid_engine.memory import reset_peak, status_bytes
 from hybrid_engine.generation import Run
+from hybrid_engine.memory import reset_peak, status_bytes
 from hybrid_engine.models import layers, prepack
-
 
 
 class StepClock(LogitsProcessor):
