@@ -128,6 +128,9 @@ class Terminal:
     def __init__(self, *args: str):
         self.pid, self.fd = pty.fork()
         if self.pid == 0:
+            # A job started in the background (`cmd &`, nohup) inherits SIGINT ignored, and so would the
+            # child: a terminal session has it at the default, for Python to turn into KeyboardInterrupt.
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
             os.chdir(ROOT)
             os.execve(sys.executable, [sys.executable, "-m", "rlhf.chat", *args], env())
         self.output = ""
