@@ -1,4 +1,5 @@
 """What every benchmark needs: timing, machine limits measured in the same run, tables, JSON."""
+import argparse
 import json
 import os
 import platform
@@ -10,19 +11,39 @@ from pathlib import Path
 
 import torch
 
+from hybrid_engine.capability import device_caps
+from rlhf.args import resolve_dtype
 
-def environment() -> dict:
+
+def parse_dtype(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """--dtype auto becomes this CPU's dtype (printed with its reason); a dtype refused here is a usage error."""
+    try:
+        resolve_dtype(args, "cpu")
+    except ValueError as e:
+        p.error(str(e))
+
+
+def environment(dtype: str | None = None) -> dict:
+    """The settings and the machine a figure came from: the CPU's instruction set as torch reports it,
+    its capability probe, and the dtype actually run (figures of an AVX2 and an AVX-512 machine, or of
+    fp32 and bf16, are not comparable)."""
+    caps = device_caps("cpu")
     return {
         "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY"),
         "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "cpu": platform.processor() or platform.machine(),
+        "cpu_isa": caps.isa,
+        **({"dtype": dtype} if dtype else {}),
+        "cpu_caps": caps.as_dict(),
     }
 
 
-def print_environment() -> dict:
-    env = environment()
-    print("environment: " + ", ".join(f"{k}={v}" for k, v in env.items()))
+def print_environment(dtype: str | None = None) -> dict:
+    """Printed above every table and stored in every JSON."""
+    env = environment(dtype)
+    print("environment: " + ", ".join(f"{k}={v}" for k, v in env.items() if k != "cpu_caps"))
+    print(f"capabilities: {device_caps('cpu')}")
     return env
 
 

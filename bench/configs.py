@@ -32,9 +32,6 @@ MODELS = {
                                         rope_parameters={"rope_type": "default", "rope_theta": 10000.0}),
 }
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-
-
 def causal_lm(name: str, dtype: torch.dtype | None = None) -> PreTrainedModel:
     """A causal LM of configuration `name` with random weights, built directly in `dtype`."""
     config: PretrainedConfig = MODELS[name]()

@@ -54,12 +54,14 @@ import torch
 import torch.distributed as dist
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, PretrainedConfig
 
-from bench.common import print_environment, print_table, write_json
+from bench.common import parse_dtype, print_environment, print_table, write_json
 from bench.launch import run_ranks
 from bench.zero3 import DTYPES, MODELS, check_tp
 from hybrid_engine.engine import unwrap
 from hybrid_engine.lora import base_name, find_adapters, is_adapter_param
 from hybrid_engine.memory import reset_peak, return_freed_memory, status_bytes
+from hybrid_engine.models import prepack
+from rlhf.args import add_dtype
 from rlhf.ppo import samples_per_prompt
 
 GIB = 2**30
@@ -423,9 +425,10 @@ def memory_plan(args: argparse.Namespace, path: str, tp: int) -> dict[str, float
                    else layers * layer_activations)
     per_logit = b + 8  # the logits, their fp32 copy and logsumexp's fp32 exponentials (or the gradient)
     logits = args.batch * (args.answer_len + 1) * vocab * per_logit
+    copies = 2 if prepack.available(torch.device("cpu"), DTYPES[args.dtype]) else 1  # weights (+ prepacked copies)
     inference = {"ds_chat": kv + 2 * 5e7 * b,  # KV cache + DeepSpeed's prefetch buckets
                  "gather_once": actor * b + kv,  # the plain model
-                 "hybrid_engine": 2 * actor * b / tp + kv_forked / tp}  # weights + prepacked copies
+                 "hybrid_engine": copies * actor * b / tp + kv_forked / tp}
     plan = {"runtime (torch, DeepSpeed, gloo)": 0.6 * GIB,
             "actor + reference shards": 2 * (actor + actor_lora) * b / w,
             "actor optimizer": trained_actor * opt / w,
@@ -495,7 +498,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--reward-model", choices=sorted(MODELS), default="opt-350m",
                    help="reward model configuration; the critic is a copy of it")
     p.add_argument("--world", type=int, default=2, help="CPU ranks (gloo) started per path; ZeRO-3 shards over them")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16", help="training and inference dtype")
+    add_dtype(p, "Training and inference dtype, every path")
     p.add_argument("--threads", type=int, default=1, help="torch threads per rank, the same for every path")
     p.add_argument("--batch", type=int, default=2, help="prompts per rank per iteration (and the PPO mini-batch)")
     p.add_argument("--prompt-len", type=int, default=256, help="tokens per prompt (DeepSpeed-Chat's setting: 256)")
@@ -531,6 +534,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", default=None, help="JSON path (default results/e2e-<model>-<world>.json); the PNG goes "
                                                "next to it")
     args = p.parse_args(argv)
+    parse_dtype(p, args)
     large = count_params(MODELS[args.model](), AutoModelForCausalLM.from_config, 0)[0] >= 1e9
     args.iterations = (1 if large else 2) if args.iterations is None else args.iterations
     for name in ("world", "threads", "batch", "prompt_len", "answer_len", "iterations"):
@@ -582,7 +586,7 @@ def main(argv: list[str] | None = None) -> None:
     paths = [(p, 1) for p in args.paths if p != "hybrid_engine"]
     if "hybrid_engine" in args.paths:
         paths += [("hybrid_engine" if i == 0 else f"hybrid_engine_tp{tp}", tp) for i, tp in enumerate(args.tp)]
-    env = {**print_environment(), "torch_threads_per_rank": args.threads, "load_average": os.getloadavg()}
+    env = {**print_environment(args.dtype), "torch_threads_per_rank": args.threads, "load_average": os.getloadavg()}
     training = f"LoRA dim {args.lora_dim} (only LoRA trained)" if args.lora_dim else "full-parameter training"
     algorithm = args.algorithm + (f", {args.samples} answers per prompt" if args.samples > 1 else "")
     print(f"{algorithm}: actor {args.model}, reward/critic {args.reward_model}, {args.dtype}, ZeRO-3 on {args.world} "

@@ -29,13 +29,15 @@ import torch
 import torch.nn.functional as F
 from transformers import LogitsProcessor, LogitsProcessorList
 
-from bench.configs import DTYPES, MODELS, causal_lm
-from bench.common import (median_seconds, peak_gemm_rate, print_environment, print_table, read_bandwidth,
-                          write_json)
+from bench.configs import MODELS, causal_lm
+from bench.common import (median_seconds, parse_dtype, peak_gemm_rate, print_environment, print_table,
+                          read_bandwidth, write_json)
 from hybrid_engine import Generator, PagedKVCache, from_hf, kernels
+from hybrid_engine.capability import DTYPES
 from hybrid_engine.generation import Run
 from hybrid_engine.memory import reset_peak, status_bytes
 from hybrid_engine.models import layers, prepack
+from rlhf.args import add_dtype
 
 
 class StepClock(LogitsProcessor):
@@ -244,10 +246,13 @@ def decode_floor(work: dict, limits: dict) -> dict:
 
 def gemm_passes(model, batch: int, dtype: torch.dtype) -> dict:
     """Measured time of multiplying [batch, in] by every weight matrix of a decode step once (the
-    GEMM part of a step), with F.linear and with prepacked weights: what the weights alone cost."""
+    GEMM part of a step), with F.linear and with prepacked weights where this CPU can pack dtype (None
+    where it cannot): what the weights alone cost."""
     weights = decode_weights(model)
     inputs = {w.shape[1]: torch.randn(batch, w.shape[1]).to(dtype) for w in weights}
     gemm_pass = median_seconds(lambda: [F.linear(inputs[w.shape[1]], w) for w in weights], repeat=3)
+    if not prepack.available(weights[0].device, dtype):
+        return {"weights_gemm_pass_ms": gemm_pass * 1e3, "weights_gemm_pass_prepacked_ms": None}
     packed = [prepack.PackedWeight() for _ in weights]
     packed_pass = median_seconds(lambda: [prepack.linear(inputs[w.shape[1]], w, None, "none", p)
                                           for w, p in zip(weights, packed)], repeat=3)
@@ -257,7 +262,7 @@ def gemm_passes(model, batch: int, dtype: torch.dtype) -> dict:
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", choices=sorted(MODELS), default="opt-125m", help="configuration to build (random weights)")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="weights and KV cache dtype, both sides")
+    add_dtype(p, "Weights and KV cache dtype, both sides")
     p.add_argument("--batch", type=int, default=16, help="prompts per generate call")
     p.add_argument("--prompt-len", type=int, default=256, help="tokens per prompt (no padding)")
     p.add_argument("--new-tokens", type=int, default=256, help="tokens generated per prompt (EOS disabled)")
@@ -270,14 +275,16 @@ def parse_args() -> argparse.Namespace:
                    help="also profile this many of our decode steps: time per part of a step against its limit, "
                         "and the top ops by torch.profiler")
     p.add_argument("--out", default=None, help="JSON path (default results/generation-<model>-<dtype>.json)")
-    return p.parse_args()
+    args = p.parse_args()
+    parse_dtype(p, args)
+    return args
 
 
 def main() -> None:
     args = parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    env = print_environment()
+    env = print_environment(args.dtype)
     dtype = DTYPES[args.dtype]
     torch.manual_seed(0)
     hf = causal_lm(args.model).eval()

@@ -37,9 +37,10 @@ import torch.nn.functional as F  # noqa: E402
 import hybrid_engine  # noqa: E402,F401  (registers torch.ops.hybrid_engine)
 from bench.common import copy_bandwidth, median_seconds, peak_rss_bytes, print_environment, print_table, write_json  # noqa: E402
 from hybrid_engine import kernels  # noqa: E402
+from hybrid_engine.capability import DTYPES as ALL_DTYPES  # noqa: E402
 from hybrid_engine.kernels import native, reference  # noqa: E402
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+DTYPES = {name: ALL_DTYPES[name] for name in ("fp32", "bf16")}  # the CPU kernels' dtypes
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -26,7 +26,7 @@ import re
 import torch
 import torch.distributed as dist
 
-from bench.common import median_seconds, print_table, write_json
+from bench.common import median_seconds, parse_dtype, print_table, write_json
 from bench.zero3 import DTYPES, add_arguments, check_tp, peak_growth, run_benchmark, zero3_actor
 from hybrid_engine.models import WeightMap, WeightSource, empty_model, weight_map
 from hybrid_engine.reshard import Resharder, new_tp_group
@@ -175,6 +175,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--repeat", type=int, default=3, help="timed runs per side (median reported), after one warm-up")
     p.add_argument("--out", default=None, help="JSON path (default results/reshard-<model>-w<world>-tp<tp>-<dtype>.json)")
     args = p.parse_args(argv)
+    parse_dtype(p, args)
     check_tp(p, args.world, [args.tp])
     return args
 

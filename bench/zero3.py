@@ -7,8 +7,10 @@ import torch
 from transformers import AutoModelForCausalLM, OPTConfig
 
 from bench.common import print_environment
-from bench.configs import DTYPES, MODELS as REAL_MODELS
+from bench.configs import MODELS as REAL_MODELS
 from bench.launch import run_ranks
+from rlhf.args import add_dtype
+from hybrid_engine.capability import DTYPES
 from hybrid_engine.memory import reset_peak, return_freed_memory, status_bytes
 
 # "tiny" only exists so that the smoke test runs every path of a benchmark in seconds.
@@ -23,8 +25,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     """The options every ZeRO-3 benchmark has."""
     p.add_argument("--model", choices=sorted(MODELS), default="opt-125m", help="configuration to build (random weights)")
     p.add_argument("--world", type=int, default=2, help="CPU ranks (gloo) to start; ZeRO-3 shards over all of them")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16",
-                   help="training dtype (DeepSpeed bf16 or fp32) and inference dtype")
+    add_dtype(p, "Training dtype (DeepSpeed's bf16 or fp32) and inference dtype")
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads per rank, the same for every side (the ranks share the machine's cores)")
 
@@ -37,7 +38,7 @@ def check_tp(p: argparse.ArgumentParser, world: int, tps: list[int]) -> None:
 
 def run_benchmark(worker, args: argparse.Namespace) -> tuple[dict, list]:
     """Print the environment, run worker(rank, world, args) on args.world ranks: (environment, results)."""
-    env = {**print_environment(), "torch_threads_per_rank": args.threads}
+    env = {**print_environment(args.dtype), "torch_threads_per_rank": args.threads}
     print(f"ranks: {args.world}, torch threads per rank: {args.threads}")
     return env, run_ranks(args.world, worker, args, threads=args.threads)
 

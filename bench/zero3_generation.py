@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 from transformers import AutoModelForCausalLM
 
-from bench.common import print_table, write_json
+from bench.common import parse_dtype, print_table, write_json
 from bench.zero3 import DTYPES, add_arguments, check_tp, peak_growth, run_benchmark, zero3_actor
 from hybrid_engine.engine import HybridEngine
 
@@ -164,6 +164,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--skip-gather-once", action="store_true", help="leave out the gather_once path (no token check)")
     p.add_argument("--out", default=None, help="JSON path (default results/zero3-generation-<model>-w<world>-<dtype>.json)")
     args = p.parse_args(argv)
+    parse_dtype(p, args)
     check_tp(p, args.world, args.tp)
     if args.slow_new_tokens is not None and not 2 <= args.slow_new_tokens <= args.new_tokens:
         p.error(f"--slow-new-tokens must be in [2, --new-tokens={args.new_tokens}], got {args.slow_new_tokens}")

@@ -6,11 +6,13 @@ from hybrid_engine._C import BlockAllocator, OutOfBlocksError
 __all__ = ["BlockAllocator", "OutOfBlocksError"]
 __version__ = "0.1.0"
 
+from hybrid_engine.capability import DeviceCaps, DtypeChoice, choose_dtype, device_caps  # noqa: E402
 from hybrid_engine.generation import GenerationOutput, Generator, generate  # noqa: E402
 from hybrid_engine.kv_cache import PagedKVCache  # noqa: E402
 from hybrid_engine.models import from_hf  # noqa: E402
 
-__all__ += ["generate", "Generator", "GenerationOutput", "PagedKVCache", "from_hf"]
+__all__ += ["DeviceCaps", "DtypeChoice", "choose_dtype", "device_caps", "generate", "Generator", "GenerationOutput",
+            "PagedKVCache", "from_hf"]
 
 from hybrid_engine.engine import HybridEngine  # noqa: E402
 

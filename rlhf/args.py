@@ -1,11 +1,19 @@
 """Command-line flags of DeepSpeed-Chat's step-1/2 `main.py`, accepted under their own underscore
 names and the dashed spelling, so that an existing shell script moves over unchanged."""
 import argparse
+import os
+import sys
 
 import torch
 from transformers import SchedulerType
 
+from hybrid_engine.capability import DTYPES, choose_dtype
+
 NO_EFFECT = "Accepted for DeepSpeed-Chat scripts; no effect here: "
+AUTO_DTYPE = ("auto (default): bf16 where this machine multiplies bf16 natively (CPUs with AVX-512 BF16 or AMX, "
+              "GPUs from sm_80), fp32 on other CPUs (e.g. AVX2 only, where bf16 runs emulated and about 6x "
+              "slower), fp16 on older GPUs; the choice and its reason are printed at start. fp16 is refused on a "
+              "CPU (hundreds of times slower there). Not DeepSpeed-Chat's fp16 default.")
 
 
 def add(parser: argparse.ArgumentParser, name: str, help: str, **kwargs) -> None:
@@ -51,9 +59,7 @@ def add_engine(parser: argparse.ArgumentParser) -> None:
     add(parser, "local_rank", "Set by the deepspeed launcher; torchrun sets LOCAL_RANK instead.",
         type=int, default=-1)
     add(parser, "zero_stage", "DeepSpeed ZeRO stage 0..3.", type=int, default=0, choices=[0, 1, 2, 3])
-    add(parser, "dtype", "Training dtype. Default bf16, not DeepSpeed-Chat's fp16: fp16 matrix products "
-        "are unusable on a CPU (hundreds of times slower); fp16 is refused on the CPU.",
-        default="bf16", choices=["fp32", "bf16", "fp16"])
+    add_dtype(parser, "Training dtype")
     add(parser, "offload", "ZeRO offload of optimizer state and parameters to host memory (CUDA only; "
         "on the CPU they already live in host memory, so it has no effect there).", action="store_true")
     add(parser, "gradient_checkpointing", "Recompute activations in the backward pass to save memory.",
@@ -62,6 +68,23 @@ def add_engine(parser: argparse.ArgumentParser) -> None:
         type=float, default=None)
     add_no_effect(parser, "compute_fp32_loss", "losses are always computed in fp32 from the logits.",
                   action="store_true")
+
+
+def add_dtype(parser: argparse.ArgumentParser, what: str) -> None:
+    add(parser, "dtype", f"{what}: {AUTO_DTYPE}", default="auto", choices=["auto", *DTYPES])
+
+
+def resolve_dtype(args: argparse.Namespace, device: str | None = None) -> None:
+    """--dtype auto becomes the dtype for `device` (default: the GPU if there is one, else the CPU);
+    the choice (or the warning for a dtype the device only emulates) is printed once, by rank 0.
+    fp16 on a CPU is refused."""
+    try:
+        choice = choose_dtype(args.dtype, device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except ValueError as e:  # its message starts with "dtype ...": name the flag
+        raise ValueError(f"--{e}") from None
+    args.dtype = choice.name
+    if choice.message and os.environ.get("RANK", "0") == "0":
+        print(choice.message, file=sys.stderr, flush=True)
 
 
 def add_lora(parser: argparse.ArgumentParser) -> None:
@@ -94,9 +117,7 @@ def training_parser(description: str, stage: int, learning_rate: float) -> argpa
 
 def check_args(args: argparse.Namespace) -> None:
     """Refuse settings that cannot work before any model is loaded."""
-    if args.dtype == "fp16" and not torch.cuda.is_available():
-        raise ValueError("--dtype fp16 is unusable on a CPU (fp16 matrix products run hundreds of times "
-                         "slower); use --dtype bf16 (default) or fp32")
+    resolve_dtype(args)
     for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
                  "max_seq_len", "num_train_epochs"):
         if getattr(args, name) < 1:

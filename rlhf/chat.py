@@ -18,12 +18,11 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from transformers.utils import logging as hf_logging
 
-from hybrid_engine import Generator
+from hybrid_engine import Generator, choose_dtype
 from hybrid_engine.models import from_hf
-from rlhf.args import add
+from rlhf.args import add, add_dtype, resolve_dtype
 
 HUMAN, ASSISTANT = "Human:", "Assistant:"
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 class StopGeneration(Exception):
@@ -43,8 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     add(parser, "greedy", "Always take the most likely token instead of sampling (DeepSpeed-Chat's chat.py "
         "decodes greedily).", action="store_true")
     add(parser, "seed", "Seed of the sampling.", type=int, default=1234)
-    add(parser, "dtype", "Inference dtype; auto keeps the checkpoint's (fp16 is refused on the CPU).",
-        choices=["auto", *DTYPES], default="auto")
+    add_dtype(parser, "Inference dtype (the checkpoint is converted to it)")
     add(parser, "prompt", "Answer this one message and exit (no interactive loop).", default=None)
     add(parser, "show_context", "After each answer, print the number of context tokens it was generated from.",
         action="store_true")
@@ -61,15 +59,14 @@ def resolve_checkpoint(path: str) -> str:
 
 
 def load_actor(path: str, dtype: str = "auto"):
-    """(hybrid_engine inference model, tokenizer) of the causal LM at path; reward models are refused."""
+    """(hybrid_engine inference model, tokenizer) of the causal LM at path, in dtype (a --dtype value);
+    reward models are refused."""
     path = resolve_checkpoint(path)
     architectures = AutoConfig.from_pretrained(path).architectures or []
     if any(a.endswith("ForSequenceClassification") for a in architectures):
         raise ValueError(f"--path {path!r} is a reward model ({architectures[0]}, step 2); chat needs a causal LM: "
                          f"the step-1 actor (actor-models/NAME) or the step-3 actor (step3-models/NAME)")
-    hf_model = AutoModelForCausalLM.from_pretrained(path, dtype="auto" if dtype == "auto" else DTYPES[dtype])
-    if hf_model.dtype == torch.float16 and not torch.cuda.is_available():
-        hf_model = hf_model.float()  # fp16 matrix products are unusable on a CPU
+    hf_model = AutoModelForCausalLM.from_pretrained(path, dtype=choose_dtype(dtype, "cpu").dtype)
     return from_hf(hf_model.eval()), AutoTokenizer.from_pretrained(path)
 
 
@@ -211,6 +208,7 @@ def interact(chat: Chat, show_context: bool) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
+    resolve_dtype(args, "cpu")  # the chat model runs on the CPU
     hf_logging.disable_progress_bar()
     model, tokenizer = load_actor(args.path, args.dtype)
     sampling = {"do_sample": not args.greedy, "temperature": args.temperature, "top_p": args.top_p,

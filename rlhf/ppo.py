@@ -21,7 +21,7 @@ from transformers import AutoTokenizer, SchedulerType, set_seed
 from hybrid_engine.distributed import destroy_process_groups
 from hybrid_engine.engine import unwrap
 from hybrid_engine.memory import status_bytes
-from rlhf.args import add, add_no_effect
+from rlhf.args import add, add_dtype, add_no_effect, resolve_dtype
 from rlhf.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
 from rlhf.data import build_datasets, collate_prompts
 from rlhf.data.unsupervised import collate_blocks, text_blocks
@@ -92,8 +92,7 @@ def add_optim(parser: argparse.ArgumentParser) -> None:
     add(parser, "lr_scheduler_type", "Learning-rate schedule (transformers.get_scheduler).", default="cosine",
         choices=[s.value for s in SchedulerType])
     add(parser, "num_warmup_steps", "Linear warm-up optimizer steps.", type=int, default=100)
-    add(parser, "dtype", "Training and inference dtype; fp16 is refused on the CPU (unusably slow there).",
-        default="bf16", choices=["fp32", "bf16", "fp16"])
+    add_dtype(parser, "Training and inference dtype")
     add(parser, "offload", "ZeRO offload of optimizer state and parameters (CUDA only; on the CPU everything "
         "already lives in host memory).", action="store_true")
     for name in ("offload_reference_model", "offload_reward_model"):
@@ -191,9 +190,7 @@ def check_args(args: argparse.Namespace) -> None:
     for name in POSITIVE:
         if getattr(args, name) < 1:
             raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}")
-    if args.dtype == "fp16" and not torch.cuda.is_available():
-        raise ValueError("--dtype fp16 is unusable on a CPU (fp16 matrix products run hundreds of times slower); "
-                         "use --dtype bf16 (default) or fp32")
+    resolve_dtype(args)
     if args.inference_tp_size > 1 and not args.enable_hybrid_engine:
         raise ValueError("--inference_tp_size > 1 needs --enable_hybrid_engine")
     if not 0 <= args.min_answer_seq_len <= args.max_answer_seq_len:

@@ -118,17 +118,17 @@ def write_plots(step3_dir: str) -> list[str]:
 
 
 def compare_answers(sft_path: str, ppo_path: str, prompts: list[str], max_new_tokens: int, shown: int,
-                    score=None, seed: int = 1234) -> str:
+                    score=None, seed: int = 1234, dtype: str = "auto") -> str:
     """Sampled answers (as PPO trains and evaluates on; greedy decoding of a small model mostly repeats one
-    word) of both actors to the first `shown` prompts, with score(prompt, answer), and the mean score over
-    all prompts when score is given. Both actors sample with the same seed."""
+    word) of both actors, in dtype (a --dtype value), to the first `shown` prompts, with score(prompt,
+    answer), and the mean score over all prompts when score is given. Both actors sample with the same seed."""
     from transformers.utils import logging as hf_logging
 
     from rlhf.chat import complete, load_actor
     hf_logging.disable_progress_bar()
     answers = {}
     for name, path in (("SFT", sft_path), ("PPO", ppo_path)):
-        model, tokenizer = load_actor(path)
+        model, tokenizer = load_actor(path, dtype)
         answers[name] = complete(model, tokenizer, prompts, max_new_tokens, do_sample=True, seed=seed)
     lines = []
     for i, prompt in enumerate(prompts[:shown]):

@@ -15,10 +15,10 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from hybrid_engine import HybridEngine
+from hybrid_engine.capability import DTYPES
 from rlhf.ds import ZERO3_LIMITS, build_engine, check_positions, load_config, prepare_model
 from rlhf.reward_model import load_dschat_reward, load_reward_model
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 ROLE_STEP = {"actor": "step 1 (python -m rlhf.sft)", "critic": "step 2 (python -m rlhf.reward)"}
 
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from hybrid_engine.distributed import free_port, remove_deepspeed_shm
-from rlhf.args import add
+from rlhf.args import add, add_dtype, resolve_dtype
 
 MODULES = {1: "rlhf.sft", 2: "rlhf.reward", 3: "rlhf.ppo"}
 FOLDERS = {1: "actor-models", 2: "reward-models", 3: "step3-models"}
@@ -116,6 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
         add(parser, f"step{n}_args", f"More flags for {MODULES[n]} as one string, e.g. \"{flag}\" (a single flag "
             f"without a value needs the = form: --step{n}-args=--print_loss); they come last, so they override "
             f"this command's (python -m {MODULES[n]} --help lists them).", default="")
+    add_dtype(parser, "Dtype of every step (passed to each as --dtype; --stepN-args can override it)")
     add(parser, "force", "Run the requested steps even when their finished output exists.", action="store_true")
     add(parser, "verbose", "Also stream each step's output here (it always goes to the step's training.log).",
         action="store_true")
@@ -148,6 +149,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for name, value in DEFAULTS.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
+    resolve_dtype(args)
     return args
 
 
@@ -182,8 +184,8 @@ def step_flags(args, steps: dict[int, Step], n: int) -> list[str]:
         models = ["--model_name_or_path", args.actor_model if n == 1 else args.reward_model]
         zero = [("--zero_stage", args.actor_zero_stage if n == 1 else args.reward_zero_stage)]
     zero_flags = [str(x) for flag, stage in zero if stage is not None for x in (flag, stage)]
-    return [*data, *models, "--output_dir", steps[n].output_dir, *example_args(args, n), *zero_flags,
-            *shlex.split(getattr(args, f"step{n}_args"))]
+    return [*data, *models, "--output_dir", steps[n].output_dir, "--dtype", args.dtype, *example_args(args, n),
+            *zero_flags, *shlex.split(getattr(args, f"step{n}_args"))]
 
 
 def launcher(args, port: int) -> list[str]:
@@ -355,7 +357,8 @@ def report(args, steps: dict[int, Step]) -> None:
         from rlhf import example
         prompts = example_prompts(args.data_path[0], EXAMPLE_ANSWERS["scored"])
         print(step3_report.compare_answers(steps[1].output_dir, steps[3].checkpoint, prompts,
-                                           EXAMPLE_ANSWERS["max_new_tokens"], EXAMPLE_ANSWERS["shown"], example.score))
+                                           EXAMPLE_ANSWERS["max_new_tokens"], EXAMPLE_ANSWERS["shown"], example.score,
+                                           dtype=args.dtype))
 
 
 def example_prompts(data_dir: str, n: int) -> list[str]:

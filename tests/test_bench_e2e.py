@@ -115,7 +115,7 @@ def test_random_tokens_are_never_special():
 def test_memory_plan_refuses_what_does_not_fit(monkeypatch, capsys):
     from bench import e2e
 
-    args = parse_args(["--model", "opt-1.3b", "--lora-dim", "0", "--no-gradient-checkpointing"])
+    args = parse_args(["--model", "opt-1.3b", "--lora-dim", "0", "--no-gradient-checkpointing", "--dtype", "bf16"])
     plan = memory_plan(args, "gather_once", 1)
     # a full-parameter 1.3B actor: 16 bytes per parameter over 2 ranks in its optimizer alone
     assert plan["actor optimizer"] == pytest.approx(1.316e9 * 16 / 2, rel=0.01)

@@ -7,9 +7,11 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from transformers import OPTForCausalLM
 
 from bench.zero3 import DTYPES, MODELS
+from hybrid_engine.capability import choose_dtype, device_caps
 from hybrid_engine.models import weight_map
 from test_reshard_zero3 import analytic_minimum
 
@@ -35,6 +37,7 @@ def test_reshard_benchmark(tmp_path):
     config = MODELS["tiny"]()
     model = OPTForCausalLM(config)
     element_size = DTYPES[result["args"]["dtype"]].itemsize
+    assert result["args"]["dtype"] == result["environment"]["dtype"] == choose_dtype("auto").name  # the default
     model_bytes = sum(p.numel() for p in model.parameters()) * element_size
     assert abs(summary["per_param"]["bytes_received"] - model_bytes / 2) <= 2 * len(list(model.parameters())) * element_size
     for row in result["rows"]:
@@ -59,8 +62,12 @@ def test_zero3_generation_benchmark(tmp_path):
 
 def test_generation_benchmark(tmp_path):
     result = run_bench("bench.generation", tmp_path / "gen.json", "--model", "opt-125m", "--batch", "2",
-                       "--prompt-len", "9", "--new-tokens", "5", "--threads", "1", zero3=False)
+                       "--prompt-len", "9", "--new-tokens", "5", "--threads", "1", "--dtype", "fp32", zero3=False)
     assert result["token_agreement"] == 1.0  # fp32 greedy: our tokens are HF's
+    # Figures say which machine and dtype they came from.
+    env = result["environment"]
+    assert env["dtype"] == "fp32" and env["cpu_isa"] == torch.backends.cpu.get_cpu_capability()
+    assert env["cpu_caps"] == device_caps("cpu").as_dict()
     hf, ours = result["rows"]
     assert (hf["side"], ours["side"]) == ("hf_generate", "hybrid_engine")
     # Measured from the same state (one copy of the weights); ours allocates its prepacked copies

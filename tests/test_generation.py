@@ -376,3 +376,17 @@ def test_prepacked_weights_follow_replaced_tensors():
     assert not torch.equal(after, before)
     assert torch.equal(after, Generator(model, prepack_weights=False).generate(ids, mask, max_new_tokens=6,
                                                                                eos_token_id=[]).sequences)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_prepacking_follows_the_capability_probe(dtype):
+    """Weights are prepacked exactly in the dtypes oneDNN can pack on this CPU (bf16 cannot be on
+    AVX2-only CPUs, where packing raised); generation runs either way."""
+    hf = hf_model("opt_proj")
+    ids, mask = ragged_prompts(LENGTHS, WIDTH, pad=PAD)
+    model = from_hf(hf, dtype=dtype)
+    out = Generator(model).generate(ids, mask, max_new_tokens=3, eos_token_id=[], pad_token_id=PAD)
+    assert (model.packed_lm_head is not None) == hybrid_engine.device_caps().can_prepack(dtype)
+    if model.packed_lm_head is not None:
+        assert model.packed_lm_head.tensor is not None  # packed on the first forward
+    assert torch.equal(out.sequences[:, :WIDTH], ids)

@@ -49,7 +49,7 @@ def test_visible_answer_cuts_and_holds_back():
 
 
 def test_replies_match_transformers_and_stream(checkpoint):
-    model, tokenizer = load_actor(checkpoint)
+    model, tokenizer = load_actor(checkpoint, "fp32")
     chat = Chat(model, tokenizer, max_new_tokens=12, sampling=GREEDY, seed=0)
     seen = []
     first = chat.reply("tell me about food", seen.append)
@@ -64,7 +64,7 @@ def test_replies_match_transformers_and_stream(checkpoint):
 
 
 def test_batch_complete_matches_chat(checkpoint):
-    model, tokenizer = load_actor(checkpoint)
+    model, tokenizer = load_actor(checkpoint, "fp32")
     prompts = [human_turn("tell me about food"), human_turn("list some space words please")]
     answers = complete(model, tokenizer, prompts, 10, do_sample=False)
     assert answers == [hf_greedy(checkpoint, p, 10) for p in prompts]
@@ -82,13 +82,13 @@ def test_stops_at_the_next_human_turn(checkpoint, tmp_path):
         model.model.decoder.embed_tokens.weight[human] = 10 * direction
     model.save_pretrained(tmp_path)
     tokenizer.save_pretrained(tmp_path)
-    chat = Chat(*load_actor(str(tmp_path)), max_new_tokens=20, sampling=GREEDY, seed=0)
+    chat = Chat(*load_actor(str(tmp_path), "fp32"), max_new_tokens=20, sampling=GREEDY, seed=0)
     assert chat.reply("tell me about food") == ""
     assert len(chat.new_ids) <= 2  # the first decode step saw "Human:" and stopped the generation
 
 
 def test_context_trimmed_to_the_positions(checkpoint, capsys):
-    model, tokenizer = load_actor(checkpoint)
+    model, tokenizer = load_actor(checkpoint, "fp32")
     max_new = model.max_positions - 24
     chat = Chat(model, tokenizer, max_new_tokens=max_new, sampling=GREEDY, seed=0)
     for message in ["tell me about food", "name music things", "say words about space", "list some tools words"]:
@@ -239,7 +239,7 @@ def test_end_of_input_leaves(checkpoint, monkeypatch, capsys):
         return line
 
     monkeypatch.setattr("builtins.input", fake_input)
-    chat = Chat(*load_actor(checkpoint), max_new_tokens=4, sampling=GREEDY, seed=0)
+    chat = Chat(*load_actor(checkpoint, "fp32"), max_new_tokens=4, sampling=GREEDY, seed=0)
     interact(chat, show_context=False)
     answers = [line for line in capsys.readouterr().out.splitlines() if line.startswith("Assistant: ")]
     assert len(answers) == 1 and len(chat.turns) == 1

@@ -8,6 +8,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, OPTConfig, OPTForCausalLM
 
 from bench.launch import run_ranks
+from hybrid_engine.capability import choose_dtype
 from rlhf import example
 from rlhf.args import NO_EFFECT
 from rlhf.ds import apply_lora, load_config, param_groups
@@ -48,10 +49,11 @@ def test_help_and_defaults():
     assert all(helps.values())
     for name in ("num_padding_at_beginning", "compute_fp32_loss"):
         assert helps[name].startswith(NO_EFFECT) and len(helps[name]) > len(NO_EFFECT) + 20
-    assert "unusable on a CPU" in helps["dtype"] and "no effect there" in helps["offload"]
+    assert "auto (default)" in helps["dtype"] and "refused on a CPU" in helps["dtype"]
+    assert "no effect there" in helps["offload"]
     assert "default: on" in {a.dest: a.help for a in build_parser()._actions}["mask_prompt"]
     args = parse_args(REQUIRED)
-    assert args.dtype == "bf16" and args.mask_prompt and not parse_args(REQUIRED + ["--no-mask-prompt"]).mask_prompt
+    assert args.dtype == choose_dtype("auto").name and args.mask_prompt and not parse_args(REQUIRED + ["--no-mask-prompt"]).mask_prompt
 
 
 def test_bad_flags_are_refused():

@@ -11,6 +11,7 @@ import sys
 
 import pytest
 
+from hybrid_engine.capability import choose_dtype
 from rlhf import example, report, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -125,6 +126,20 @@ def test_steps_rerun_when_their_inputs_were_rebuilt(tmp_path):
     assert not any(train.skip_reason(args, steps, n, rebuilt=set()) for n in (1, 2, 3))
 
 
+def test_every_step_gets_the_dtype_chosen_once(tmp_path, capsys):
+    """--dtype auto is resolved (and printed) by the driver; each step gets the result, which
+    --stepN-args can still override because it comes last."""
+    args = train.parse_args(["--actor-model", "a/opt-x", "--reward-model", "b/opt-y", "--output-dir", str(tmp_path),
+                             "--step3-args", "--dtype fp32"])
+    auto = choose_dtype("auto")
+    assert args.dtype == auto.name and capsys.readouterr().err.strip() == auto.message
+    steps = train.steps_of(args)
+    for n in (1, 2, 3):
+        flags = train.step_flags(args, steps, n)
+        assert flags[flags.index("--dtype") + 1] == auto.name
+    assert train.step_flags(args, steps, 3)[-2:] == ["--dtype", "fp32"]
+
+
 def test_launcher_flags(monkeypatch):
     monkeypatch.setattr(train, "prepare_example", lambda args: None)
     single = train.parse_args(["--output-dir", "/o"])
@@ -206,6 +221,7 @@ def test_step3_of_the_example(steps12):
     pytest.importorskip("rlhf.ppo", reason="rlhf.ppo (step 3) is not written yet")
     proc = run_driver(steps12, "--step3-args", "--max_steps 2 --eval_prompts 8")
     assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stderr.count(choose_dtype("auto").message) == 1  # this machine's dtype, said once
     out = os.path.join(steps12, "step3-models", "opt-tiny")
     assert "[step 1] skipped" in proc.stdout and "[step 2] skipped" in proc.stdout
     assert "--module rlhf.ppo" in proc.stdout and "[step 3] finished in" in proc.stdout

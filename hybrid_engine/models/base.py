@@ -94,9 +94,10 @@ class CausalLM(nn.Module):
         return prepack.linear(hidden, self.lm_head_weight, None, "none", self.packed_lm_head)
 
     def prepack_weights(self, enabled: bool = True) -> None:
-        """Keep oneDNN-blocked copies of the linear weights (CPU only; see models.prepack), or drop them."""
+        """Keep oneDNN-blocked copies of the linear weights (CPU, where oneDNN can pack this dtype; see
+        models.prepack), or drop them."""
         # Inference tensors (made under torch.inference_mode) have no version counter to watch.
-        enabled = enabled and prepack.available(self.device) and not self.lm_head_weight.is_inference()
+        enabled = enabled and prepack.available(self.device, self.dtype) and not self.lm_head_weight.is_inference()
         for module in self.modules():
             if isinstance(module, Linear):
                 module.packed = prepack.PackedWeight() if enabled else None

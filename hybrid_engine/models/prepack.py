@@ -15,6 +15,7 @@ HybridEngine.eval does by building a fresh Generator).
 import torch
 
 from hybrid_engine import kernels
+from hybrid_engine.capability import device_caps
 
 # hybrid_engine.kernels activation -> (oneDNN post-op, its algorithm)
 ONEDNN_ACTIVATIONS = {"none": ("none", ""), "relu": ("relu", ""), "gelu": ("gelu", "none"),
@@ -25,8 +26,9 @@ DECODE_ROWS_HINT = 16  # the batch size oneDNN chooses the blocked layout for (a
 FP32_MAX_ROWS = 128
 
 
-def available(device: torch.device) -> bool:
-    return device.type == "cpu" and torch.backends.mkldnn.is_available()
+def available(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether oneDNN can pack weights of this dtype here (bf16 needs hardware many CPUs lack)."""
+    return device.type == "cpu" and device_caps(device).can_prepack(dtype)
 
 
 class PackedWeight:
