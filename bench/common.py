@@ -3,7 +3,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import statistics
 import time
 from collections.abc import Callable
@@ -60,11 +59,6 @@ def times_seconds(fn: Callable[[], object], repeat: int, warmup: int = 1) -> lis
 
 def median_seconds(fn: Callable[[], object], repeat: int, warmup: int = 1) -> float:
     return statistics.median(times_seconds(fn, repeat, warmup))
-
-
-def peak_rss_bytes() -> int:
-    """High-water resident set size of this process (Linux reports ru_maxrss in KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def copy_bandwidth(num_bytes: int = 512 * 2**20, repeat: int = 5) -> float:

@@ -7,7 +7,7 @@ ways a user can run the same iteration (DeepSpeed-Chat's Figure 5 on this machin
 
 Paths, each in its own freshly launched ranks (memory is freed between paths), each running one
 warm-up iteration (answers of --warmup-answer-len tokens) and then --iterations measured ones through
-rlhf.ppo_trainer.PPOTrainer:
+rlhf.ppo_loop's functions:
   ds_chat        transformers' generate on the ZeRO-3 actor: every forward gathers every layer
                  (DeepSpeed-Chat without its hybrid engine).
   gather_once    every actor parameter gathered once per iteration (one all_gather each, LoRA merged)
@@ -48,6 +48,7 @@ import os
 import statistics
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -58,11 +59,10 @@ from bench.common import parse_dtype, print_environment, print_table, write_json
 from bench.launch import run_ranks
 from bench.zero3 import DTYPES, MODELS, check_tp
 from hybrid_engine.engine import unwrap
-from hybrid_engine.lora import base_name, find_adapters, is_adapter_param
 from hybrid_engine.memory import reset_peak, return_freed_memory, status_bytes
 from hybrid_engine.models import prepack
 from rlhf.args import add_dtype
-from rlhf.ppo import samples_per_prompt
+from rlhf.ppo_args import samples_per_prompt
 
 GIB = 2**30
 LORA_MODULES = "layers."  # OPT's model.decoder.layers.N and LLaMA's model.layers.N
@@ -137,71 +137,30 @@ def ppo_argv(args: argparse.Namespace, path: str, tp: int, checkpoints: dict[str
 
 
 # ---- the paths --------------------------------------------------------------------------------
-def make_trainer_class():
-    """PPOTrainer subclasses for gather_once and the extrapolated ds_chat (rlhf is imported in the ranks)."""
-    import deepspeed
-    from rlhf.ppo_trainer import PPOTrainer, answer_lengths
+class Extrapolated:
+    """A rollout timed on `timed` tokens and on 1, extrapolated to the full answer length; the answers
+    are filled up with random tokens (never EOS) so experience and training see full lengths."""
 
-    class GatherOnceTrainer(PPOTrainer):
-        """Generation: gather every actor parameter once into `plain`, then transformers' generate there."""
+    def __init__(self, inner, timed: int, tokenizer):
+        self.inner, self.timed, self.tokenizer = inner, timed, tokenizer
 
-        def __init__(self, engine, args, plain):
-            super().__init__(engine, args)
-            self.plain, self.plain_params = plain, dict(plain.named_parameters())
-            self.shapes = {name: p.shape for name, p in self.plain_params.items()}
-            self.release()
+    def __call__(self, input_ids, attention_mask, sampling, samples, generator):
+        from rlhf.rollout import Rollout
 
-        def release(self) -> None:
-            for p in self.plain_params.values():
-                p.data = torch.empty(0, dtype=p.dtype)
-            return_freed_memory()
+        full = sampling.max_new_tokens
+        n = min(self.timed, full)
+        _, one = self.timed_call(input_ids, attention_mask, sampling, samples, generator, 1)
+        out, timed = self.timed_call(input_ids, attention_mask, sampling, samples, generator, n)
+        fill = random_tokens((len(out.sequences), full - n), self.tokenizer, generator)
+        return Rollout(torch.cat([out.sequences, fill], 1), torch.full((len(out.sequences),), full), out.times,
+                       {"one_token_generation_s": one, "timed_generation_s": timed,
+                        "generation_estimate_s": one + (full - 1) * (timed - one) / (n - 1)})
 
-        @torch.no_grad()
-        def gather(self) -> None:
-            for name, p in self.plain_params.items():
-                p.data = torch.empty(self.shapes[name], dtype=p.dtype)
-            module = unwrap(self.engine.actor)
-            for name, p in module.named_parameters():  # one all_gather per parameter, as GatheredParameters does
-                if not is_adapter_param(name):
-                    with deepspeed.zero.GatheredParameters([p]):
-                        self.plain_params[base_name(name)].copy_(p)
-            for adapter in find_adapters(module):  # LoRA merged: W + scale * B @ A
-                with deepspeed.zero.GatheredParameters([adapter.a, adapter.b]):
-                    w = self.plain_params[adapter.weight]
-                    w.copy_((w.float() + adapter.scale * (adapter.b.float() @ adapter.a.float())).to(w.dtype))
-
-        def _generate_hf(self, input_ids, attention_mask, options):
-            with self.phase("gather"):
-                self.gather()
-            seq = self.plain.generate(input_ids=input_ids, attention_mask=attention_mask, **options)
-            self.release()
-            return seq, answer_lengths(seq[:, input_ids.shape[1]:], options["eos_token_id"])
-
-    class ExtrapolatedTrainer(PPOTrainer):
-        """ds_chat timed on `timed` tokens and on 1, extrapolated to the full answer length; the answers
-        are filled up with random tokens (never EOS) so experience and training see full lengths."""
-
-        def __init__(self, engine, args, timed: int):
-            super().__init__(engine, args)
-            self.timed, self.generation_estimate, self.measured = timed, 0.0, {}
-
-        def _timed_generate(self, input_ids, attention_mask, options, n: int):
-            start = time.perf_counter()
-            seq, _ = super()._generate_hf(input_ids, attention_mask, {**options, "max_new_tokens": n,
-                                                                      "min_new_tokens": n})
-            return seq, time.perf_counter() - start
-
-        def _generate_hf(self, input_ids, attention_mask, options):
-            full = options["max_new_tokens"]
-            n = min(self.timed, full)
-            _, one = self._timed_generate(input_ids, attention_mask, options, 1)
-            seq, timed = self._timed_generate(input_ids, attention_mask, options, n)
-            self.generation_estimate = one + (full - 1) * (timed - one) / (n - 1)
-            self.measured = {"one_token_generation_s": one, "timed_generation_s": timed}
-            fill = random_tokens((len(seq), full - n), self.engine.tokenizer, self.generator)
-            return torch.cat([seq, fill], 1), torch.full((len(seq),), full)
-
-    return GatherOnceTrainer, ExtrapolatedTrainer
+    def timed_call(self, input_ids, attention_mask, sampling, samples, generator, n: int):
+        start = time.perf_counter()
+        out = self.inner(input_ids, attention_mask, replace(sampling, max_new_tokens=n, min_new_tokens=n), samples,
+                         generator)
+        return out, time.perf_counter() - start
 
 
 def random_tokens(shape: tuple[int, int], tokenizer, generator: torch.Generator) -> torch.Tensor:
@@ -226,50 +185,56 @@ def prompt_batches(tokenizer, args: argparse.Namespace, rank: int, count: int) -
     return batches
 
 
-def build_trainer(path: str, args: argparse.Namespace, ppo_args, engine):
-    from rlhf.ppo_trainer import PPOTrainer
+def rollout_for(path: str, args: argparse.Namespace, models):
+    """How the path generates: rlhf's own rollout (ds_chat or hybrid_engine), gather_once, or ds_chat
+    extrapolated from shorter runs."""
+    from rlhf.rollout import GatherOnce
 
-    GatherOnceTrainer, ExtrapolatedTrainer = make_trainer_class()
     if path == "gather_once":
-        plain = AutoModelForCausalLM.from_config(unwrap(engine.actor).config, dtype=DTYPES[args.dtype]).eval()
-        return GatherOnceTrainer(engine, ppo_args, plain)
+        plain = AutoModelForCausalLM.from_config(unwrap(models.actor).config, dtype=DTYPES[args.dtype])
+        return GatherOnce(models.actor, plain)
     if path == "ds_chat" and args.slow_answer_len:
-        return ExtrapolatedTrainer(engine, ppo_args, args.slow_answer_len)
-    return PPOTrainer(engine, ppo_args)
+        return Extrapolated(models.rollout, args.slow_answer_len, models.tokenizer)
+    return models.rollout
 
 
-def run_iteration(trainer, batch: dict, ppo_args) -> dict:
+def run_iteration(models, rollout, batch: dict, cfg, state) -> dict:
     """One PPO iteration as rlhf.ppo runs it; seconds per phase (training = actor + critic steps)."""
-    from rlhf.ppo import add_times, train_iteration
+    from rlhf.ppo_loop import add_times, generate_experience, train_iteration
 
     dist.barrier()
     start = time.perf_counter()
-    exp = trainer.generate_experience(batch)
+    exp = generate_experience(models, rollout, batch, cfg, state)
     if exp is None:
         raise RuntimeError("an answer of at most one token was dropped: the forced length did not hold")
-    times = dict(trainer.times)
-    trainer.times = {}
-    train_iteration(trainer, [exp], None, ppo_args)
-    times = add_times(times, trainer.times)
+    times, measured = dict(state.times), dict(state.stats)
+    state.times = {}
+    train_iteration(models, [exp], None, cfg, state)
+    times = add_times(times, state.times)
     iteration = time.perf_counter() - start
-    estimate = getattr(trainer, "generation_estimate", None)
-    if estimate:  # the measured short runs are replaced by the extrapolated full-length generation
-        iteration += estimate - times["generation"]
-        times["generation"] = estimate
+    if "generation_estimate_s" in measured:  # the measured short runs are replaced by the extrapolation
+        iteration += measured["generation_estimate_s"] - times["generation"]
+        times["generation"] = measured["generation_estimate_s"]
     return {"generation_s": times["generation"], "reshard_s": times.get("reshard"), "gather_s": times.get("gather"),
             "experience_s": times["experience"],
             "training_s": times["actor_training"] + times.get("critic_training", 0.0),
             "actor_training_s": times["actor_training"], "critic_training_s": times.get("critic_training"),
-            "iteration_s": iteration, "generated_tokens": int(exp["action_mask"].sum()),
-            **getattr(trainer, "measured", {})}
+            "iteration_s": iteration, "generated_tokens": int(exp.action_mask.sum()),
+            **{k: measured[k] for k in ("one_token_generation_s", "timed_generation_s") if k in measured}}
+
+
+def answer_config(cfg, length: int):
+    """cfg with every answer forced to `length` tokens."""
+    return replace(cfg, sampling=replace(cfg.sampling, max_new_tokens=length, min_new_tokens=length))
 
 
 def worker(rank: int, world: int, args: argparse.Namespace, path: str, tp: int, checkpoints: dict) -> dict:
     from tqdm import tqdm
     from transformers import AutoTokenizer
 
-    from rlhf.ds import init_distributed
-    from rlhf.ppo import parse_args as ppo_parse_args, steps_per_role
+    from rlhf.distributed import init_distributed
+    from rlhf.ppo_args import parse_args as ppo_parse_args, steps_per_role
+    from rlhf.ppo_loop import PPOConfig, new_state
     from rlhf.rlhf_engine import build_rlhf_engine, check_models
 
     device = init_distributed()
@@ -278,35 +243,38 @@ def worker(rank: int, world: int, args: argparse.Namespace, path: str, tp: int, 
         tokenizer = AutoTokenizer.from_pretrained(checkpoints["actor"])
         check_models(ppo_args, tokenizer)
         total = 1 + args.iterations
-        engine = build_rlhf_engine(ppo_args, tokenizer, steps_per_role(ppo_args, total, False), device)
-        trainer = build_trainer(path, args, ppo_args, engine)
+        models = build_rlhf_engine(ppo_args, tokenizer, steps_per_role(ppo_args, total, False), device)
+        cfg, state, rollout = PPOConfig.from_args(ppo_args, tokenizer), new_state(models, ppo_args.seed), \
+            rollout_for(path, args, models)
         batches = prompt_batches(tokenizer, args, rank, total)
         setup_peak = status_bytes("VmHWM")
         records = []
         for i, batch in enumerate(tqdm(batches, desc=f"{path} (1 warm-up + {args.iterations})", disable=rank != 0)):
             if i == 1:  # VmHWM from here on: the measured iterations alone
                 reset_peak()
-            ppo_args.max_answer_seq_len = ppo_args.min_answer_seq_len = args.answer_len if i else args.warmup_answer_len
-            records.append(run_iteration(trainer, batch, ppo_args))
+            length = args.answer_len if i else args.warmup_answer_len
+            records.append(run_iteration(models, rollout, batch, answer_config(cfg, length), state))
         peaks = {"peak_rss_bytes": max(setup_peak, status_bytes("VmHWM")),
                  "peak_rss_iterations_bytes": status_bytes("VmHWM")}
-        kv = prompt_kv(trainer, batches[-1]) if engine.hybrid is not None and args.samples > 1 else None
+        kv = prompt_kv(rollout, batches[-1], cfg, state) if path.startswith("hybrid") and args.samples > 1 else None
         return {"iterations": records[1:], **peaks, "prompt_kv": kv}
 
 
 @torch.no_grad()
-def prompt_kv(trainer, batch: dict) -> dict:
+def prompt_kv(rollout, batch: dict, cfg, state) -> dict:
     """Peak KV blocks (and bytes) of generating the batch with each prompt's G answers forked from one
     prefill, as the iterations did, and with each prompt repeated G times (G separate copies)."""
-    g, ids, mask = trainer.group, batch["input_ids"], batch["attention_mask"]
+    from rlhf.ppo_loop import rollout_answers
+
+    g, ids, mask = cfg.samples, batch["input_ids"], batch["attention_mask"]
     runs = {"forked": (ids, mask, g), "repeated": (ids.repeat_interleave(g, 0), mask.repeat_interleave(g, 0), 1)}
     kv = {}
     for name, (input_ids, attention_mask, samples) in runs.items():
-        trainer.generate_sequence(input_ids, attention_mask, samples)
-        kv[f"{name}_peak_blocks"] = int(trainer.stats["kv_peak_blocks"])
-        kv[f"{name}_peak_bytes"] = int(trainer.stats["kv_peak_blocks"] * trainer.stats["kv_block_bytes"])
+        rollout_answers(rollout, input_ids, attention_mask, cfg.sampling, samples, state)
+        kv[f"{name}_peak_blocks"] = int(state.stats["kv_peak_blocks"])
+        kv[f"{name}_peak_bytes"] = int(state.stats["kv_peak_blocks"] * state.stats["kv_block_bytes"])
     kv["saved_bytes"] = kv["repeated_peak_bytes"] - kv["forked_peak_bytes"]
-    kv["block_bytes"] = int(trainer.stats["kv_block_bytes"])
+    kv["block_bytes"] = int(state.stats["kv_block_bytes"])
     return kv
 
 
@@ -402,50 +370,67 @@ def count_params(config: PretrainedConfig, factory, lora_dim: int) -> tuple[int,
     return sum(p.numel() for p in model.parameters()), lora
 
 
-def memory_plan(args: argparse.Namespace, path: str, tp: int) -> dict[str, float]:
-    """Estimated bytes per rank of one path, by part. Trained weights under ZeRO-3 in bf16 cost 2 bytes
-    (partitioned) + 16 (fp32 master, Adam m and v, fp32 gradient, partitioned); frozen ones 2
-    (partitioned). rlhf loads each model whole in --dtype before partitioning it."""
-    w, b = args.world, DTYPES[args.dtype].itemsize
+def model_sizes(args: argparse.Namespace) -> dict:
+    """Parameters of the actor and of the critic (= reward model), and the LoRA parameters each adds."""
     actor_config, reward_config = MODELS[args.model](), MODELS[args.reward_model]()
     reward_config.num_labels = 1
     actor, actor_lora = count_params(actor_config, AutoModelForCausalLM.from_config, args.lora_dim)
     critic, critic_lora = count_params(reward_config, AutoModelForSequenceClassification.from_config, args.lora_dim)
-    trained_actor, trained_critic = (actor_lora, critic_lora) if args.lora_dim else (actor, critic)
-    critic_free = args.algorithm != "ppo"
+    return {"actor": actor, "actor_lora": actor_lora, "critic": critic, "critic_lora": critic_lora,
+            "actor_config": actor_config}
+
+
+def resident_bytes(args: argparse.Namespace, n: dict) -> dict[str, float]:
+    """What a rank holds through the whole run: the shards of the four models and the optimizers."""
+    w, b = args.world, DTYPES[args.dtype].itemsize
+    trained_actor, trained_critic = (n["actor_lora"], n["critic_lora"]) if args.lora_dim else (n["actor"], n["critic"])
     opt = 16 if b == 2 else 12
-    h, layers, vocab = actor_config.hidden_size, actor_config.num_hidden_layers, actor_config.vocab_size
-    seq, g = args.prompt_len + args.answer_len, args.samples
+    critic_free = args.algorithm != "ppo"
+    return {"runtime (torch, DeepSpeed, gloo)": 0.6 * GIB,
+            "actor + reference shards": 2 * (n["actor"] + n["actor_lora"]) * b / w,
+            "actor optimizer": trained_actor * opt / w,
+            "critic + reward shards": n["critic"] * b / w + (0 if critic_free else
+                                                             (n["critic"] + n["critic_lora"]) * b / w),
+            "critic optimizer": 0 if critic_free else trained_critic * opt / w}
+
+
+def phase_bytes(args: argparse.Namespace, n: dict, path: str, tp: int) -> dict[str, float]:
+    """What each phase adds on top: generation (by path), experience and training."""
+    b, config, g = DTYPES[args.dtype].itemsize, n["actor_config"], args.samples
+    h, layers, seq = config.hidden_size, config.num_hidden_layers, args.prompt_len + args.answer_len
     tokens = args.batch * seq  # per training mini-batch (--batch rows)
     kv_per_token = 2 * layers * h * b
     kv = kv_per_token * args.batch * g * seq  # G copies of each prompt
     kv_forked = kv_per_token * args.batch * (args.prompt_len + g * args.answer_len)
-    layer_activations = tokens * (34 * h + 5 * actor_config.num_attention_heads * seq) * b / 2
+    layer_activations = tokens * (34 * h + 5 * config.num_attention_heads * seq) * b / 2
     activations = (layers * tokens * h * b + layer_activations if args.gradient_checkpointing
                    else layers * layer_activations)
     per_logit = b + 8  # the logits, their fp32 copy and logsumexp's fp32 exponentials (or the gradient)
-    logits = args.batch * (args.answer_len + 1) * vocab * per_logit
+    logits = args.batch * (args.answer_len + 1) * config.vocab_size * per_logit
     copies = 2 if prepack.available(torch.device("cpu"), DTYPES[args.dtype]) else 1  # weights (+ prepacked copies)
-    inference = {"ds_chat": kv + 2 * 5e7 * b,  # KV cache + DeepSpeed's prefetch buckets
-                 "gather_once": actor * b + kv,  # the plain model
-                 "hybrid_engine": copies * actor * b / tp + kv_forked / tp}
-    plan = {"runtime (torch, DeepSpeed, gloo)": 0.6 * GIB,
-            "actor + reference shards": 2 * (actor + actor_lora) * b / w,
-            "actor optimizer": trained_actor * opt / w,
-            "critic + reward shards": critic * b / w + (0 if critic_free else (critic + critic_lora) * b / w),
-            "critic optimizer": 0 if critic_free else trained_critic * opt / w}
-    steady = sum(plan.values())
-    plan["generation"] = inference["hybrid_engine" if path.startswith("hybrid") else path]
+    generation = {"ds_chat": kv + 2 * 5e7 * b,  # KV cache + DeepSpeed's prefetch buckets
+                  "gather_once": n["actor"] * b + kv,  # the plain model
+                  "hybrid_engine": copies * n["actor"] * b / tp + kv_forked / tp}
     # the experience forwards run on all G answers of the batch at once, without gradients
-    plan["experience"] = g * (logits + layer_activations)
-    plan["training"] = activations + logits + ZERO3_STEP * actor * b
+    return {"generation": generation["hybrid_engine" if path.startswith("hybrid") else path],
+            "experience": g * (logits + layer_activations),
+            "training": activations + logits + ZERO3_STEP * n["actor"] * b}
+
+
+def memory_plan(args: argparse.Namespace, path: str, tp: int) -> dict[str, float]:
+    """Estimated bytes per rank of one path, by part. Trained weights under ZeRO-3 in bf16 cost 2 bytes
+    (partitioned) + 16 (fp32 master, Adam m and v, fp32 gradient, partitioned); frozen ones 2
+    (partitioned). rlhf loads each model whole in --dtype before partitioning it."""
+    n, b = model_sizes(args), DTYPES[args.dtype].itemsize
+    plan = resident_bytes(args, n)
+    steady, runtime = sum(plan.values()), plan["runtime (torch, DeepSpeed, gloo)"]
+    plan.update(phase_bytes(args, n, path, tp))
     # rlhf loads the actor whole before partitioning it, then the reference whole next to the actor's
     # shard and optimizer
-    loading = plan["runtime (torch, DeepSpeed, gloo)"] + max(
-        (actor + actor_lora) * b, (actor + actor_lora) * b / w + plan["actor optimizer"] + actor * b)
+    actor = (n["actor"] + n["actor_lora"]) * b
+    loading = runtime + max(actor, actor / args.world + plan["actor optimizer"] + n["actor"] * b)
     plan["steady + largest phase"] = steady + max(plan["generation"], plan["experience"], plan["training"])
     plan["loading peak (whole actor, reference)"] = loading
-    runtime = plan["runtime (torch, DeepSpeed, gloo)"]
     itemised = max(loading, plan["steady + largest phase"]) - runtime
     plan["unitemised (0.1 x itemised + 1 GiB)"] = UNITEMISED * itemised + UNITEMISED_FIXED
     plan["peak"] = runtime + itemised + plan["unitemised (0.1 x itemised + 1 GiB)"]
@@ -492,7 +477,7 @@ def what_would_fit(args: argparse.Namespace, plans: dict[str, dict]) -> str:
 
 
 # ---- command line -----------------------------------------------------------------------------
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", choices=sorted(MODELS), default="opt-1.3b", help="actor configuration (random weights)")
     p.add_argument("--reward-model", choices=sorted(MODELS), default="opt-350m",
@@ -511,6 +496,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--iterations", type=int, default=None,
                    help="measured PPO iterations per path, after one warm-up (default 2, or 1 for actors of >= 1B "
                         "parameters, whose defaults then finish within 30 minutes on 2 vCPUs)")
+    add_path_flags(p)
+    return p
+
+
+def add_path_flags(p: argparse.ArgumentParser) -> None:
+    """The algorithm, the paths and what each path does."""
     p.add_argument("--algorithm", choices=["ppo", "grpo", "rloo"], default="ppo",
                    help="ppo: actor and critic (DeepSpeed-Chat's step 3); grpo / rloo: no critic, --samples answers "
                         "per prompt with the group as the baseline")
@@ -533,6 +524,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--ignore-memory-plan", action="store_true", help="run even when the memory plan does not fit")
     p.add_argument("--out", default=None, help="JSON path (default results/e2e-<model>-<world>.json); the PNG goes "
                                                "next to it")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = build_parser()
     args = p.parse_args(argv)
     parse_dtype(p, args)
     large = count_params(MODELS[args.model](), AutoModelForCausalLM.from_config, 0)[0] >= 1e9
@@ -580,21 +575,28 @@ def choose_tp(args: argparse.Namespace) -> list[int]:
     return [args.world]
 
 
-def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
-    args.tp = choose_tp(args)
+def path_list(args: argparse.Namespace) -> list[tuple[str, int]]:
+    """(name, tp) of each path to run; hybrid_engine once per --tp."""
     paths = [(p, 1) for p in args.paths if p != "hybrid_engine"]
     if "hybrid_engine" in args.paths:
         paths += [("hybrid_engine" if i == 0 else f"hybrid_engine_tp{tp}", tp) for i, tp in enumerate(args.tp)]
-    env = {**print_environment(args.dtype), "torch_threads_per_rank": args.threads, "load_average": os.getloadavg()}
-    training = f"LoRA dim {args.lora_dim} (only LoRA trained)" if args.lora_dim else "full-parameter training"
+    return paths
+
+
+def describe(args: argparse.Namespace) -> str:
     algorithm = args.algorithm + (f", {args.samples} answers per prompt" if args.samples > 1 else "")
-    print(f"{algorithm}: actor {args.model}, reward/critic {args.reward_model}, {args.dtype}, ZeRO-3 on {args.world} "
-          f"ranks, {args.threads} torch thread(s) per rank; per rank: batch {args.batch}, prompt {args.prompt_len}, "
-          f"answer {args.answer_len} (forced); {training}"
+    return f"{algorithm}: actor {args.model}, reward/critic {args.reward_model}"
+
+
+def print_setup(args: argparse.Namespace) -> None:
+    training = f"LoRA dim {args.lora_dim} (only LoRA trained)" if args.lora_dim else "full-parameter training"
+    print(f"{describe(args)}, {args.dtype}, ZeRO-3 on {args.world} ranks, {args.threads} torch thread(s) per rank; "
+          f"per rank: batch {args.batch}, prompt {args.prompt_len}, answer {args.answer_len} (forced); {training}"
           f"{', gradient checkpointing' if args.gradient_checkpointing else ''}; 1 warm-up (answer "
           f"{args.warmup_answer_len}) + {args.iterations} iterations per path; load average {os.getloadavg()[0]:.2f}")
-    plans = check_memory(args, paths)
+
+
+def run_paths(args: argparse.Namespace, paths: list[tuple[str, int]], plans: dict) -> dict[str, dict]:
     results = {}
     with tempfile.TemporaryDirectory(prefix="bench-e2e-") as root:
         checkpoints = write_checkpoints(args, root)
@@ -604,10 +606,13 @@ def main(argv: list[str] | None = None) -> None:
             results[name]["memory_plan_gib_per_rank"] = plans[name]["peak"]
             results[name]["load_average_after"] = os.getloadavg()
     add_ratios(results)
-    print(f"\n{algorithm}: {args.model} actor + {args.reward_model} reward/critic, {args.world} ranks x batch "
-          f"{args.batch}, "
-          f"prompt {args.prompt_len} + answer {args.answer_len}; median of {args.iterations} iterations, slowest rank "
-          f"(seconds; x_*: speed-up against that baseline; tokens/s over all ranks; load average {os.getloadavg()[0]:.2f})")
+    return results
+
+
+def print_results(args: argparse.Namespace, results: dict[str, dict]) -> None:
+    print(f"\n{describe(args)}, {args.world} ranks x batch {args.batch}, prompt {args.prompt_len} + answer "
+          f"{args.answer_len}; median of {args.iterations} iterations, slowest rank (seconds; x_*: speed-up against "
+          f"that baseline; tokens/s over all ranks; load average {os.getloadavg()[0]:.2f})")
     columns = ["path", "generation_s", "reshard_s", "gather_s", "experience_s", "training_s", "iteration_s",
                "gen_s/seq", "exp_s/seq", "tra_s/seq", "tokens/s", "gen_x_ds_chat", "iter_x_ds_chat",
                "gen_x_gather_once", "iter_x_gather_once", "peak_rss_gib", "extrapolated"]
@@ -615,13 +620,24 @@ def main(argv: list[str] | None = None) -> None:
     print("peak_rss_gib: VmHWM of each rank over its whole life (loading included); generation_s includes reshard_s "
           "and gather_s")
     print_prompt_kv(results)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    args.tp = choose_tp(args)
+    paths = path_list(args)
+    env = {**print_environment(args.dtype), "torch_threads_per_rank": args.threads, "load_average": os.getloadavg()}
+    print_setup(args)
+    plans = check_memory(args, paths)
+    results = run_paths(args, paths, plans)
+    print_results(args, results)
     suffix = "" if args.algorithm == "ppo" else f"-{args.algorithm}"
     out = args.out or f"results/e2e-{args.model}-{args.world}{suffix}.json"
     config = {**vars(args), "paths_run": [n for n, _ in paths], "environment": env, "memory_plan_gib": plans}
     write_json(out, {"config": config, "paths": results})
     plot(results, f"{args.algorithm}: {args.model} actor + {args.reward_model} reward, {args.world} CPU ranks, "
-                  f"ZeRO-3, {args.dtype}, "
-                  f"prompt {args.prompt_len} + answer {args.answer_len}", str(Path(out).with_suffix(".png")))
+                  f"ZeRO-3, {args.dtype}, prompt {args.prompt_len} + answer {args.answer_len}",
+         str(Path(out).with_suffix(".png")))
 
 
 if __name__ == "__main__":

@@ -280,88 +280,104 @@ def parse_args() -> argparse.Namespace:
     return args
 
 
-def main() -> None:
-    args = parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    env = print_environment(args.dtype)
-    dtype = DTYPES[args.dtype]
-    torch.manual_seed(0)
-    hf = causal_lm(args.model).eval()
-    hf.to(dtype)
-    prompts = torch.randint(3, hf.config.vocab_size, (args.batch, args.prompt_len))
-    mask = torch.ones_like(prompts)
-    our_clock, hf_clock = StepClock(), StepClock()
+def hf_side(args, hf, prompts: torch.Tensor, mask: torch.Tensor) -> tuple[dict, torch.Tensor]:
+    """transformers' generate, every row forced to --new-tokens: (its row, its tokens)."""
+    clock = StepClock()
 
     def theirs(n):
         with torch.inference_mode():
             return hf.generate(input_ids=prompts, attention_mask=mask, do_sample=False, max_new_tokens=n,
                                min_new_tokens=n, eos_token_id=None, pad_token_id=hf.config.pad_token_id,
-                               logits_processor=LogitsProcessorList([hf_clock]))
+                               logits_processor=LogitsProcessorList([clock]))
+    return measure("hf_generate", lambda: theirs, clock, args.batch, args.new_tokens)
 
+
+def our_side(args, model, prompts: torch.Tensor, mask: torch.Tensor):
+    """Our Generator, every row forced to --new-tokens: (its row, its tokens, the generator, its run(n))."""
+    clock, built = StepClock(), {}
+
+    def ours(n):
+        return built["generator"].generate(prompts, mask, max_new_tokens=n, min_new_tokens=n,
+                                           eos_token_id=[]).sequences
+
+    def setup():
+        # Inside the measurement: the KV cache and the prepacked weight copies count as ours. The cache
+        # is allocated once, as in an RLHF loop where every iteration reuses it.
+        blocks = (-(-(args.prompt_len + args.new_tokens) // args.block_size) + 1) * args.batch
+        built["generator"] = Generator(model, block_size=args.block_size, prepack_weights=not args.no_prepack,
+                                       kv_cache_bytes=blocks * PagedKVCache.block_bytes(model, args.block_size))
+        return ours
+    clock_decode_steps(clock)
+    row, tokens = measure("hybrid_engine", setup, clock, args.batch, args.new_tokens)
+    return row, tokens, built["generator"], ours
+
+
+def print_rows(args, rows: list[dict], floor: dict) -> None:
+    print(f"{args.model} {args.dtype} batch {args.batch} prompt {args.prompt_len} new {args.new_tokens} "
+          f"(OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}, threads {torch.get_num_threads()})")
+    print_table(rows, ["side", "prefill_ms", "decode_ms_per_step", "decode_ms_mean", "tokens_per_s", "peak_rss_gib",
+                       "run_growth_gib", "x_floor"])
+    print("floor per decode step: " + ", ".join(f"{k}={v:.4g}" for k, v in floor.items()))
+
+
+def speedups(rows: list[dict], agreement: dict) -> dict:
+    hf_row, our_row = rows
+    result = {**agreement, "speedup_decode": hf_row["decode_ms_per_step"] / our_row["decode_ms_per_step"],
+              "speedup_prefill": hf_row["prefill_ms"] / our_row["prefill_ms"],
+              "speedup_tokens_per_s": our_row["tokens_per_s"] / hf_row["tokens_per_s"]}
+    print(f"our tokens equal HF's: {agreement['token_agreement']:.1%} (first divergent step: "
+          f"{agreement['first_divergent_step']})")
+    print(f"ours vs HF: decode step {result['speedup_decode']:.2f}x faster, prefill "
+          f"{result['speedup_prefill']:.2f}x, tokens/s {result['speedup_tokens_per_s']:.2f}x; "
+          f"ours at {our_row['x_floor']:.2f}x the floor")
+    return result
+
+
+def profile(ours, model, args, limits: dict) -> dict:
+    parts = profile_parts(ours, model, args.profile, args, limits)
+    print(f"ours, exclusive wall time per decode step by part over {args.profile} steps (limit: bytes the part "
+          f"must read at {limits['read_bandwidth_gbs']:.3g} GB/s):")
+    print_table([{"limit_ms": "", "x_limit": "", **row} for row in parts], ["part", "ms_per_step", "share", "limit_ms",
+                                                                            "x_limit"])
+    ops = top_ops(ours, args.profile)
+    print(f"ours, self CPU time per decode step by op over {args.profile} steps (torch.profiler, its overhead "
+          f"included):")
+    print_table(ops, ["op", "ms_per_step"])
+    return {"ours_parts": parts, "ours_top_ops": ops}
+
+
+def main() -> None:
+    args = parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    env, dtype = print_environment(args.dtype), DTYPES[args.dtype]
+    torch.manual_seed(0)
+    hf = causal_lm(args.model).eval().to(dtype)
+    prompts = torch.randint(3, hf.config.vocab_size, (args.batch, args.prompt_len))
+    mask = torch.ones_like(prompts)
     # The machine's limits, measured before and after the runs (the best of both: load from other
     # processes only lowers a rate), over a working set as large as the weights (before) and as a
     # whole decode step's reads (after).
     limits_before = machine_limits(sum(t.numel() * t.element_size() for t in hf.parameters()), dtype)
-    rows = []
-    if not args.skip_hf:
-        # Each side starts from one copy of the weights and nothing else: HF's run first, before our
-        # model exists; then HF's model is freed before ours is measured.
-        hf_row, hf_tokens = measure("hf_generate", lambda: theirs, hf_clock, args.batch, args.new_tokens)
-        rows.append(hf_row)
+    # Each side starts from one copy of the weights and nothing else: HF's run first, before our
+    # model exists; then HF's model is freed before ours is measured.
+    hf_run = None if args.skip_hf else hf_side(args, hf, prompts, mask)
     model = from_hf(hf, dtype=dtype)
     del hf
-    generator = None
-
-    def ours(n):
-        return generator.generate(prompts, mask, max_new_tokens=n, min_new_tokens=n, eos_token_id=[]).sequences
-
-    def setup_ours():
-        # Inside the measurement: the KV cache and the prepacked weight copies count as ours. The cache
-        # is allocated once, as in an RLHF loop where every iteration reuses it.
-        nonlocal generator
-        blocks = (-(-(args.prompt_len + args.new_tokens) // args.block_size) + 1) * args.batch
-        generator = Generator(model, kv_cache_bytes=blocks * PagedKVCache.block_bytes(model, args.block_size),
-                              block_size=args.block_size, prepack_weights=not args.no_prepack)
-        return ours
-
-    clock_decode_steps(our_clock)
-    our_row, our_tokens = measure("hybrid_engine", setup_ours, our_clock, args.batch, args.new_tokens)
-    rows.append(our_row)
-    agreement = None if args.skip_hf else token_agreement(our_tokens, hf_tokens, args.prompt_len)
+    our_row, our_tokens, generator, ours = our_side(args, model, prompts, mask)
+    rows = ([] if hf_run is None else [hf_run[0]]) + [our_row]
     work = decode_work(generator.model, args, dtype)
     limits = best_limits(limits_before, machine_limits(work["weight_bytes"] + int(work["kv_bytes_mean"]), dtype))
-    floor = decode_floor(work, limits)
-    floor.update(gemm_passes(generator.model, args.batch, dtype))
+    floor = {**decode_floor(work, limits), **gemm_passes(generator.model, args.batch, dtype)}
     for row in rows:
         row["x_floor"] = row["decode_ms_per_step"] / floor["floor_ms"]
-    print(f"{args.model} {args.dtype} batch {args.batch} prompt {args.prompt_len} new {args.new_tokens} "
-          f"(OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}, threads {torch.get_num_threads()})")
-    print_table(rows, ["side", "prefill_ms", "decode_ms_per_step", "decode_ms_mean", "tokens_per_s", "peak_rss_gib", "run_growth_gib",
-                      "x_floor"])
-    print("floor per decode step: " + ", ".join(f"{k}={v:.4g}" for k, v in floor.items()))
+    print_rows(args, rows, floor)
     result = {"args": vars(args), "environment": env, "rows": rows, "floor": floor, "ours_stats": generator.stats}
-    if not args.skip_hf:
-        result.update(agreement)
-        print(f"our tokens equal HF's: {agreement['token_agreement']:.1%} (first divergent step: "
-              f"{agreement['first_divergent_step']})")
-        hf_row, our_row = rows
-        result["speedup_decode"] = hf_row["decode_ms_per_step"] / our_row["decode_ms_per_step"]
-        result["speedup_prefill"] = hf_row["prefill_ms"] / our_row["prefill_ms"]
-        result["speedup_tokens_per_s"] = our_row["tokens_per_s"] / hf_row["tokens_per_s"]
-        print(f"ours vs HF: decode step {result['speedup_decode']:.2f}x faster, prefill "
-              f"{result['speedup_prefill']:.2f}x, tokens/s {result['speedup_tokens_per_s']:.2f}x; "
-              f"ours at {our_row['x_floor']:.2f}x the floor")
+    agreement = None if hf_run is None else token_agreement(our_tokens, hf_run[1], args.prompt_len)
+    if agreement:
+        result.update(speedups(rows, agreement))
     if args.profile:
-        result["ours_parts"] = profile_parts(ours, generator.model, args.profile, args, limits)
-        print(f"ours, exclusive wall time per decode step by part over {args.profile} steps (limit: bytes the part "
-              f"must read at {limits['read_bandwidth_gbs']:.3g} GB/s):")
-        print_table([{"limit_ms": "", "x_limit": "", **row} for row in result["ours_parts"]],
-                    ["part", "ms_per_step", "share", "limit_ms", "x_limit"])
-        result["ours_top_ops"] = top_ops(ours, args.profile)
-        print(f"ours, self CPU time per decode step by op over {args.profile} steps (torch.profiler, its overhead "
-              f"included):")
-        print_table(result["ours_top_ops"], ["op", "ms_per_step"])
+        result.update(profile(ours, generator.model, args, limits))
     write_json(args.out or f"results/generation-{args.model}-{args.dtype}.json", result)
     if agreement and dtype == torch.float32 and agreement["token_agreement"] < 1:
         # fp32 greedy must reproduce HF exactly; a speed-up of a wrong model means nothing.

@@ -35,10 +35,11 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import hybrid_engine  # noqa: E402,F401  (registers torch.ops.hybrid_engine)
-from bench.common import copy_bandwidth, median_seconds, peak_rss_bytes, print_environment, print_table, write_json  # noqa: E402
+from bench.common import copy_bandwidth, median_seconds, print_environment, print_table, write_json  # noqa: E402
 from hybrid_engine import kernels  # noqa: E402
 from hybrid_engine.capability import DTYPES as ALL_DTYPES  # noqa: E402
 from hybrid_engine.kernels import native, reference  # noqa: E402
+from hybrid_engine.memory import status_bytes  # noqa: E402
 
 DTYPES = {name: ALL_DTYPES[name] for name in ("fp32", "bf16")}  # the CPU kernels' dtypes
 
@@ -206,7 +207,7 @@ def main(argv: list[str] | None = None) -> None:
     print_table(prefill, list(prefill[0]))
     print("\nfused elementwise ops: plain torch in the native dtype vs our C++ kernels (hidden 2048, MLP 5504)")
     print_table(elementwise, list(elementwise[0]))
-    peak = peak_rss_bytes()
+    peak = status_bytes("VmHWM")
     print(f"\npeak RSS: {peak / 2**30:.2f} GiB")
     write_json(args.out, {"environment": env, "args": vars(args), "copy_bandwidth_GBps":
                           [bandwidth_start / 1e9, bandwidth_end / 1e9], "decode": decode, "prefill": prefill,

@@ -28,6 +28,19 @@ class Adapter:
     b: nn.Parameter      # [out, r]
     scale: float
 
+    def delta(self) -> torch.Tensor:
+        """scale * B @ A, in float32 (the whole weight's; delta_slice gives a TP rank's)."""
+        return lora_delta(self.b, self.a, self.scale)
+
+
+def lora_delta(b: torch.Tensor, a: torch.Tensor, scale: float) -> torch.Tensor:
+    return (b.float() @ a.float()) * scale
+
+
+def merged(weight: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """W + delta, added in float32 and rounded once to W's dtype."""
+    return (weight.float() + delta).to(weight.dtype)
+
 
 def find_adapters(module: nn.Module) -> list[Adapter]:
     adapters = []
@@ -55,7 +68,7 @@ def delta_slice(adapter: Adapter, source: WeightSource, tp_rank: int, tp_size: i
     """This rank's slice of scale * B @ A, in float32."""
     b = source.shard(adapter.b, tp_rank, tp_size) if source.split == "column" else adapter.b
     a = source.shard(adapter.a, tp_rank, tp_size) if source.split == "row" else adapter.a
-    return (b.float() @ a.float()) * adapter.scale
+    return lora_delta(b, a, adapter.scale)
 
 
 @torch.no_grad()
@@ -71,7 +84,7 @@ def merge_adapters(adapters: list[Adapter], weight_map: WeightMap, targets: dict
             rows = source.shard_shape(tp_size)[0]
             region = targets[name].narrow(0, row, rows)
             for adapter in by_weight.get(source.name, []):
-                region.copy_((region.float() + delta_slice(adapter, source, tp_rank, tp_size)).to(region.dtype))
+                region.copy_(merged(region, delta_slice(adapter, source, tp_rank, tp_size)))
                 used.add(source.name)
             row += rows
     unused = set(by_weight) - used

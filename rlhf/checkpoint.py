@@ -17,7 +17,7 @@ from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
 from deepspeed.runtime.zero.config import ZeroStageEnum
 from deepspeed.utils.tensor_fragment import fragment_address
 
-from rlhf.ds import rank, world_size
+from rlhf.distributed import rank, world_size
 
 STEP_DIR = re.compile(r"^step(\d+)$")
 # The non-tensor classes DeepSpeed 0.19 puts in its ZeRO optimizer files (checked for stages 0-3 in fp32

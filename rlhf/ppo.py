@@ -1,223 +1,28 @@
-"""Step 3: PPO on the actor from step 1, scored by the reward model from step 2 (python -m rlhf.ppo).
-
-Each iteration, in order: generate answers to --generation_batches prompt batches (HybridEngine with
---enable_hybrid_engine: ZeRO-3 shards resharded into tensor-parallel inference weights), score them
-(actor, reference, critic and reward forwards), then --ppo_epochs passes of one actor step and one
-critic step per mini-batch of the experience, plus a PTX step on plain text when given.
+"""Step 3: PPO (or GRPO / RLOO) on the actor from step 1, scored by the reward model from step 2
+(python -m rlhf.ppo). This module parses the flags (rlhf.ppo_args), loads the data and the models and
+runs the loop of rlhf.ppo_loop, where each iteration is written out in the order it runs; the actor
+generates through rlhf.rollout (HybridEngine with --enable_hybrid_engine).
 """
-import argparse
 import importlib
 import math
 import os
-import random
-import time
-from dataclasses import asdict
 from functools import partial
 
 import torch
 from torch.utils.data import DataLoader
-from transformers import AutoTokenizer, SchedulerType, set_seed
+from transformers import AutoTokenizer, set_seed
 
 from hybrid_engine.distributed import destroy_process_groups
-from hybrid_engine.engine import unwrap
-from hybrid_engine.memory import status_bytes
-from rlhf.args import add, add_dtype, add_no_effect, resolve_dtype
-from rlhf.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
+from rlhf.checkpoint import resolve_resume
 from rlhf.data import build_datasets, collate_prompts
+from rlhf.data.loaders import Cycle, make_loader
 from rlhf.data.unsupervised import collate_blocks, text_blocks
-from rlhf.ds import all_max, all_sum, init_distributed, make_loader, rank, save_hf, world_size
+from rlhf.distributed import init_distributed, rank, world_size
+from rlhf.hf_models import save_hf
 from rlhf.log import Log
-from rlhf.ppo_math import RunningMoments
-from rlhf.ppo_trainer import PPOTrainer, minibatches, sequence_masks
-from rlhf.reward_model import reward_scores
+from rlhf.ppo_args import iterations, parse_args, steps_per_role
+from rlhf.ppo_loop import PPOConfig, Run, evaluate, new_state, resume, run_iterations
 from rlhf.rlhf_engine import build_rlhf_engine, check_checkpoint, check_models
-
-
-def add_data(parser: argparse.ArgumentParser) -> None:
-    add(parser, "data_path", "Data sources (as steps 1-2); step 3 reads the prompts of its part.", nargs="+",
-        required=True)
-    add(parser, "data_split", "Proportions of each source for steps 1,2,3; this step takes part 3.", default="2,4,4")
-    add(parser, "data_output_path", "Directory of the tokenized-data cache.", default="/tmp/data_files/")
-    add(parser, "unsupervised_dataset_name", "Plain text for the PTX term: a .txt/.json/.jsonl file or directory "
-        "of them (records with a \"text\" field), or a hub dataset (needs internet). Off when not given.")
-    add(parser, "unsupervised_dataset_config_name", "Config of a hub dataset given by --unsupervised_dataset_name.")
-    add(parser, "unsup_coef", "Weight of the PTX language-model loss (gamma of InstructGPT's eq. 2).",
-        type=float, default=27.8)
-    add(parser, "max_prompt_seq_len", "Longest prompt in tokens; longer prompts are dropped and counted.",
-        type=int, default=256)
-    add(parser, "max_answer_seq_len", "Most new tokens per answer.", type=int, default=256)
-    add(parser, "min_answer_seq_len", "Fewest new tokens per answer: EOS cannot end an answer earlier "
-        "(benchmarks force every answer to --max_answer_seq_len with it).", type=int, default=0)
-
-
-def add_models(parser: argparse.ArgumentParser) -> None:
-    add(parser, "actor_model_name_or_path", "Step-1 output (the SFT actor; also the frozen reference).", required=True)
-    add(parser, "critic_model_name_or_path", "Step-2 output (the reward model; the critic starts from it): ours "
-        "or a DeepSpeed-Chat step-2 directory (pytorch_model.bin + config.json).", required=True)
-    add_no_effect(parser, "num_padding_at_beginning", "the last real token is found from the attention mask.",
-                  type=int, default=1)
-    add(parser, "output_dir", "Where actor/, critic/, actor_ema/, checkpoints/ and log.jsonl go.", required=True)
-    add(parser, "seed", "Seed of the data order, initialisation and sampling.", type=int, default=1234)
-    add(parser, "local_rank", "Set by the deepspeed launcher; torchrun sets LOCAL_RANK instead.", type=int, default=-1)
-    add_no_effect(parser, "preprocessing_num_workers", "tokenization is cached per data version.", type=int)
-
-
-def add_batches(parser: argparse.ArgumentParser) -> None:
-    add(parser, "per_device_generation_batch_size", "Prompts per rank per generation batch.", type=int, default=16)
-    add(parser, "per_device_training_batch_size", "Experience rows per rank per PPO mini-batch (and PTX blocks "
-        "per step).", type=int, default=16)
-    add(parser, "generation_batches", "Generation batches collected before training on them.", type=int, default=1)
-    add(parser, "ppo_epochs", "Passes over the collected experience.", type=int, default=1)
-    add(parser, "num_train_epochs", "Passes over the prompts.", type=int, default=1)
-    add(parser, "gradient_accumulation_steps", "Mini-batches per optimizer step.", type=int, default=1)
-    add(parser, "max_steps", "Stop after this many iterations (0: run every epoch).", type=int, default=0)
-
-
-def add_optim(parser: argparse.ArgumentParser) -> None:
-    for role, lr in (("actor", 9.65e-6), ("critic", 5e-6)):
-        add(parser, f"{role}_learning_rate", f"Initial {role} learning rate (after warm-up).", type=float, default=lr)
-        add(parser, f"{role}_weight_decay", f"{role} AdamW weight decay.", type=float, default=0.0)
-        add(parser, f"{role}_zero_stage", f"DeepSpeed ZeRO stage of the {role} (the "
-            f"{'reference and EMA' if role == 'actor' else 'reward model'} follow it under stage 3).",
-            type=int, default=0, choices=[0, 1, 2, 3])
-        add(parser, f"{role}_gradient_checkpointing", f"Recompute {role} activations in the backward pass.",
-            action="store_true")
-        add(parser, f"{role}_dropout", f"Override the {role} config's dropout (default: keep it).", type=float)
-        add(parser, f"{role}_lora_dim", f"LoRA rank of the {role} (0: train every weight).", type=int, default=0)
-        add(parser, f"{role}_lora_module_name", f"{role} LoRA goes on linear layers whose name contains this.",
-            default="decoder.layers.")
-        add(parser, f"{role}_lora_learning_rate", f"Learning rate of the {role}'s LoRA weights.", type=float,
-            default=5e-4)
-    add(parser, "only_optimize_lora", "Freeze every non-LoRA weight of the LoRA models.", action="store_true")
-    add(parser, "lr_scheduler_type", "Learning-rate schedule (transformers.get_scheduler).", default="cosine",
-        choices=[s.value for s in SchedulerType])
-    add(parser, "num_warmup_steps", "Linear warm-up optimizer steps.", type=int, default=100)
-    add_dtype(parser, "Training and inference dtype")
-    add(parser, "offload", "ZeRO offload of optimizer state and parameters (CUDA only; on the CPU everything "
-        "already lives in host memory).", action="store_true")
-    for name in ("offload_reference_model", "offload_reward_model"):
-        add_no_effect(parser, name, "on the CPU every model lives in host memory; under ZeRO-3 the frozen models "
-                      "are partitioned like their trained twins.", action="store_true")
-
-
-def add_hybrid(parser: argparse.ArgumentParser) -> None:
-    add(parser, "enable_hybrid_engine", "Generate with hybrid_engine.HybridEngine (resharded tensor-parallel "
-        "weights, paged KV cache, fused kernels); off: transformers' generate on the DeepSpeed module.",
-        action="store_true")
-    add(parser, "inference_tp_size", "Tensor-parallel ranks per generation group (divides the world size and "
-        "the attention heads); needs --enable_hybrid_engine.", type=int, default=1)
-    add_no_effect(parser, "unpin_actor_parameters", "no parameter is pinned for generation.", action="store_true")
-    add_no_effect(parser, "release_inference_cache", "the inference weights and KV cache are always given back "
-                  "before training.", action="store_true")
-    add_no_effect(parser, "tp_gather_partition_size", "weights are resharded from the ZeRO-3 shards without "
-                  "gathering layers.", type=int, default=8)
-    add_no_effect(parser, "enable_mixed_precision_lora", "the inference weights are built in --dtype with LoRA "
-                  "merged.", action="store_true")
-
-
-def add_ppo(parser: argparse.ArgumentParser) -> None:
-    add(parser, "temperature", "Sampling temperature of the answers.", type=float, default=1.0)
-    add(parser, "top_p", "Nucleus sampling mass (1: off).", type=float, default=1.0)
-    add(parser, "top_k", "Top-k sampling (0: off).", type=int, default=0)
-    add(parser, "do_sample", "Sample the answers (default; DeepSpeed-Chat decodes greedily by accident of its "
-        "defaults, which leaves PPO nothing to explore). --no-do_sample: greedy.",
-        action=argparse.BooleanOptionalAction, default=True)
-    add(parser, "kl_ctl", "Per-token KL penalty coefficient against the reference.", type=float, default=0.1)
-    add(parser, "clip_reward_value", "Reward-model scores are clipped to [-v, v].", type=float, default=5.0)
-    add(parser, "cliprange", "PPO ratio clipping of the actor loss.", type=float, default=0.2)
-    add(parser, "cliprange_value", "Value clipping of the critic loss.", type=float, default=0.2)
-    add(parser, "gamma", "GAE discount.", type=float, default=1.0)
-    add(parser, "lam", "GAE lambda.", type=float, default=0.95)
-    add(parser, "whiten_advantages", "Normalise advantages per mini-batch (DeepSpeed-Chat does not).",
-        action="store_true")
-    add(parser, "normalize_reward", "Divide scores by their running standard deviation (DeepSpeed-Chat does not).",
-        action="store_true")
-    add(parser, "enable_ema", "Keep an EMA of the actor, in fp32 (saved to output_dir/actor_ema).",
-        action="store_true")
-    add(parser, "ema_beta", "EMA decay per actor step.", type=float, default=0.992)
-
-
-def add_algorithm(parser: argparse.ArgumentParser) -> None:
-    add(parser, "algorithm", "ppo: actor and critic (DeepSpeed-Chat's step 3). grpo / rloo: no critic; G answers "
-        "per prompt, each answer's advantage from its group's scores (GRPO: (r - mean) / std; RLOO: r - mean of "
-        "the other G - 1), KL to the reference as a loss term (--kl_coef) instead of in the reward.",
-        choices=["ppo", "grpo", "rloo"], default="ppo")
-    add(parser, "num_samples_per_prompt", "Answers per prompt (G); default 8 for grpo/rloo, 1 for ppo. The group "
-        "shares its prompt's KV cache blocks during generation.", type=int)
-    add(parser, "kl_coef", "grpo/rloo: weight of the k3 KL-to-reference loss term.", type=float, default=0.04)
-    add(parser, "scale_by_std", "grpo: divide advantages by the group's standard deviation (--no-scale_by_std: "
-        "Dr. GRPO).", action=argparse.BooleanOptionalAction, default=True)
-    add(parser, "loss_averaging", "grpo/rloo: average the loss over all answer tokens of the batch (token) or per "
-        "answer, then over answers (sequence, the GRPO paper's).", choices=["token", "sequence"], default="token")
-    add(parser, "drop_zero_std_groups", "grpo/rloo: leave out groups whose answers all scored alike (their "
-        "advantages are 0; counted as frac_reward_zero_std either way).", action="store_true")
-
-
-def add_run(parser: argparse.ArgumentParser) -> None:
-    add(parser, "save_steps", "Write a resumable checkpoint every N iterations (0: never).", type=int, default=0)
-    add(parser, "resume_from", "Resume from a checkpoint directory, or `auto`: the latest in --output_dir.")
-    add(parser, "eval_interval", "Score answers to held-out prompts every N iterations (and before and after "
-        "training; 0: before and after only).", type=int, default=0)
-    add(parser, "eval_prompts", "Held-out prompts per evaluation (all ranks together).", type=int, default=64)
-    add(parser, "eval_metric", "Also score eval answers with a rule, `module:function(prompt, answer) -> float` "
-        "(e.g. rlhf.example:score for the synthetic task).")
-    add(parser, "enable_tensorboard", "Write TensorBoard scalars.", action="store_true")
-    add(parser, "tensorboard_path", "TensorBoard log directory.", default="step3_tensorboard")
-    add(parser, "print_answers", "Print a prompt and its answer during training.", action="store_true")
-    add(parser, "print_answers_interval", "With --print_answers, every N iterations.", type=int, default=1)
-    add(parser, "enable_test_mode", "Stop at --test_stop_step (DeepSpeed-Chat's name for --max_steps).",
-        action="store_true")
-    add(parser, "test_stop_step", "With --enable_test_mode: the iteration to stop at.", type=int, default=0)
-    add_no_effect(parser, "compute_fp32_loss", "losses are always computed in fp32.", action="store_true")
-    add_no_effect(parser, "align_overflow", "there is no loss scaling in bf16 or fp32.", action="store_true")
-    add_no_effect(parser, "add_eot_token", "the step-1 checkpoint's tokenizer is used as saved.", action="store_true")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description="Step 3 of RLHF: PPO (DeepSpeed-Chat's step-3 flags).")
-    for add_group in (add_data, add_models, add_batches, add_optim, add_hybrid, add_ppo, add_algorithm, add_run):
-        add_group(parser)
-    return parser
-
-
-POSITIVE = ("per_device_generation_batch_size", "per_device_training_batch_size", "generation_batches",
-            "ppo_epochs", "num_train_epochs", "gradient_accumulation_steps", "max_prompt_seq_len",
-            "max_answer_seq_len", "inference_tp_size", "eval_prompts", "print_answers_interval")
-
-
-def check_args(args: argparse.Namespace) -> None:
-    """Refuse settings that cannot work before any model is loaded."""
-    for name in POSITIVE:
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}")
-    resolve_dtype(args)
-    if args.inference_tp_size > 1 and not args.enable_hybrid_engine:
-        raise ValueError("--inference_tp_size > 1 needs --enable_hybrid_engine")
-    if not 0 <= args.min_answer_seq_len <= args.max_answer_seq_len:
-        raise ValueError(f"--min_answer_seq_len must be in [0, --max_answer_seq_len], got {args.min_answer_seq_len}")
-    if args.only_optimize_lora and args.actor_lora_dim <= 0 and args.critic_lora_dim <= 0:
-        raise ValueError("--only_optimize_lora needs --actor_lora_dim or --critic_lora_dim > 0")
-    if args.temperature <= 0 and args.do_sample:
-        raise ValueError(f"--temperature must be > 0 when sampling, got {args.temperature}")
-    if args.enable_test_mode:
-        args.max_steps = args.test_stop_step
-    args.num_samples_per_prompt = samples_per_prompt(args.algorithm, args.num_samples_per_prompt,
-                                                     "--num_samples_per_prompt")
-
-
-def samples_per_prompt(algorithm: str, given: int | None, flag: str) -> int:
-    """Answers per prompt (G): by default 8 for grpo/rloo, whose baseline is the group, and 1 for ppo."""
-    least = 1 if algorithm == "ppo" else 2
-    samples = (1 if algorithm == "ppo" else 8) if given is None else given
-    if samples < least:
-        raise ValueError(f"{flag} must be >= {least} for --algorithm {algorithm}, got {samples}")
-    return samples
-
-
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    args = build_parser().parse_args(argv)
-    check_args(args)
-    return args
 
 
 def load_metric(spec: str | None):
@@ -230,104 +35,6 @@ def load_metric(spec: str | None):
         raise ValueError(f"--eval_metric {spec!r}: want module:function ({e})") from None
 
 
-class Cycle:
-    """Batches of a loader for ever, epoch after epoch, with a position a checkpoint can hold."""
-
-    def __init__(self, loader: DataLoader):
-        self.loader, self.epoch, self.index, self.iterator = loader, 0, 0, None
-
-    def __next__(self) -> dict:
-        if self.iterator is None:
-            self.loader.sampler.set_epoch(self.epoch)
-            self.iterator = iter(self.loader)
-            for _ in range(self.index):
-                next(self.iterator)
-        try:
-            batch = next(self.iterator)
-        except StopIteration:
-            self.epoch, self.index, self.iterator = self.epoch + 1, 0, None
-            return next(self)
-        self.index += 1
-        return batch
-
-    def restore(self, epoch: int, index: int) -> None:
-        self.epoch, self.index, self.iterator = epoch, index, None
-
-
-def iterations(args, batches_per_epoch: int) -> int:
-    """Iterations of the whole run: every --generation_batches prompt batches, capped by --max_steps."""
-    total = batches_per_epoch // args.generation_batches * args.num_train_epochs
-    return min(total, args.max_steps) if args.max_steps else total
-
-
-def steps_per_role(args, batches_per_epoch: int, ptx: bool) -> dict[str, int]:
-    """Optimizer steps of the whole run, the schedules' length (the actor also steps on PTX)."""
-    calls = iterations(args, batches_per_epoch) * args.generation_batches * args.ppo_epochs * minibatches(args)
-    critic = max(1, calls // args.gradient_accumulation_steps)
-    return {"actor": critic * (2 if ptx else 1), "critic": critic}
-
-
-def split_rows(exp: dict, parts: int) -> list[dict]:
-    """Mini-batches of an experience's rows."""
-    chunks = {k: torch.tensor_split(v, parts) for k, v in exp.items()}
-    return [{k: chunks[k][i] for k in exp} for i in range(parts)]
-
-
-def train_iteration(trainer: PPOTrainer, experiences: list[dict], unsup: Cycle | None, args) -> dict:
-    """--ppo_epochs passes, each an actor and a critic step per mini-batch (plus PTX); mean metrics."""
-    trainer.metrics = []
-    ptx = []
-    for _ in range(args.ppo_epochs):
-        for exp in experiences:
-            for minibatch in split_rows(exp, trainer.minibatches):
-                trainer.train_rlhf(minibatch)
-                if unsup is not None:
-                    ptx.append(trainer.train_unsupervised(next(unsup), args.unsup_coef).item())
-    keys = trainer.metrics[0].keys()
-    metrics = {k: sum(m[k] for m in trainer.metrics) / len(trainer.metrics) for k in keys}
-    if ptx:
-        metrics["ptx_loss"] = sum(ptx) / len(ptx)
-    return metrics
-
-
-def add_times(a: dict, b: dict) -> dict:
-    return {k: a.get(k, 0.0) + b.get(k, 0.0) for k in a.keys() | b.keys()}
-
-
-def experience_metrics(experiences: list[dict]) -> dict:
-    """Means over every answer of the iteration, on all ranks."""
-    rows = sum(len(e["scores"]) for e in experiences)
-    tokens = sum(int(e["action_mask"].sum()) for e in experiences)
-    score = sum(float(e["scores"].sum()) for e in experiences)
-    kl = sum(float(torch.where(e["action_mask"], e["logprobs"] - e["ref_logprobs"], 0).sum()) for e in experiences)
-    rows, tokens, score, kl = all_sum(rows, tokens, score, kl)
-    return {"reward_mean": score / rows, "kl_ref": kl / tokens, "answer_length": tokens / rows}
-
-
-@torch.no_grad()
-def evaluate(trainer: PPOTrainer, loader: DataLoader, args, metric) -> dict:
-    """Answers to the held-out prompts, sampled as in training from a fixed seed: mean reward-model
-    score and answer length (and the --eval_metric rule), over all ranks."""
-    saved = trainer.generator.get_state()
-    trainer.generator.manual_seed(args.seed + 104729 * (rank() + 1))
-    tok, engine = trainer.engine.tokenizer, trainer.engine
-    sums = torch.zeros(4, dtype=torch.float64)  # answers, score, tokens, rule
-    engine.actor.eval()
-    for batch in loader:
-        ids, mask = batch["input_ids"].to(engine.actor.device), batch["attention_mask"].to(engine.actor.device)
-        seq, lengths = trainer.generate_sequence(ids, mask, samples=1)
-        attention_mask, _ = sequence_masks(mask, lengths, seq.shape[1] - ids.shape[1])
-        scores = reward_scores(unwrap(engine.reward), seq, attention_mask)
-        rule = 0.0
-        for prompt, answer, n in zip(ids, seq[:, ids.shape[1]:], lengths) if metric else ():
-            rule += metric(tok.decode(prompt, skip_special_tokens=True), tok.decode(answer[:n], skip_special_tokens=True))
-        sums += torch.tensor([len(seq), float(scores.sum()), float(lengths.sum()), rule], dtype=torch.float64)
-    engine.actor.train()
-    trainer.generator.set_state(saved)
-    n, score, tokens, rule = all_sum(*sums.tolist())
-    return {"reward_mean": score / n, "answer_length": tokens / n, **({"task_score": rule / n} if metric else {})}
-
-
 def eval_loader(evalset, args, collate) -> DataLoader:
     count = min(len(evalset), args.eval_prompts)
     subset = torch.utils.data.Subset(evalset, range(count))
@@ -335,91 +42,8 @@ def eval_loader(evalset, args, collate) -> DataLoader:
     return make_loader(subset, min(per_rank, args.per_device_generation_batch_size), collate, False, args.seed)
 
 
-def random_states(trainer: PPOTrainer) -> dict:
-    return {"torch": torch.get_rng_state(), "python": random.getstate(), "generator": trainer.generator.get_state(),
-            **({"cuda": torch.cuda.get_rng_state()} if torch.cuda.is_available() else {})}
-
-
-def restore_random_states(trainer: PPOTrainer, states: dict) -> None:
-    torch.set_rng_state(states["torch"])
-    random.setstate(states["python"])
-    trainer.generator.set_state(states["generator"])
-    if "cuda" in states:
-        torch.cuda.set_rng_state(states["cuda"])
-
-
-def print_answer(trainer: PPOTrainer, exp: dict) -> None:
-    tok = trainer.engine.tokenizer
-    seq, width = exp["seq"][0], exp["action_mask"].shape[1]
-    answer = seq[-width:][exp["action_mask"][0]]
-    print(f"[rank {rank()}] prompt: {tok.decode(seq[:-width], skip_special_tokens=True)!r}\n"
-          f"[rank {rank()}] answer: {tok.decode(answer, skip_special_tokens=True)!r} "
-          f"(score {float(exp['scores'][0]):.3f})", flush=True)
-
-
-def run(trainer: PPOTrainer, prompts: Cycle, unsup: Cycle | None, evaluate_now, log: Log, args, start: dict) -> int:
-    """The iterations, from `start` (a resumed position) to the end; returns the last step."""
-    step, total = start["step"], start["total"]
-    reward_ema = start.get("reward_ema")
-    if step == 0:
-        log.eval(0, evaluate_now())
-    while step < total:
-        begin, experiences, times = time.perf_counter(), [], {}
-        while len(experiences) < args.generation_batches:
-            exp = trainer.generate_experience(next(prompts))
-            times = add_times(times, trainer.times)
-            if exp is None:
-                log.write("skipped", step, trainer.stats)
-                continue
-            experiences.append(exp)
-        trainer.times = {}
-        metrics = train_iteration(trainer, experiences, unsup, args)
-        times = add_times(times, trainer.times)
-        step += 1
-        metrics.update(experience_metrics(experiences))
-        reward_ema = metrics["reward_mean"] if reward_ema is None else 0.9 * reward_ema + 0.1 * metrics["reward_mean"]
-        generated = sum(int(e["action_mask"].sum()) for e in experiences)
-        metrics.update({k: all_sum(trainer.stats[k])[0] / world_size() for k in
-                        ("frac_reward_zero_std", "kv_peak_blocks", "kv_prompt_blocks_shared") if k in trainer.stats})
-        metrics.update(reward_ema=reward_ema, dropped_answers=all_sum(trainer.stats["dropped_answers"])[0],
-                       lr_actor=trainer.engine.actor.get_lr()[0], rss_bytes_max_rank=all_max(status_bytes()),
-                       tokens_per_s=all_sum(generated)[0] / max(times.get("generation", 0.0), 1e-9) / world_size(),
-                       **{f"time_{k}_s": v for k, v in times.items()}, time_total_s=time.perf_counter() - begin)
-        log.iteration(step, metrics, shown=("reward_mean", "kl_ref", "actor_loss", "critic_loss", "time_total_s"))
-        if args.print_answers and step % args.print_answers_interval == 0:
-            print_answer(trainer, experiences[0])
-        if args.eval_interval and step % args.eval_interval == 0 and step < total:
-            log.eval(step, evaluate_now())
-        if args.save_steps and step % args.save_steps == 0:
-            position = {"prompts": (prompts.epoch, prompts.index),
-                        "unsup": (unsup.epoch, unsup.index) if unsup else None}
-            state = {"step": step, "reward_ema": reward_ema, "position": position,
-                     "moments": asdict(trainer.moments), "random": random_states(trainer)}
-            save_checkpoint(args.output_dir, step, trainer.engine, state, trainer.ema_shards())
-    log.eval(step, evaluate_now())
-    return step
-
-
-def resume(trainer: PPOTrainer, path: str, prompts: Cycle, unsup: Cycle | None) -> dict:
-    state = load_checkpoint(path, trainer.engine, trainer.ema_shards())
-    prompts.restore(*state["position"]["prompts"])
-    if unsup is not None and state["position"]["unsup"] is not None:
-        unsup.restore(*state["position"]["unsup"])
-    trainer.moments = RunningMoments(**state["moments"])
-    restore_random_states(trainer, state["random"])
-    if rank() == 0:
-        print(f"resumed from {path} at iteration {state['step']}", flush=True)
-    return state
-
-
-def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
-    check_checkpoint(args.actor_model_name_or_path, "actor")
-    device = init_distributed()
-    set_seed(args.seed)
-    tokenizer = AutoTokenizer.from_pretrained(args.actor_model_name_or_path)
-    check_models(args, tokenizer)
-    metric = load_metric(args.eval_metric)
+def load_data(args, tokenizer) -> tuple[DataLoader, Cycle | None, DataLoader]:
+    """(prompt loader, PTX text blocks or None, held-out prompt loader)."""
     train, evalset = build_datasets(args.data_path, args.data_split, 3, tokenizer, seed=args.seed,
                                     max_seq_len=args.max_prompt_seq_len, output_path=args.data_output_path,
                                     max_prompt_len=args.max_prompt_seq_len)
@@ -430,25 +54,38 @@ def main(argv: list[str] | None = None) -> None:
         blocks = text_blocks(args.unsupervised_dataset_name, args.unsupervised_dataset_config_name, tokenizer,
                              args.max_prompt_seq_len + args.max_answer_seq_len)
         unsup = Cycle(make_loader(blocks, args.per_device_training_batch_size, collate_blocks, True, args.seed))
-    total = iterations(args, len(loader))
-    if total == 0:
+    if iterations(args, len(loader)) == 0:
         raise ValueError(f"no iteration: {len(train)} prompts, --per_device_generation_batch_size "
                          f"{args.per_device_generation_batch_size} x --generation_batches {args.generation_batches} "
                          f"x {world_size()} ranks")
+    return loader, unsup, eval_loader(evalset, args, collate)
+
+
+def save_models(models, tokenizer, output_dir: str) -> None:
+    for name in ("actor", "critic", "actor_ema"):
+        if getattr(models, name) is not None:
+            save_hf(getattr(models, name), tokenizer, os.path.join(output_dir, name))
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    check_checkpoint(args.actor_model_name_or_path, "actor")
+    device = init_distributed()
+    set_seed(args.seed)
+    tokenizer = AutoTokenizer.from_pretrained(args.actor_model_name_or_path)
+    check_models(args, tokenizer)
+    metric = load_metric(args.eval_metric)
+    loader, unsup, evals = load_data(args, tokenizer)
     path = resolve_resume(args.resume_from, args.output_dir)
-    engine = build_rlhf_engine(args, tokenizer, steps_per_role(args, len(loader), unsup is not None), device)
-    trainer, prompts = PPOTrainer(engine, args), Cycle(loader)
-    start = resume(trainer, path, prompts, unsup) if path else {"step": 0}
-    start["total"] = total
-    evals = eval_loader(evalset, args, collate)
-    log = Log(args.output_dir, total, rank(), args.tensorboard_path if args.enable_tensorboard else None, "ppo",
-              initial=start["step"])
-    run(trainer, prompts, unsup, lambda: evaluate(trainer, evals, args, metric), log, args, start)
-    save_hf(engine.actor, tokenizer, os.path.join(args.output_dir, "actor"))
-    if engine.critic is not None:
-        save_hf(engine.critic, tokenizer, os.path.join(args.output_dir, "critic"))
-    if engine.actor_ema is not None:
-        save_hf(engine.actor_ema, tokenizer, os.path.join(args.output_dir, "actor_ema"))
+    models = build_rlhf_engine(args, tokenizer, steps_per_role(args, len(loader), unsup is not None), device)
+    cfg, state, prompts = PPOConfig.from_args(args, tokenizer), new_state(models, args.seed), Cycle(loader)
+    start = resume(models, path, prompts, unsup, state) if path else {"step": 0, "reward_ema": None}
+    log = Log(args.output_dir, iterations(args, len(loader)), rank(),
+              args.tensorboard_path if args.enable_tensorboard else None, "ppo", initial=start["step"])
+    run = Run(prompts, unsup, iterations(args, len(loader)), log=log, args=args, **start,
+              evaluate=lambda: evaluate(models, models.rollout, evals, cfg, state, args.seed, metric))
+    run_iterations(models, models.rollout, run, cfg, state)
+    save_models(models, tokenizer, args.output_dir)
     log.close()
 
 

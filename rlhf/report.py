@@ -124,7 +124,7 @@ def compare_answers(sft_path: str, ppo_path: str, prompts: list[str], max_new_to
     answer), and the mean score over all prompts when score is given. Both actors sample with the same seed."""
     from transformers.utils import logging as hf_logging
 
-    from rlhf.chat import complete, load_actor
+    from rlhf.conversation import complete, load_actor
     hf_logging.disable_progress_bar()
     answers = {}
     for name, path in (("SFT", sft_path), ("PPO", ppo_path)):

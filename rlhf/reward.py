@@ -7,7 +7,8 @@ import torch
 from hybrid_engine.distributed import destroy_process_groups
 from rlhf.args import add, add_no_effect, check_args, training_parser
 from rlhf.data import collate_pairs
-from rlhf.ds import all_sum, load_run, to_device, train_and_save
+from rlhf.distributed import all_sum
+from rlhf.supervised import load_run, to_device, train_and_save
 from rlhf.reward_model import end_scores, last_token_loss, load_reward_model, pairwise_loss, token_values
 
 

@@ -1,7 +1,7 @@
 """The four models of step 3 (and the actor's EMA), built as DeepSpeed-Chat's DeepSpeedRLHFEngine
 builds them: a trained actor and critic, a frozen reference copy of the SFT actor and a frozen
-reward model. The actor generates through `HybridEngine` with --enable_hybrid_engine, else through
-transformers' `generate` on the DeepSpeed module (DeepSpeed-Chat without its hybrid engine).
+reward model; and the actor's rollout (rlhf.rollout): `HybridEngine` with --enable_hybrid_engine,
+else transformers' `generate` on the DeepSpeed module (DeepSpeed-Chat without its hybrid engine).
 
 Every check that can fail is made before the first model is loaded: a missing step-1/2 output, a
 critic whose tokenizer differs from the actor's, answers longer than the models' positions."""
@@ -16,8 +16,10 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 
 from hybrid_engine import HybridEngine
 from hybrid_engine.capability import DTYPES
-from rlhf.ds import ZERO3_LIMITS, build_engine, check_positions, load_config, prepare_model
+from rlhf.engines import ZERO3_LIMITS, build_engine
+from rlhf.hf_models import check_positions, load_config, prepare_model
 from rlhf.reward_model import load_dschat_reward, load_reward_model
+from rlhf.rollout import Generate, HybridGenerate, ZeRO3Generate
 
 ROLE_STEP = {"actor": "step 1 (python -m rlhf.sft)", "critic": "step 2 (python -m rlhf.reward)"}
 
@@ -29,12 +31,12 @@ class RLHFEngine:
     critic: nn.Module | None    # DeepSpeed engine; None for the critic-free algorithms
     reward: nn.Module           # frozen; a ZeRO-3 inference engine when the critic is ZeRO-3
     actor_ema: nn.Module | None
-    hybrid: HybridEngine | None
+    rollout: Generate           # how the actor generates
     tokenizer: object
 
 
 def role_args(args: argparse.Namespace, role: str) -> argparse.Namespace:
-    """The step-1/2 settings (rlhf.ds names) of the actor or the critic from the step-3 flags."""
+    """The step-1/2 settings (rlhf.engines / rlhf.hf_models names) of the actor or the critic from the step-3 flags."""
     get = lambda name: getattr(args, f"{role}_{name}")  # noqa: E731
     return argparse.Namespace(
         zero_stage=get("zero_stage"), learning_rate=get("learning_rate"), weight_decay=get("weight_decay"),
@@ -128,7 +130,8 @@ def build_rlhf_engine(args: argparse.Namespace, tokenizer, steps: dict[str, int]
         critic_model = load_critic(args.critic_model_name_or_path, pad, args.critic_dropout).to(device)
         critic = build_engine(prepare_model(critic_model, critic_args), critic_args, steps["critic"])
     reward = frozen(load_critic(args.critic_model_name_or_path, pad), args.critic_zero_stage, args.dtype, device)
-    hybrid = None
+    rollout = ZeRO3Generate(actor)
     if args.enable_hybrid_engine:
-        hybrid = HybridEngine(actor, tp_size=args.inference_tp_size, dtype=DTYPES[args.dtype], report=False)
-    return RLHFEngine(actor, ref, critic, reward, ema, hybrid, tokenizer)
+        rollout = HybridGenerate(HybridEngine(actor, tp_size=args.inference_tp_size, dtype=DTYPES[args.dtype],
+                                              report=False))
+    return RLHFEngine(actor, ref, critic, reward, ema, rollout, tokenizer)

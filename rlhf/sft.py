@@ -4,13 +4,13 @@ import math
 from functools import partial
 
 import torch
-import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
 
 from hybrid_engine.distributed import destroy_process_groups
 from rlhf.args import add, check_args, training_parser
 from rlhf.data import collate_sft
-from rlhf.ds import all_sum, load_run, to_device, train_and_save
+from rlhf.distributed import all_sum
+from rlhf.supervised import load_run, to_device, token_nll, train_and_save
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -27,13 +27,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = build_parser().parse_args(argv)
     check_args(args)
     return args
-
-
-def token_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed next-token negative log-likelihood (in fp32) and the number of scored tokens."""
-    logits, labels = logits[:, :-1].float(), labels[:, 1:]
-    nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100, reduction="sum")
-    return nll, (labels != -100).sum()
 
 
 def sft_loss(model, batch: dict) -> torch.Tensor:

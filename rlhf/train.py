@@ -13,7 +13,6 @@ exists is skipped (unless --force, or an input of it was rebuilt in this run).
 """
 import argparse
 import hashlib
-import importlib.util
 import os
 import shlex
 import subprocess
@@ -100,14 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
         "default: the step's own.", type=int, choices=(0, 1, 2, 3))
     add(parser, "output_dir", "Root of the outputs: actor-models/NAME, reward-models/NAME, step3-models/NAME.",
         type=os.path.abspath, default="./output")
-    add(parser, "deployment_type", "single_gpu (default; single_node with --example): one rank; single_node: "
-        "--num-gpus ranks on this machine (default: the launcher's count of local devices; CPU processes here); "
-        "multi_node: the hosts of --hostfile.",
-        choices=("single_gpu", "single_node", "multi_node"))
-    add(parser, "num_gpus", "Ranks per node, passed to the deepspeed launcher (--num_gpus); on a CPU machine, "
-        "CPU processes.", type=int)
-    add(parser, "num_nodes", "Nodes to use from the hostfile (multi_node), passed to the launcher.", type=int)
-    add(parser, "hostfile", "DeepSpeed hostfile (multi_node), passed to the launcher (its default: /job/hostfile).")
+    add_launcher(parser)
     add(parser, "data_path", f"Data sources of all steps (see python -m rlhf.sft --help). Default "
         f"{DEFAULTS['data_path'][0]} (needs internet).", nargs="+")
     add(parser, "data_split", "Share of each source for steps 1,2,3; the same for every step so that their "
@@ -129,6 +121,18 @@ def build_parser() -> argparse.ArgumentParser:
     add(parser, "example_records", "Preference records of --example (10%% held out for eval).", type=int,
         default=20000)
     return parser
+
+
+def add_launcher(parser: argparse.ArgumentParser) -> None:
+    """Where the ranks run: passed to the deepspeed launcher."""
+    add(parser, "deployment_type", "single_gpu (default; single_node with --example): one rank; single_node: "
+        "--num-gpus ranks on this machine (default: the launcher's count of local devices; CPU processes here); "
+        "multi_node: the hosts of --hostfile.",
+        choices=("single_gpu", "single_node", "multi_node"))
+    add(parser, "num_gpus", "Ranks per node, passed to the deepspeed launcher (--num_gpus); on a CPU machine, "
+        "CPU processes.", type=int)
+    add(parser, "num_nodes", "Nodes to use from the hostfile (multi_node), passed to the launcher.", type=int)
+    add(parser, "hostfile", "DeepSpeed hostfile (multi_node), passed to the launcher (its default: /job/hostfile).")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -304,8 +308,6 @@ def check_checkpoint(path: str, n: int, needed_by: int) -> None:
 def check_inputs(args, steps: dict[int, Step], n: int) -> None:
     for i in inputs_of(args, steps, n):
         check_checkpoint(steps[i].output_dir, i, needed_by=n)
-    if importlib.util.find_spec(MODULES[n]) is None:
-        raise StepError(f"step {n} needs the module {MODULES[n]}, which this installation does not have yet")
 
 
 def run_step(args, step: Step) -> None:
@@ -370,9 +372,6 @@ def example_prompts(data_dir: str, n: int) -> list[str]:
 def run(args) -> None:
     steps, rebuilt, start = steps_of(args), set(), time.perf_counter()
     wanted = sorted(set(args.step))
-    if args.example and 3 in wanted and importlib.util.find_spec(MODULES[3]) is None:
-        print(f"[step 3] not run: the module {MODULES[3]} does not exist yet; the example runs steps 1-2", flush=True)
-        wanted.remove(3)
     for n in wanted:
         reason = skip_reason(args, steps, n, rebuilt)
         if reason:

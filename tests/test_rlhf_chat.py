@@ -16,7 +16,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from rlhf import example
-from rlhf.chat import HUMAN, Chat, complete, human_turn, interact, load_actor, resolve_checkpoint, visible_answer
+from rlhf.chat import interact
+from rlhf.conversation import HUMAN, Chat, complete, human_turn, load_actor, resolve_checkpoint, visible_answer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GREEDY = {"do_sample": False, "temperature": 1.0, "top_p": 1.0, "top_k": 0}

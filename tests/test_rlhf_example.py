@@ -1,4 +1,7 @@
 """The synthetic task: its rule, its records, its tokenizer and base model."""
+import subprocess
+import sys
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -66,7 +69,9 @@ def test_base_model_saves_and_reloads(tmp_path):
 
 
 def test_cli_all(tmp_path):
-    example.main(["all", str(tmp_path), "--num_records", "50", "--size", "tiny"])
+    cli = subprocess.run([sys.executable, "-m", "rlhf.example", "all", str(tmp_path), "--num_records", "50", "--size",
+                          "tiny"], capture_output=True, text=True, timeout=300)
+    assert cli.returncode == 0, cli.stderr
     import json
     train = json.loads((tmp_path / "data" / "train.json").read_text())
     eval_ = json.loads((tmp_path / "data" / "eval.json").read_text())

@@ -17,8 +17,9 @@ from bench.launch import run_ranks
 from rlhf import example
 from rlhf.args import NO_EFFECT
 from rlhf.checkpoint import latest_checkpoint, resolve_resume
-from rlhf.ppo import build_parser, parse_args
-from rlhf.ppo_trainer import answer_lengths, sequence_masks
+from rlhf.ppo_args import build_parser, parse_args
+from rlhf.ppo_loop import sequence_masks
+from rlhf.rollout import answer_lengths
 from rlhf.rlhf_engine import check_models
 
 REQUIRED = ["--data_path", "d", "--actor_model_name_or_path", "a", "--critic_model_name_or_path", "c",
@@ -161,35 +162,35 @@ def test_checks_before_training(task, tmp_path):
 
 
 def experience_worker(rank: int, world: int, task: str, out: str) -> dict:
-    """One experience through each generation path (greedy, fp32), and the per-row oracle."""
-    from functools import partial
+    """One experience through each rollout (greedy, fp32), and the per-row oracle."""
+    from dataclasses import asdict
 
+    from hybrid_engine.engine import unwrap
     from rlhf.data import collate_prompts
-    from rlhf.ds import init_distributed
-    from rlhf.ppo import steps_per_role
-    from rlhf.ppo_trainer import PPOTrainer
+    from rlhf.distributed import init_distributed
+    from rlhf.ppo_args import steps_per_role
+    from rlhf.ppo_loop import PPOConfig, generate_experience, new_state
     from rlhf.rlhf_engine import build_rlhf_engine
+    from rlhf.rollout import GatherOnce, ZeRO3Generate
 
     device = init_distributed()
     args = parse_args(ppo_argv(task, out, "--enable_hybrid_engine", "--no-do_sample"))
     tokenizer = AutoTokenizer.from_pretrained(f"{task}/actor")
-    engine = build_rlhf_engine(args, tokenizer, steps_per_role(args, 4, False), device)
-    trainer = PPOTrainer(engine, args)
+    models = build_rlhf_engine(args, tokenizer, steps_per_role(args, 4, False), device)
+    cfg, state = PPOConfig.from_args(args, tokenizer), new_state(models, args.seed)
     prompts = [tokenizer(example.make_prompt(__import__("random").Random(i)))["input_ids"] for i in range(5)]
     prompts[1] = prompts[1][:4]  # ragged: left padding differs per row
     batch = collate_prompts([{"prompt_ids": torch.tensor(p)} for p in prompts], tokenizer.pad_token_id)
-    hybrid = trainer.generate_experience(batch)
-    hybrid_engine, engine.hybrid = engine.hybrid, None
-    hf = trainer.generate_experience(batch)
-    engine.hybrid = hybrid_engine
-    return {"hybrid": hybrid, "hf": hf, "prompts": prompts}
+    plain = AutoModelForCausalLM.from_config(unwrap(models.actor).config)
+    rollouts = {"hybrid": models.rollout, "hf": ZeRO3Generate(models.actor), "gather_once": GatherOnce(models.actor, plain)}
+    result = {name: asdict(generate_experience(models, rollout, batch, cfg, state)) for name, rollout in rollouts.items()}
+    return {**result, "prompts": prompts, "gather_s": state.times["gather"]}
 
 
 def unpadded_oracle(task: str, exp: dict) -> dict:
     """logprobs, values and scores recomputed row by row from the unpadded sequences with transformers."""
     actor = AutoModelForCausalLM.from_pretrained(f"{task}/actor", dtype=torch.float32).eval()
     critic = AutoModelForSequenceClassification.from_pretrained(f"{task}/rm", dtype=torch.float32).eval()
-    width = exp["action_mask"].shape[1]
     out = {"logprobs": [], "values": [], "scores": []}
     with torch.no_grad():
         for b in range(len(exp["seq"])):
@@ -207,8 +208,11 @@ def unpadded_oracle(task: str, exp: dict) -> dict:
 def test_experience_equals_unpadded_forwards_and_both_generation_paths_agree(task, tmp_path):
     result = run_ranks(1, experience_worker, task, str(tmp_path))[0]
     hybrid, hf = result["hybrid"], result["hf"]
-    # greedy fp32: HybridEngine's answers are transformers' answers, token for token
-    assert torch.equal(hybrid["seq"], hf["seq"]) and torch.equal(hybrid["action_mask"], hf["action_mask"])
+    # greedy fp32: HybridEngine's answers are transformers' answers, token for token, on the ZeRO-3 module
+    # and on a plain model gathered once
+    for other in (hf, result["gather_once"]):
+        assert torch.equal(hybrid["seq"], other["seq"]) and torch.equal(hybrid["action_mask"], other["action_mask"])
+    assert result["gather_s"] > 0
     assert hybrid["action_mask"].sum(1).min() > 1 and hybrid["seq"].shape[0] == len(result["prompts"])
     oracle = unpadded_oracle(task, hybrid)
     for b in range(len(hybrid["seq"])):

@@ -11,9 +11,11 @@ from bench.launch import run_ranks
 from hybrid_engine.capability import choose_dtype
 from rlhf import example
 from rlhf.args import NO_EFFECT
-from rlhf.ds import apply_lora, load_config, param_groups
+from rlhf.engines import param_groups
+from rlhf.hf_models import apply_lora, load_config
 from rlhf.reward import build_parser as reward_parser, parse_args as reward_args
-from rlhf.sft import build_parser, parse_args, token_nll
+from rlhf.sft import build_parser, parse_args
+from rlhf.supervised import token_nll
 
 REQUIRED = ["--data_path", "d", "--model_name_or_path", "m", "--output_dir", "o"]
 # every DeepSpeed-Chat step-1/2 flag with a value to pass and the parsed value expected
@@ -115,7 +117,9 @@ def test_model_errors(tmp_path):
 def roundtrip_worker(rank: int, world: int, stage: int, dtype: str, out: str, runs: list) -> dict:
     """Train 2 steps under ZeRO `stage`, save, reload with transformers alone: max output difference
     for each (causal LM "lm" or reward model "rm", LoRA rank) in runs."""
-    from rlhf.ds import build_engine, init_distributed, prepare_model, save_hf
+    from rlhf.distributed import init_distributed
+    from rlhf.engines import build_engine
+    from rlhf.hf_models import prepare_model, save_hf
     from rlhf.reward_model import load_reward_model, reward_scores
     init_distributed()
     tokenizer = example.make_tokenizer()

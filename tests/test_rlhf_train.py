@@ -1,7 +1,7 @@
 """rlhf.train: the example's steps 1-2 (tiny model, few records) through the deepspeed launcher on 2
 ranks, skipped when finished; a failing step reports its log; step 3 refuses missing or broken inputs;
-the step-3 report (reward curve, plots, SFT vs PPO answers) from a log in the lead's format; and, once
-rlhf.ppo exists, step 3 of the example end to end."""
+the step-3 report (reward curve, plots, SFT vs PPO answers) from a log in rlhf.ppo's format; and step 3
+of the example end to end."""
 import glob
 import json
 import os
@@ -173,7 +173,7 @@ def test_failure_hints():
 
 
 def write_step3_log(path) -> None:
-    """An earlier run, then the run to report in the lead's format: it crashed after step 4 and was resumed
+    """An earlier run, then the run to report in rlhf.ppo's format: it crashed after step 4 and was resumed
     from its step-2 checkpoint (steps 3-4 logged twice); a phase is missing from one record."""
     records = [{"kind": "eval", "step": 0, "reward_mean": -9.0},
                {"kind": "train", "step": 1, "reward_mean": 9.0, "time_total_s": 1.0},
@@ -218,7 +218,6 @@ def test_report_compares_answers(steps12):
 
 
 def test_step3_of_the_example(steps12):
-    pytest.importorskip("rlhf.ppo", reason="rlhf.ppo (step 3) is not written yet")
     proc = run_driver(steps12, "--step3-args", "--max_steps 2 --eval_prompts 8")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert proc.stderr.count(choose_dtype("auto").message) == 1  # this machine's dtype, said once

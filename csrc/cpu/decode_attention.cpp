@@ -190,23 +190,14 @@ void check_inputs(const at::Tensor& q, const at::Tensor& k_cache, const at::Tens
   check_input(v_cache, kOp, "v_cache", 4, "[num_blocks, block_size, num_kv_heads, head_dim]");
   check_input(block_tables, kOp, "block_tables", 2, "[batch, max_blocks]");
   check_input(context_lens, kOp, "context_lens", 1, "[batch]");
-  check_float_dtype(q, kOp, "q");
-  check_same_dtype(k_cache, q, kOp, "k_cache", "q");
-  check_same_dtype(v_cache, q, kOp, "v_cache", "q");
+  check_attention(q, k_cache, v_cache, kOp, "k_cache", "v_cache", scale, window);
   check_int32(block_tables, kOp, "block_tables");
   check_int32(context_lens, kOp, "context_lens");
-  TORCH_CHECK(v_cache.sizes() == k_cache.sizes(), kOp, ": v_cache shape ", v_cache.sizes(),
-              " must equal k_cache shape ", k_cache.sizes());
-  TORCH_CHECK(k_cache.size(3) == q.size(2), kOp, ": head_dim of k_cache (", k_cache.size(3),
-              ") must equal head_dim of q (", q.size(2), ")");
   TORCH_CHECK(k_cache.size(1) > 0, kOp, ": k_cache block_size must be positive");
-  check_gqa(q.size(1), k_cache.size(2), kOp);
   TORCH_CHECK(block_tables.size(0) == q.size(0), kOp, ": block_tables has ", block_tables.size(0),
               " rows but q has batch ", q.size(0));
   TORCH_CHECK(context_lens.size(0) == q.size(0), kOp, ": context_lens has ", context_lens.size(0),
               " entries but q has batch ", q.size(0));
-  TORCH_CHECK(std::isfinite(scale), kOp, ": scale must be finite, got ", scale);
-  TORCH_CHECK(window >= 0, kOp, ": window must be >= 0 (0: none), got ", window);
 }
 
 // Out-of-range indices must never reach the kernel: every block a sequence reads must exist.

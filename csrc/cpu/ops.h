@@ -77,6 +77,23 @@ inline void check_gqa(int64_t num_heads, int64_t num_kv_heads, const char* op) {
               ") must be a multiple of num_kv_heads (", num_kv_heads, ")");
 }
 
+// An attention op's q [..., H, D] with its keys k and values v [..., KVH, D] (named k_name, v_name):
+// one float dtype, keys and values alike, the same head_dim, whole groups of query heads per KV head,
+// a finite scale and a window >= 0 (0: none).
+inline void check_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const char* op,
+                            const char* k_name, const char* v_name, double scale, int64_t window) {
+  check_float_dtype(q, op, "q");
+  check_same_dtype(k, q, op, k_name, "q");
+  check_same_dtype(v, q, op, v_name, "q");
+  TORCH_CHECK(v.sizes() == k.sizes(), op, ": ", v_name, " shape ", v.sizes(), " must equal ", k_name, " shape ",
+              k.sizes());
+  TORCH_CHECK(k.size(-1) == q.size(-1), op, ": head_dim of ", k_name, " (", k.size(-1),
+              ") must equal head_dim of q (", q.size(-1), ")");
+  check_gqa(q.size(-2), k.size(-2), op);
+  TORCH_CHECK(std::isfinite(scale), op, ": scale must be finite, got ", scale);
+  TORCH_CHECK(window >= 0, op, ": window must be >= 0 (0: none), got ", window);
+}
+
 // Rows per task for row-wise elementwise kernels: ~32K elements, so a small decode batch stays
 // on one thread (waking another costs microseconds) and a prefill batch splits.
 inline int64_t rows_per_task(int64_t row_elements) {

@@ -198,17 +198,9 @@ void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   check_input(k, kOp, "k", 3, "[total_tokens, num_kv_heads, head_dim]");
   check_input(v, kOp, "v", 3, "[total_tokens, num_kv_heads, head_dim]");
   check_input(cu_seqlens, kOp, "cu_seqlens", 1, "[batch + 1]");
-  check_float_dtype(q, kOp, "q");
-  check_same_dtype(k, q, kOp, "k", "q");
-  check_same_dtype(v, q, kOp, "v", "q");
+  check_attention(q, k, v, kOp, "k", "v", scale, window);
   check_int32(cu_seqlens, kOp, "cu_seqlens");
-  TORCH_CHECK(v.sizes() == k.sizes(), kOp, ": v shape ", v.sizes(), " must equal k shape ", k.sizes());
   TORCH_CHECK(k.size(0) == q.size(0), kOp, ": k has ", k.size(0), " tokens but q has ", q.size(0));
-  TORCH_CHECK(k.size(2) == q.size(2), kOp, ": head_dim of k (", k.size(2), ") must equal head_dim of q (",
-              q.size(2), ")");
-  check_gqa(q.size(1), k.size(1), kOp);
-  TORCH_CHECK(std::isfinite(scale), kOp, ": scale must be finite, got ", scale);
-  TORCH_CHECK(window >= 0, kOp, ": window must be >= 0 (0: none), got ", window);
   TORCH_CHECK(window == 0 || causal, kOp, ": a window needs causal attention");
 }
 

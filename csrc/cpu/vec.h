@@ -137,26 +137,19 @@ HE_INLINE void load_pair(const uint16_t* p, f32x16& a, f32x16& b) {
 // For bf16, each full 32-element chunk holds its even elements, then its odd ones; a shorter
 // tail stays in natural order. For float32 the pair layout is the natural one.
 template <typename T>
+HE_INLINE int64_t natural_index(int64_t c, int64_t n) {  // where pair-layout element c of a row sits
+  const int64_t chunked = std::is_same<T, uint16_t>::value ? n / (2 * kLanes) * (2 * kLanes) : 0;
+  if (c >= chunked) return c;
+  const int64_t i = c % (2 * kLanes);
+  return c - i + (i < kLanes ? 2 * i : 2 * (i - kLanes) + 1);
+}
+template <typename T>
 HE_INLINE void to_pair_layout(const T* src, float* dst, int64_t n, float scale) {
-  int64_t c = 0;
-  if (std::is_same<T, uint16_t>::value)
-    for (; c + 2 * kLanes <= n; c += 2 * kLanes)
-      for (int64_t i = 0; i < kLanes; ++i) {
-        dst[c + i] = to_float(src[c + 2 * i]) * scale;
-        dst[c + kLanes + i] = to_float(src[c + 2 * i + 1]) * scale;
-      }
-  for (; c < n; ++c) dst[c] = to_float(src[c]) * scale;
+  for (int64_t c = 0; c < n; ++c) dst[c] = to_float(src[natural_index<T>(c, n)]) * scale;
 }
 template <typename T>
 HE_INLINE void from_pair_layout(const float* src, T* dst, int64_t n, float scale) {
-  int64_t c = 0;
-  if (std::is_same<T, uint16_t>::value)
-    for (; c + 2 * kLanes <= n; c += 2 * kLanes)
-      for (int64_t i = 0; i < kLanes; ++i) {
-        dst[c + 2 * i] = from_float<T>(src[c + i] * scale);
-        dst[c + 2 * i + 1] = from_float<T>(src[c + kLanes + i] * scale);
-      }
-  for (; c < n; ++c) dst[c] = from_float<T>(src[c] * scale);
+  for (int64_t c = 0; c < n; ++c) dst[natural_index<T>(c, n)] = from_float<T>(src[c] * scale);
 }
 
 HE_INLINE void scale_inplace(float* y, float alpha, int64_t n) {

@@ -5,18 +5,17 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
+from hybrid_engine.kernels.validate import CPU_DTYPES, GPU_DTYPES
 from hybrid_engine.models import prepack
 from hybrid_engine.models.layers import AttentionBatch, DecoderLayer, Linear, TensorParallel
 from hybrid_engine.models.weights import WeightMap, load_weights
-
-CPU_DTYPES = (torch.float32, torch.bfloat16)
 
 
 def check_dtype(dtype: torch.dtype, device: torch.device) -> None:
     if device.type == "cpu" and dtype not in CPU_DTYPES:
         raise ValueError(f"dtype {dtype} is not supported on the CPU (float16 matrix products run at a few "
                          f"hundred MFLOP/s there); use torch.float32 or torch.bfloat16")
-    if dtype not in (*CPU_DTYPES, torch.float16):
+    if dtype not in GPU_DTYPES:
         raise ValueError(f"dtype must be float32, bfloat16 or float16, got {dtype}")
 
 
