@@ -12,8 +12,11 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("hybrid_engine", "rlhf", "bench")
+# hybrid_engine.integrations.<framework> integrates <framework>: the one module allowed to import it
+INTEGRATIONS = "hybrid_engine.integrations"
+FRAMEWORKS = {p.stem for p in (ROOT / "hybrid_engine" / "integrations").glob("*.py") if p.stem != "__init__"}
 # package -> the top-level packages it must never import
-FORBIDDEN = {"hybrid_engine": {"rlhf", "bench", "trl"}, "rlhf": {"bench"}}
+FORBIDDEN = {"hybrid_engine": {"rlhf", "bench", "trl"} | FRAMEWORKS, "rlhf": {"bench"}}
 
 
 def module_name(path: Path) -> str:
@@ -47,11 +50,27 @@ def is_entry_point(name: str) -> bool:
     return path.name == "__main__.py" or re.search(r"""^if __name__ == ["']__main__["']""", path.read_text(), re.M)
 
 
+def forbidden(name: str) -> set[str]:
+    """What module `name` must not import: its package's list, less the framework it integrates."""
+    package, _, rest = name.partition(".")
+    own = rest.removeprefix("integrations.") if name.startswith(INTEGRATIONS + ".") else None
+    return FORBIDDEN[package] - {own}
+
+
 @pytest.mark.parametrize("package", sorted(FORBIDDEN))
 def test_packages_import_one_way(package):
-    bad = {name: sorted(i for i in imports_of(name) if i.split(".")[0] in FORBIDDEN[package])
+    bad = {name: sorted(i for i in imports_of(name) if i.split(".")[0] in forbidden(name))
            for name in MODULES if name.split(".")[0] == package}
     assert not {k: v for k, v in bad.items() if v}, f"{package} imports what it must not"
+
+
+def test_integrations_are_imported_only_by_their_users():
+    """The rest of hybrid_engine never imports an integration (it would load its framework), and an
+    integration imports no other integration."""
+    assert "trl" in FRAMEWORKS
+    bad = {name: sorted(i for i in imports_of(name) if i.startswith(INTEGRATIONS + ".") and i != name)
+           for name in MODULES if name.startswith("hybrid_engine")}
+    assert not {k: v for k, v in bad.items() if v}
 
 
 def test_no_module_imports_an_entry_point():
@@ -62,7 +81,7 @@ def test_no_module_imports_an_entry_point():
 
 
 def test_importing_hybrid_engine_loads_no_rlhf_bench_or_trl():
-    code = ("import sys, hybrid_engine, hybrid_engine.engine, hybrid_engine.capability\n"
+    code = ("import sys, hybrid_engine, hybrid_engine.engine, hybrid_engine.capability, hybrid_engine.integrations\n"
             "print(sorted({m.split('.')[0] for m in sys.modules} & {'rlhf', 'bench', 'trl'}))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=ROOT,
                          env={**os.environ, "PYTHONPATH": str(ROOT)})
