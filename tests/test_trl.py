@@ -22,8 +22,7 @@ from hybrid_engine.distributed import free_port  # noqa: E402
 from hybrid_engine.integrations.trl import HybridGRPOTrainer, HybridRLOOTrainer  # noqa: E402
 from rlhf.example import TOPIC_WORDS, make_base_model, make_prompt, make_tokenizer  # noqa: E402
 
-TRAINERS = {"grpo": (HybridGRPOTrainer, trl.GRPOTrainer, trl.GRPOConfig),
-            "rloo": (HybridRLOOTrainer, trl.RLOOTrainer, trl.RLOOConfig)}
+TRAINERS = {"grpo": (HybridGRPOTrainer, trl.GRPOConfig), "rloo": (HybridRLOOTrainer, trl.RLOOConfig)}
 SECOND_EOS = "nebula"  # a word the random model below says often: completions that say it end there
 ZERO3 = {"zero_optimization": {"stage": 3}, "train_micro_batch_size_per_gpu": "auto",
          "gradient_accumulation_steps": "auto"}
@@ -56,7 +55,7 @@ def config(kind: str, out: str, **overrides):
     settings = dict(output_dir=out, use_cpu=True, bf16=False, report_to=[], save_strategy="no", logging_steps=1,
                     num_generations=3, per_device_train_batch_size=6, max_completion_length=10, disable_tqdm=True,
                     generation_kwargs={"do_sample": False})
-    return TRAINERS[kind][2](**{**settings, **overrides})
+    return TRAINERS[kind][1](**{**settings, **overrides})
 
 
 def zero_reward(completions, **kwargs) -> list[float]:
@@ -118,9 +117,8 @@ def test_greedy_completions_equal_trl_and_follow_the_weights(kind, lora, tmp_pat
         perturb(trainer.model, step, adapters)
     for ours, expected in results:
         assert ours == expected
-    flat = [c for c in results[0][0]]
-    eos_ids = set(trainer.eos_token_ids)
-    assert any(c[-1] in eos_ids for c in flat) and any(len(c) == 10 and c[-1] not in eos_ids for c in flat)
+    first, eos_ids = results[0][0], set(trainer.eos_token_ids)
+    assert any(c[-1] in eos_ids for c in first) and any(len(c) == 10 and c[-1] not in eos_ids for c in first)
     assert results[0][0] != results[2][0], "the perturbation did not change the completions: the check is vacuous"
     metrics = trainer._metrics["train"]
     assert all(metrics[f"hybrid_engine/{k}"] and min(metrics[f"hybrid_engine/{k}"]) > 0
@@ -228,6 +226,30 @@ def test_two_ranks_zero3_greedy_equal_trl_at_every_step(kind, tp, lora, tmp_path
         assert r["steps"][0][0] != r["steps"][2][0], "the weights' changes did not reach the completions"
         logged = [h for h in r["log"] if "hybrid_engine/reshard_bytes" in h]
         assert len(logged) == 3 and all(h["hybrid_engine/reshard_bytes"] > 0 for h in logged)  # ZeRO-3 shards moved
+
+
+def misconfigured_worker(rank: int, world: int, path: str, out: str) -> list[str]:
+    """Two launches' worth of mistakes in one: without use_cpu accelerate sees a world of 1 on each rank of a
+    gloo world of 2 (each rank would train alone); fsdp is not what hybrid_engine reshards."""
+    from accelerate.state import AcceleratorState
+
+    messages = []
+    for overrides in ({"use_cpu": False}, {"fsdp": "full_shard"}):
+        try:
+            make_trainer("grpo", path, out, None, per_device_train_batch_size=3, **overrides)
+            messages.append("built")
+        except ValueError as e:
+            messages.append(str(e))
+        AcceleratorState._reset_state(reset_partial_state=True)
+    return messages
+
+
+def test_distributed_misconfigurations_are_refused(tmp_path):
+    path = saved_model(str(tmp_path / "model"))
+    for alone, fsdp in run_ranks(2, misconfigured_worker, path, str(tmp_path / "out")):
+        assert alone.startswith("torch.distributed has 2 ranks but accelerate runs this trainer on 1") and \
+            "use_cpu=True" in alone
+        assert fsdp.startswith("fsdp: hybrid_engine reshards DeepSpeed")
 
 
 LAUNCHED = """import json, os, sys

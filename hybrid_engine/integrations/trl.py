@@ -118,6 +118,9 @@ def check_setup(trainer, options: dict) -> None:
     if dist.is_initialized() and dist.get_world_size() != ranks:
         raise ValueError(f"torch.distributed has {dist.get_world_size()} ranks but accelerate runs this trainer "
                          f"on {ranks}: each rank would train alone. On CPUs set use_cpu=True in the trainer's config")
+    if trainer.args.fsdp or trainer.is_fsdp_enabled:  # asked for (accelerate ignores it on CPUs) or running
+        raise ValueError("fsdp: hybrid_engine reshards DeepSpeed ZeRO-0..3, DDP or single-process weights, not FSDP's; "
+                         "use deepspeed= a ZeRO-3 config instead")
     config = unwrap(trainer.model).config
     model_class(config)  # an architecture hybrid_engine has no inference model for fails here
     check_tp_size(config, options.get("tp_size", 1), ranks)
