@@ -55,11 +55,12 @@ import torch
 import torch.distributed as dist
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, PretrainedConfig
 
+from bench.checkpoints import random_tokens, write_checkpoints
 from bench.common import parse_dtype, print_environment, print_table, write_json
 from bench.launch import run_ranks
 from bench.zero3 import DTYPES, MODELS, check_tp
 from hybrid_engine.engine import unwrap
-from hybrid_engine.memory import reset_peak, return_freed_memory, status_bytes
+from hybrid_engine.memory import reset_peak, status_bytes
 from hybrid_engine.models import prepack
 from rlhf.args import add_dtype
 from rlhf.ppo_args import samples_per_prompt
@@ -81,41 +82,7 @@ UNITEMISED, UNITEMISED_FIXED = 0.1, 1.0 * GIB
 ZERO3_STEP = 1.2
 
 
-# ---- checkpoints the rlhf code loads ------------------------------------------------------------
-def make_tokenizer(config: PretrainedConfig):
-    """A word-level tokenizer over the model's vocabulary with the config's special ids: prompts are
-    random ids, so only the vocabulary size and the special ids matter."""
-    from tokenizers import Tokenizer, models
-    from transformers import PreTrainedTokenizerFast
-
-    special = {config.pad_token_id: "<pad>", config.eos_token_id: "</s>"}
-    vocab = {special.get(i, f"t{i}"): i for i in range(config.vocab_size)}
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
-    return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="</s>", pad_token="<pad>", padding_side="left")
-
-
-def write_checkpoints(args: argparse.Namespace, root: str) -> dict[str, str]:
-    """The actor (causal LM) and the reward model (sequence classification, 1 label) with random weights
-    in --dtype, each with the same tokenizer; freed before the ranks start."""
-    actor_config, reward_config = MODELS[args.model](), MODELS[args.reward_model]()
-    if actor_config.vocab_size != reward_config.vocab_size:
-        raise SystemExit(f"--reward-model {args.reward_model} has a vocabulary of {reward_config.vocab_size}, "
-                         f"--model {args.model} {actor_config.vocab_size}: they must read the same token ids")
-    tokenizer = make_tokenizer(actor_config)
-    reward_config.num_labels, reward_config.pad_token_id = 1, actor_config.pad_token_id
-    paths = {"actor": os.path.join(root, "actor"), "reward": os.path.join(root, "reward")}
-    torch.manual_seed(args.seed)
-    for role, build in (("actor", lambda: AutoModelForCausalLM.from_config(actor_config, dtype=DTYPES[args.dtype])),
-                        ("reward", lambda: AutoModelForSequenceClassification.from_config(
-                            reward_config, dtype=DTYPES[args.dtype]))):
-        model = build()
-        model.save_pretrained(paths[role])  # safetensors
-        tokenizer.save_pretrained(paths[role])
-        del model
-        return_freed_memory()
-    return paths
-
-
+# ---- the rlhf flags of a path -----------------------------------------------------------------
 def ppo_argv(args: argparse.Namespace, path: str, tp: int, checkpoints: dict[str, str], out: str) -> list[str]:
     """rlhf.ppo's flags for one path: DeepSpeed-Chat's benchmark setting with a forced answer length."""
     argv = ["--data_path", "unused", "--actor_model_name_or_path", checkpoints["actor"],
@@ -161,15 +128,6 @@ class Extrapolated:
         out = self.inner(input_ids, attention_mask, replace(sampling, max_new_tokens=n, min_new_tokens=n), samples,
                          generator)
         return out, time.perf_counter() - start
-
-
-def random_tokens(shape: tuple[int, int], tokenizer, generator: torch.Generator) -> torch.Tensor:
-    """Random token ids that are neither EOS nor padding."""
-    special = torch.tensor(sorted({tokenizer.eos_token_id, tokenizer.pad_token_id}))
-    ids = torch.randint(0, len(tokenizer) - len(special), shape, generator=generator)
-    for s in special:  # shift past each special id in turn: a uniform draw over the other ids
-        ids += ids >= s
-    return ids
 
 
 def prompt_batches(tokenizer, args: argparse.Namespace, rank: int, count: int) -> list[dict]:

@@ -103,3 +103,21 @@ def test_allocator_benchmark(tmp_path):
     assert result["identical"]
     assert [row["case"] for row in result["results"]] == ["append x256 seqs", "append x1024 seqs",
                                                           "allocate+append x256+free, 256 seqs"]
+
+
+def test_trl_benchmark(tmp_path):
+    pytest.importorskip("trl")
+    result = run_bench("bench.trl", tmp_path / "trl.json", "--reward-model", "tiny", "--dtype", "fp32", "--batch", "4",
+                       "--num-generations", "2", "--prompt-len", "8", "--completion-len", "6", "--steps", "1")
+    trl_row, ours = result["paths"]["trl"], result["paths"]["hybrid_engine"]
+    for row in (trl_row, ours):
+        assert row["world_seen_by_trl"] == 2  # one world of 2 ranks, not two worlds of 1
+        assert row["mean_completion_lengths"] == [6.0]  # forced on both paths: the same tokens to generate
+        step = row["steps"][0]
+        assert all(step[p] > 0 for p in ("generation", "reward", "scoring", "training"))
+    # the generation phase wraps our generation (and its reshard): its own clock cannot exceed the phase's
+    metrics = ours["hybrid_engine_metrics"]
+    assert 0 < metrics["generation_seconds"][0] + metrics["reshard_seconds"][0] <= ours["steps"][0]["generation"]
+    assert metrics["reshard_bytes"][0] > 0  # ZeRO-3 shards moved between the ranks
+    assert result["ratios"]["generation_s"] == pytest.approx(trl_row["generation_s"] / ours["generation_s"])
+    assert result["environment"]["dtype"] == "fp32"
