@@ -31,9 +31,11 @@ SCRIPT_FLAGS = {
     "step1_supervised_finetuning/training_scripts/opt/single_gpu/run_1.3b.sh":
         "--gradient_accumulation_steps 8 --lora_dim 128 --zero_stage 0 --enable_tensorboard --deepspeed",
     "step1_supervised_finetuning/training_scripts/opt/single_node/run_1.3b.sh":
-        _STEP1.format(batch=8, lr="9.65e-6", decay="0.", epochs=16) + " --zero_stage 2 --deepspeed --enable_tensorboard",
+        _STEP1.format(batch=8, lr="9.65e-6", decay="0.", epochs=16)
+        + " --zero_stage 2 --deepspeed --enable_tensorboard",
     "step1_supervised_finetuning/training_scripts/opt/single_node/run_6.7b.sh":
-        _STEP1.format(batch=6, lr="9.65e-6", decay="0.", epochs=16) + " --gradient_checkpointing --zero_stage 3 --deepspeed",
+        _STEP1.format(batch=6, lr="9.65e-6", decay="0.", epochs=16)
+        + " --gradient_checkpointing --zero_stage 3 --deepspeed",
     "step1_supervised_finetuning/training_scripts/opt/single_node/run_13b.sh":
         _STEP1.format(batch=4, lr="1e-4", decay="0.", epochs=16)
         + f" --gradient_checkpointing --zero_stage 3 {_LORA} --deepspeed",
@@ -44,13 +46,15 @@ SCRIPT_FLAGS = {
         "--num_padding_at_beginning 1 --weight_decay 0.1 --dropout 0.0 --gradient_accumulation_steps 4 --zero_stage 0 "
         "--enable_tensorboard --deepspeed",
     "step2_reward_model_finetuning/training_scripts/opt/single_node/run_350m.sh":
-        "--data_split 2,4,4 --num_padding_at_beginning 1 --per_device_train_batch_size 4 --per_device_eval_batch_size 4 "
-        "--max_seq_len 512 --learning_rate 5e-5 --weight_decay 0.1 --num_train_epochs 1 --dropout 0.0 "
+        "--data_split 2,4,4 --num_padding_at_beginning 1 --per_device_train_batch_size 4 "
+        "--per_device_eval_batch_size 4 --max_seq_len 512 --learning_rate 5e-5 --weight_decay 0.1 "
+        "--num_train_epochs 1 --dropout 0.0 "
         "--gradient_accumulation_steps 1 --lr_scheduler_type cosine --num_warmup_steps 0 --seed 1234 --zero_stage 0 "
         "--deepspeed",
     "step2_reward_model_finetuning/training_scripts/opt/multi_node/run_350m.sh":
-        "--data_split 2,4,4 --num_padding_at_beginning 1 --per_device_train_batch_size 2 --per_device_eval_batch_size 2 "
-        "--max_seq_len 512 --learning_rate 5e-5 --weight_decay 0.1 --dropout 0.0 --num_train_epochs 1 "
+        "--data_split 2,4,4 --num_padding_at_beginning 1 --per_device_train_batch_size 2 "
+        "--per_device_eval_batch_size 2 --max_seq_len 512 --learning_rate 5e-5 --weight_decay 0.1 --dropout 0.0 "
+        "--num_train_epochs 1 "
         "--gradient_accumulation_steps 1 --lr_scheduler_type cosine --num_warmup_steps 0 --seed 1234 --zero_stage 0 "
         "--deepspeed",
     "step3_rlhf_finetuning/training_scripts/opt/single_gpu/run_1.3b.sh":
@@ -58,7 +62,8 @@ SCRIPT_FLAGS = {
         "--deepspeed --actor_lora_dim 128 --enable_hybrid_engine --actor_gradient_checkpointing --actor_dropout 0.0",
     "step3_rlhf_finetuning/training_scripts/opt/single_node/run_1.3b.sh":
         _STEP3.format(batch=4, lr="9.65e-6") + f" {_RUN3} --actor_dropout 0.0 --num_warmup_steps 100 --deepspeed "
-        "--seed 1234 --enable_hybrid_engine --actor_zero_stage 2 --critic_zero_stage 2 --enable_ema --enable_tensorboard",
+        "--seed 1234 --enable_hybrid_engine --actor_zero_stage 2 --critic_zero_stage 2 --enable_ema "
+        "--enable_tensorboard",
     "step3_rlhf_finetuning/training_scripts/opt/single_node/run_6.7b.sh":
         _STEP3.format(batch=4, lr="9.65e-6") + " --actor_weight_decay 0.1 --critic_weight_decay 0.1 "
         f"{_RUN3} --actor_gradient_checkpointing --actor_dropout 0.0 --num_warmup_steps 100 --deepspeed --seed 1234 "

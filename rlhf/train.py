@@ -432,7 +432,8 @@ def failure(step: Step, code: int, seconds: float) -> str:
     log_text = this_run(Path(step.log).read_text(errors="replace"))
     hint = failure_hint(step.number, code, log_text)
     return (f"step {step.number} ({MODULES[step.number]}) {why} after {format_seconds(seconds)}: "
-            f"{what_failed(code, log_text)}\nLast lines of {step.log}:\n{tail(log_text)}" + (f"\n{hint}" if hint else ""))
+            f"{what_failed(code, log_text)}\nLast lines of {step.log}:\n{tail(log_text)}"
+            + (f"\n{hint}" if hint else ""))
 
 
 def skip_reason(args, steps: dict[int, Step], n: int, rebuilt: set[int]) -> str | None:
