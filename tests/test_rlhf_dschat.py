@@ -7,7 +7,6 @@ here loads in DeepSpeed-Chat's critic loader (tests/dschat_reference.py, rebuilt
 transformers with the same scores. The process helpers of rlhf.train stop whole groups and clear stale
 build locks. tests/test_rlhf_dschat_runs.py runs the steps."""
 import json
-import os
 import re
 import signal
 import subprocess
@@ -163,7 +162,7 @@ def e2e_model(flags: list[str], option: str, default: str) -> str:
 
 
 @pytest.mark.parametrize("flag_set", E2E_SETS, ids=set_id)
-def test_e2e_command_lines_become_the_scripts_steps(flag_set, tmp_path, capsys):
+def test_e2e_command_lines_become_the_scripts_steps(flag_set, tmp_path):
     """Each e2e_rlhf.py command line (output dir swapped): its sizes name facebook/opt-SIZE and the output
     folders SIZE, as e2e_rlhf.py does; each step parses, with its own parser, to the values of the script
     e2e_rlhf.py would run (the ZeRO stage: the one given, or the script's), and says which script."""
@@ -174,7 +173,8 @@ def test_e2e_command_lines_become_the_scripts_steps(flag_set, tmp_path, capsys):
     for n, size in ((1, actor), (2, rm), (3, actor)):
         assert steps[n].output_dir == str(tmp_path / train.FOLDERS[n] / size)
         parsed = STEP_PARSERS[n]().parse_args(train.step_flags(args, steps, n))
-        script = next((s for s in SCRIPT_SETS if s["source"].endswith(f"/training/{e2e_presets.script_of(n, deployment, size)}")), None)
+        path = f"/training/{e2e_presets.script_of(n, deployment, size)}"
+        script = next((s for s in SCRIPT_SETS if s["source"].endswith(path)), None)
         expected = expected_values(STEP_PARSERS[n](), without_paths(script["flags"])) if script else {}
         given = {1: [("zero_stage", "--actor-zero-stage")], 2: [("zero_stage", "--reward-zero-stage")],
                  3: [("actor_zero_stage", "--actor-zero-stage"), ("critic_zero_stage", "--reward-zero-stage")]}[n]
@@ -183,7 +183,7 @@ def test_e2e_command_lines_become_the_scripts_steps(flag_set, tmp_path, capsys):
         if n != 3:
             assert parsed.model_name_or_path == f"facebook/opt-{size}"
         note = train.preset_note(args, n)
-        assert (f"training/{e2e_presets.script_of(n, deployment, size)}" in note) if script else "no script" in note
+        assert (path.lstrip("/") in note) if script else "no script" in note
 
 
 def test_e2e_zero_stage_forms():
@@ -192,7 +192,8 @@ def test_e2e_zero_stage_forms():
     assert parse("--actor-zero-stage", "3", "--reward-zero-stage", "0").reward_zero_stage == 0
     with pytest.raises(SystemExit):
         parse("--actor-zero-stage", "4")
-    assert e2e_presets.size_of("/models/opt-6.7b") == "6.7b" and e2e_presets.hub_name("/models/opt-6.7b") == "/models/opt-6.7b"
+    local = "/models/opt-6.7b"  # a downloaded copy: its size's settings, the path itself as the model
+    assert e2e_presets.size_of(local) == "6.7b" and e2e_presets.hub_name(local) == local
     assert e2e_presets.size_of("meta-llama/Llama-2-7b-hf") is None and train.model_name("facebook/opt-13b") == "13b"
 
 
@@ -247,7 +248,8 @@ def test_our_reward_checkpoint_scores_alike_in_dschat_transformers_and_here(tmp_
         p.data.normal_(0, 0.3)
     save_hf(model, tokenizer, str(tmp_path / "rm"),
             lambda plain, directory: reward.save_dschat_reward(plain, directory, tokenizer))
-    assert torch.load(tmp_path / "rm" / "pytorch_model.bin")["rwtransformer.decoder.embed_tokens.weight"].shape[0] == 120
+    dschat_state = torch.load(tmp_path / "rm" / "pytorch_model.bin")
+    assert dschat_state["rwtransformer.decoder.embed_tokens.weight"].shape[0] == 120
     gen = torch.Generator().manual_seed(vocab)
     for ids, mask, prompt_length in (ragged_rows(tokenizer, gen), step3_rows(tokenizer, gen)):
         dschat_scores, hf_scores, our_scores = scores_three_ways(str(tmp_path / "rm"), str(base), ids, mask,

@@ -28,10 +28,12 @@ from transformers import AutoModel, AutoTokenizer
 import dschat_reference as dschat
 from bench.launch import run_ranks
 from rlhf import example, train
+from rlhf.e2e_presets import SCRIPT_FLAGS
 from rlhf.hf_models import TOKENIZER_FILES
 from rlhf.ppo_args import parse_args as ppo_parse_args
 from rlhf.reward_model import token_values
 from rlhf.rlhf_engine import check_models, load_critic
+from rlhf.step_process import group_members
 from test_rlhf_dschat import ragged_rows, scores_three_ways, step3_rows
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -98,17 +100,12 @@ class Driver:
         code = self.proc.wait(timeout=120)
         return {"code": code, "stop_s": time.monotonic() - sent, "output": self.output,
                 "processes": leftovers([str(self.out), str(self.extensions_dir)]),
-                "groups": {int(g): members(int(g)) for g in re.findall(r"process group (\d+)", self.output)},
+                "groups": {int(g): group_members(int(g)) for g in re.findall(r"process group (\d+)", self.output)},
                 "locks": glob.glob(str(self.extensions_dir / "*" / "lock")),
                 "shm": [f for port in re.findall(r"--master_port (\d+)", self.output)
                         for f in glob.glob(f"/dev/shm/*_{port}_*")],
                 "partial": glob.glob(str(self.out / "**" / ".tmp-*"), recursive=True)
                 + glob.glob(str(self.out / "data_files" / "*.tmp"))}
-
-
-def members(pgid: int) -> list[int]:
-    from rlhf.step_process import group_members
-    return group_members(pgid)
 
 
 def leftovers(markers: list[str]) -> list[str]:
@@ -185,7 +182,6 @@ CHECKPOINTS = {1: "actor-models/opt-1.3b", 2: "reward-models/opt-350m", 3: "step
 
 @pytest.mark.parametrize("n", [1, 2, 3])
 def test_each_step_ran_its_dschat_script_flags_on_2_ranks_to_a_checkpoint(chain, task, n):
-    from rlhf.e2e_presets import SCRIPT_FLAGS
     assert f"[step {n}] settings of DeepSpeed-Chat's training/{SCRIPTS[n]}" in chain["output"]
     step_dir = task / "out" / CHECKPOINTS[n].removesuffix("/actor")
     log = (step_dir / "training.log").read_text().rsplit("\n=== ", 1)[1]  # this run's part (step 1 ran twice)
