@@ -10,6 +10,12 @@ from transformers import SchedulerType
 from hybrid_engine.capability import DTYPES, choose_dtype
 
 NO_EFFECT = "Accepted for DeepSpeed-Chat scripts; no effect here: "
+REFUSED = "Refused: "
+NO_EFFECT_GIVEN = "no_effect_given"  # the namespace attribute: {flag: why} of the no-effect flags given
+DEFAULT_DATA = ["Dahoas/rm-static"]  # DeepSpeed-Chat's default --data_path (its single-GPU scripts pass none)
+DATA_HELP = ("Data sources: local dirs with train/eval .json(l), single .json(l) files, datasets.save_to_disk dirs "
+             f"or hub names. Default {DEFAULT_DATA[0]} (DeepSpeed-Chat's; needs the Hugging Face hub: without it "
+             "the step stops at once, saying so).")
 AUTO_DTYPE = ("auto (default): bf16 where this machine multiplies bf16 natively (CPUs with AVX-512 BF16 or AMX, "
               "GPUs from sm_80), fp32 on other CPUs (e.g. AVX2 only, where bf16 runs emulated and about 6x "
               "slower), fp16 on older GPUs; the choice and its reason are printed at start. fp16 is refused on a "
@@ -22,13 +28,70 @@ def add(parser: argparse.ArgumentParser, name: str, help: str, **kwargs) -> None
     parser.add_argument(*flags, dest=name, help=help, **kwargs)
 
 
+class NoEffect(argparse.Action):
+    """Stores like `store` (or `store_true` when nargs=0) and remembers that the flag was given, so that the
+    step says once in its log that it has no effect here (note_no_effect)."""
+
+    def __init__(self, option_strings: list[str], dest: str, why: str, **kwargs):
+        super().__init__(option_strings, dest, **kwargs)
+        self.why = why
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, self.const if self.nargs == 0 else values)
+        given = dict(getattr(namespace, NO_EFFECT_GIVEN, {}))
+        setattr(namespace, NO_EFFECT_GIVEN, {**given, self.option_strings[0]: self.why})
+
+
+class Refused(NoEffect):
+    """A DeepSpeed-Chat flag this project cannot honour: parsing stops with the reason."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        parser.error(f"{option_string}: {self.why}")
+
+
+def _as_switch(kwargs: dict) -> dict:
+    """action="store_true" as the nargs=0 form the NoEffect and Refused actions take."""
+    if kwargs.pop("action", None) == "store_true":
+        kwargs.update(nargs=0, const=True, default=kwargs.get("default", False))
+    return kwargs
+
+
 def add_no_effect(parser: argparse.ArgumentParser, name: str, why: str, **kwargs) -> None:
-    add(parser, name, NO_EFFECT + why, **kwargs)
+    add(parser, name, NO_EFFECT + why, action=NoEffect, why=why, **_as_switch(kwargs))
+
+
+def add_refused(parser: argparse.ArgumentParser, name: str, why: str, **kwargs) -> None:
+    add(parser, name, REFUSED + why, action=Refused, why=why, **_as_switch(kwargs))
+
+
+def note_no_effect(args: argparse.Namespace) -> None:
+    """One line per no-effect flag given, printed once (by rank 0), so the log says what was ignored."""
+    if os.environ.get("RANK", "0") != "0":
+        return
+    for flag, why in getattr(args, NO_EFFECT_GIVEN, {}).items():
+        print(f"{flag}: accepted for DeepSpeed-Chat scripts, no effect here: {why}", file=sys.stderr, flush=True)
+
+
+def add_dschat_common(parser: argparse.ArgumentParser) -> None:
+    """Flags every DeepSpeed-Chat step accepts: the four deepspeed.add_config_arguments adds (its scripts
+    pass --deepspeed) and the end-of-text token ones."""
+    for name in ("deepspeed", "deepscale"):
+        add_no_effect(parser, name, "every step runs on DeepSpeed (DeepSpeed's own switch for user code; "
+                      "--deepscale is its deprecated name).", action="store_true")
+    for name in ("deepspeed_config", "deepscale_config"):
+        add_refused(parser, name, "the DeepSpeed config is built from this command's flags (ZeRO stage, dtype, "
+                    "batch sizes, offload), as DeepSpeed-Chat builds it; a config file would silently lose to them "
+                    "(DeepSpeed-Chat's steps 1-2 stop at an assertion in deepspeed.initialize when given one).",
+                    metavar="FILE")
+    eos = ("every answer already ends with the tokenizer's own EOS token, a single token id, in every step "
+           "(what adding <|endoftext|> as a special token gives DeepSpeed-Chat, whose OPT tokenizer would "
+           "otherwise split it into pieces); the tokenizer is used and saved as it is.")
+    add_no_effect(parser, "add_eot_token", eos, action="store_true")
+    add_no_effect(parser, "eot_token", eos, default="<|endoftext|>")
 
 
 def add_data(parser: argparse.ArgumentParser, stage: int) -> None:
-    add(parser, "data_path", "Data sources: local dirs with train/eval .json(l), single .json(l) files, "
-        "datasets.save_to_disk dirs or hub names (needs internet).", nargs="+", required=True)
+    add(parser, "data_path", DATA_HELP, nargs="+", default=DEFAULT_DATA)
     add(parser, "data_split", "Proportions of each source for steps 1,2,3 (e.g. 2,4,4); this step takes part "
         f"{stage}.", default="2,4,4")
     add(parser, "sft_only_data_path", "Extra sources used by step 1 only.", nargs="*", default=[])
@@ -112,11 +175,13 @@ def training_parser(description: str, stage: int, learning_rate: float) -> argpa
     add_lora(parser)
     add_data(parser, stage)
     add_logging(parser, stage)
+    add_dschat_common(parser)
     return parser
 
 
 def check_args(args: argparse.Namespace) -> None:
-    """Refuse settings that cannot work before any model is loaded."""
+    """Refuse settings that cannot work before any model is loaded; name the no-effect flags given."""
+    note_no_effect(args)
     resolve_dtype(args)
     for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
                  "max_seq_len", "num_train_epochs"):

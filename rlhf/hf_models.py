@@ -4,6 +4,7 @@ checkpoint (gathered from any ZeRO stage, LoRA merged) that transformers alone l
 import os
 import shutil
 import tempfile
+from typing import Callable
 
 import deepspeed
 import torch
@@ -16,6 +17,7 @@ from hybrid_engine.lora import base_name, find_adapters, is_adapter_param, merge
 from rlhf.distributed import rank
 
 
+TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json")  # what tokenizer.save_pretrained always writes
 DROPOUT_ATTRS = ("dropout", "attention_dropout", "activation_dropout", "hidden_dropout", "attn_pdrop",
                  "resid_pdrop", "embd_pdrop", "hidden_dropout_prob", "attention_probs_dropout_prob")
 
@@ -68,6 +70,12 @@ def prepare_model(model: PreTrainedModel, args) -> PreTrainedModel:
     return model
 
 
+def has_tokenizer(path: str) -> bool:
+    """Whether a tokenizer was saved with the checkpoint. DeepSpeed-Chat's save_hf_format writes only what
+    tokenizer.save_vocabulary writes: under transformers 5 nothing, or at most a lone vocabulary file."""
+    return any(os.path.isfile(os.path.join(path, name)) for name in TOKENIZER_FILES)
+
+
 def merged_state(module: nn.Module) -> dict[str, torch.Tensor]:
     """A full copy of the weights under transformers names, LoRA merged (W + scale * B @ A); the
     training weights are not touched. Every rank must call it under ZeRO-3."""
@@ -79,9 +87,11 @@ def merged_state(module: nn.Module) -> dict[str, torch.Tensor]:
     return state
 
 
-def save_hf(engine_or_model, tokenizer, out_dir: str) -> None:
+def save_hf(engine_or_model, tokenizer, out_dir: str,
+            extra_files: Callable[[PreTrainedModel, str], None] | None = None) -> None:
     """save_pretrained of the plain model (gathered, LoRA merged) and the tokenizer, written by rank 0
-    to a temporary directory renamed into place, so a crash never leaves half a checkpoint."""
+    to a temporary directory renamed into place, so a crash never leaves half a checkpoint.
+    extra_files(plain_model, directory) writes more files into it before the rename."""
     module = getattr(engine_or_model, "module", engine_or_model)
     state = merged_state(module)
     if rank() == 0:
@@ -94,6 +104,8 @@ def save_hf(engine_or_model, tokenizer, out_dir: str) -> None:
         tmp = tempfile.mkdtemp(dir=parent, prefix=".tmp-" + os.path.basename(out_dir))
         plain.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        if extra_files is not None:
+            extra_files(plain, tmp)
         keep = [f for f in os.listdir(out_dir)] if os.path.isdir(out_dir) else []
         for name in keep:  # logs and other files already in out_dir stay
             if not os.path.exists(os.path.join(tmp, name)):

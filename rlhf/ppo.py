@@ -10,9 +10,9 @@ from functools import partial
 
 import torch
 from torch.utils.data import DataLoader
-from transformers import AutoTokenizer, set_seed
+from transformers import set_seed
 
-from hybrid_engine.distributed import destroy_process_groups
+from rlhf import cli
 from rlhf.checkpoint import resolve_resume
 from rlhf.data import build_datasets, collate_prompts
 from rlhf.data.loaders import Cycle, make_loader
@@ -22,7 +22,7 @@ from rlhf.hf_models import save_hf
 from rlhf.log import Log
 from rlhf.ppo_args import iterations, parse_args, steps_per_role
 from rlhf.ppo_loop import PPOConfig, Run, evaluate, new_state, resume, run_iterations
-from rlhf.rlhf_engine import build_rlhf_engine, check_checkpoint, check_models
+from rlhf.rlhf_engine import actor_tokenizer, build_rlhf_engine, check_checkpoint, check_models
 
 
 def load_metric(spec: str | None):
@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> None:
     check_checkpoint(args.actor_model_name_or_path, "actor")
     device = init_distributed()
     set_seed(args.seed)
-    tokenizer = AutoTokenizer.from_pretrained(args.actor_model_name_or_path)
+    tokenizer = actor_tokenizer(args.actor_model_name_or_path)
     check_models(args, tokenizer)
     metric = load_metric(args.eval_metric)
     loader, unsup, evals = load_data(args, tokenizer)
@@ -90,5 +90,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
-    destroy_process_groups()
+    cli.run(main)

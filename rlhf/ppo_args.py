@@ -4,12 +4,12 @@ import argparse
 
 from transformers import SchedulerType
 
-from rlhf.args import add, add_dtype, add_no_effect, resolve_dtype
+from rlhf.args import DATA_HELP, DEFAULT_DATA, add, add_dschat_common, add_dtype, add_no_effect, note_no_effect, \
+    resolve_dtype
 
 
 def add_data(parser: argparse.ArgumentParser) -> None:
-    add(parser, "data_path", "Data sources (as steps 1-2); step 3 reads the prompts of its part.", nargs="+",
-        required=True)
+    add(parser, "data_path", DATA_HELP + " Step 3 reads the prompts of its part.", nargs="+", default=DEFAULT_DATA)
     add(parser, "data_split", "Proportions of each source for steps 1,2,3; this step takes part 3.", default="2,4,4")
     add(parser, "data_output_path", "Directory of the tokenized-data cache.", default="/tmp/data_files/")
     add(parser, "unsupervised_dataset_name", "Plain text for the PTX term: a .txt/.json/.jsonl file or directory "
@@ -144,12 +144,12 @@ def add_run(parser: argparse.ArgumentParser) -> None:
     add(parser, "test_stop_step", "With --enable_test_mode: the iteration to stop at.", type=int, default=0)
     add_no_effect(parser, "compute_fp32_loss", "losses are always computed in fp32.", action="store_true")
     add_no_effect(parser, "align_overflow", "there is no loss scaling in bf16 or fp32.", action="store_true")
-    add_no_effect(parser, "add_eot_token", "the step-1 checkpoint's tokenizer is used as saved.", action="store_true")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Step 3 of RLHF: PPO (DeepSpeed-Chat's step-3 flags).")
-    for add_group in (add_data, add_models, add_batches, add_optim, add_hybrid, add_ppo, add_algorithm, add_run):
+    for add_group in (add_data, add_models, add_batches, add_optim, add_hybrid, add_ppo, add_algorithm, add_run,
+                      add_dschat_common):
         add_group(parser)
     return parser
 
@@ -160,7 +160,8 @@ POSITIVE = ("per_device_generation_batch_size", "per_device_training_batch_size"
 
 
 def check_args(args: argparse.Namespace) -> None:
-    """Refuse settings that cannot work before any model is loaded."""
+    """Refuse settings that cannot work before any model is loaded; name the no-effect flags given."""
+    note_no_effect(args)
     for name in POSITIVE:
         if getattr(args, name) < 1:
             raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}")

@@ -4,12 +4,13 @@ from functools import partial
 
 import torch
 
-from hybrid_engine.distributed import destroy_process_groups
-from rlhf.args import add, add_no_effect, check_args, training_parser
+from rlhf import cli
+from rlhf.args import add, add_no_effect, add_refused, check_args, training_parser
 from rlhf.data import collate_pairs
 from rlhf.distributed import all_sum
 from rlhf.supervised import load_run, to_device, train_and_save
-from rlhf.reward_model import end_scores, last_token_loss, load_reward_model, pairwise_loss, token_values
+from rlhf.reward_model import (end_scores, last_token_loss, load_reward_model, pairwise_loss, save_dschat_reward,
+                               token_values)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -20,6 +21,15 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["pairwise", "last_token"], default="pairwise")
     add_no_effect(parser, "num_padding_at_beginning", "the last real token is found from the attention mask, "
                   "whatever padding the model's tokenizer puts first.", type=int, default=1)
+    add(parser, "dschat_checkpoint", "Also write pytorch_model.bin in DeepSpeed-Chat's reward-model layout "
+        "(rwtransformer.*, v_head.weight, embeddings of 8 * ceil(len(tokenizer) / 8) rows), so that its step 3 "
+        "(create_critic_model) loads this directory as transformers does (default: on; --no-dschat_checkpoint "
+        "saves the disk of a second copy of the weights).", action=argparse.BooleanOptionalAction, default=True)
+    dpo = ("DPO (DeepSpeed-Chat's step2_dpo_finetuning) is not implemented here; this step trains a reward model "
+           "for PPO (python -m rlhf.ppo, which also runs critic-free with --algorithm grpo or rloo).")
+    for name in ("beta", "label_smoothing"):  # the flags of DeepSpeed-Chat's step2_dpo_finetuning/main.py alone
+        add_refused(parser, name, dpo, type=float)
+    add_refused(parser, "offload_reference_model", dpo, action="store_true")
     return parser
 
 
@@ -60,10 +70,10 @@ def main(argv: list[str] | None = None) -> None:
     device, config, tokenizer, train, evalset = load_run(args, stage=2)
     model = load_reward_model(args.model_name_or_path, config, tokenizer.pad_token_id)
     collate = partial(collate_pairs, pad_token_id=tokenizer.pad_token_id)
+    dschat = partial(save_dschat_reward, tokenizer=tokenizer) if args.dschat_checkpoint else None
     train_and_save(args, model.to(device), tokenizer, (train, evalset), collate, pair_loss(args.reward_loss),
-                   reward_accuracy, "reward")
+                   reward_accuracy, "reward", dschat)
 
 
 if __name__ == "__main__":
-    main()
-    destroy_process_groups()
+    cli.run(main)

@@ -3,6 +3,8 @@
 
 Training and the step-3 critic read the head at every position (token_values); the reward of a
 sequence is the value at its last real token (end_scores), found from the attention mask."""
+import math
+import os
 import pickle
 
 import torch
@@ -75,6 +77,45 @@ def read_weights(path: str) -> dict[str, torch.Tensor]:
                          f"(only plain tensors are loaded, weights_only=True): {str(e).splitlines()[0]}") from None
 
 
+DSCHAT_WEIGHTS = "pytorch_model.bin"  # the file DeepSpeed-Chat's save_hf_format writes and create_critic_model reads
+
+
+def dschat_rows(tokenizer) -> int:
+    """The vocabulary rows of DeepSpeed-Chat's models: create_hf_model resizes the embeddings to
+    8 * ceil(len(tokenizer) / 8) before its loader copies the weights in, which skips a tensor of any other
+    shape without a word."""
+    return 8 * math.ceil(len(tokenizer) / 8)
+
+
+def resized_rows(weight: torch.Tensor, rows: int) -> torch.Tensor:
+    """The embedding with `rows` rows: rows no token id of the tokenizer reaches are dropped, or added as the
+    mean row (as transformers' resize does); the tokenizer's own rows are unchanged."""
+    if rows <= weight.shape[0]:
+        return weight[:rows].clone()
+    return torch.cat([weight, weight.float().mean(0, keepdim=True).to(weight.dtype).expand(rows - weight.shape[0], -1)])
+
+
+def embedding_key(base: PreTrainedModel) -> str:
+    """The input embedding's name in the base transformer's state dict (decoder.embed_tokens.weight for OPT)."""
+    return next(f"{name}.weight" for name, module in base.named_modules() if module is base.get_input_embeddings())
+
+
+def dschat_state(model: PreTrainedModel, rows: int) -> dict[str, torch.Tensor]:
+    """A sequence-classification model's weights under DeepSpeed-Chat's RewardModel names: the base
+    transformer as rwtransformer.*, the score head as v_head.weight, the input embedding with `rows` rows."""
+    embedding = f"rwtransformer.{embedding_key(model.base_model)}"
+    state = {f"rwtransformer.{k}": v for k, v in model.base_model.state_dict().items()}
+    state[embedding] = resized_rows(state[embedding], rows)
+    state["v_head.weight"] = model.score.weight.reshape(1, -1)
+    return {k: v.detach().clone().contiguous() for k, v in state.items()}
+
+
+def save_dschat_reward(model: PreTrainedModel, directory: str, tokenizer) -> None:
+    """pytorch_model.bin in DeepSpeed-Chat's reward-model layout, beside our transformers checkpoint (whose
+    config.json both read; transformers loads model.safetensors when both files are there)."""
+    torch.save(dschat_state(model, dschat_rows(tokenizer)), os.path.join(directory, DSCHAT_WEIGHTS))
+
+
 def load_dschat_reward(path: str, base_config_or_dir: PretrainedConfig | str, pad_token_id: int | None = None
                        ) -> PreTrainedModel:
     """A DeepSpeed-Chat step-2 checkpoint (pytorch_model.bin: rwtransformer.* = the base model,
@@ -90,6 +131,9 @@ def load_dschat_reward(path: str, base_config_or_dir: PretrainedConfig | str, pa
     if missing or not any(k.startswith("rwtransformer.") for k in state):
         raise ValueError(f"{path}: not a DeepSpeed-Chat reward checkpoint (needs rwtransformer.* and v_head.weight)")
     body = {k.removeprefix("rwtransformer."): v for k, v in state.items() if k.startswith("rwtransformer.")}
+    rows = body[embedding_key(model.base_model)].shape[0]
+    if rows != model.get_input_embeddings().weight.shape[0]:  # DeepSpeed-Chat's rows, or ours padded to them
+        model.resize_token_embeddings(rows, mean_resizing=False)
     model.base_model.load_state_dict(body)
     model.score.load_state_dict({"weight": state["v_head.weight"].reshape(model.score.weight.shape)})
     return model

@@ -6,6 +6,7 @@ else transformers' `generate` on the DeepSpeed module (DeepSpeed-Chat without it
 Every check that can fail is made before the first model is loaded: a missing step-1/2 output, a
 critic whose tokenizer differs from the actor's, answers longer than the models' positions."""
 import argparse
+import json
 import os
 from dataclasses import dataclass
 
@@ -17,7 +18,8 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 from hybrid_engine import HybridEngine
 from hybrid_engine.capability import DTYPES
 from rlhf.engines import ZERO3_LIMITS, build_engine
-from rlhf.hf_models import check_positions, load_config, prepare_model
+from rlhf.distributed import rank
+from rlhf.hf_models import check_positions, has_tokenizer, load_config, prepare_model
 from rlhf.reward_model import load_dschat_reward, load_reward_model
 from rlhf.rollout import Generate, HybridGenerate, ZeRO3Generate
 
@@ -54,8 +56,40 @@ def check_checkpoint(path: str, role: str) -> None:
                          f"run {ROLE_STEP[role]} first, or point the flag at its --output_dir")
 
 
+def actor_tokenizer(path: str):
+    if not has_tokenizer(path):
+        raise ValueError(f"--actor_model_name_or_path {path!r} has no tokenizer (no tokenizer_config.json or "
+                         "tokenizer.json; DeepSpeed-Chat's save_hf_format writes none under transformers 5): save the "
+                         "base model's there, AutoTokenizer.from_pretrained(BASE).save_pretrained(DIR)")
+    return AutoTokenizer.from_pretrained(path)
+
+
+def check_vocab_file(actor_tokenizer, critic_path: str) -> None:
+    """A critic saved without a tokenizer may still carry the vocab.json save_vocabulary wrote: it must map
+    every token to the actor's id."""
+    path = os.path.join(critic_path, "vocab.json")
+    if not os.path.isfile(path):
+        return
+    with open(path, encoding="utf-8") as f:
+        vocab = json.load(f)
+    actor_vocab = actor_tokenizer.get_vocab()
+    differ = sorted(token for token, i in vocab.items() if actor_vocab.get(token) != i)
+    if differ:
+        raise ValueError(f"the critic's vocabulary ({path}) differs from the actor's tokenizer "
+                         f"({actor_tokenizer.name_or_path}) for {len(differ)} of {len(vocab)} tokens (e.g. "
+                         f"{differ[0]!r}): the critic and reward model would read the actor's token ids as other words")
+
+
 def check_tokenizers(actor_tokenizer, critic_path: str) -> None:
-    """The critic and the reward model score the actor's token ids: their vocabularies must be the same."""
+    """The critic and the reward model score the actor's token ids: their vocabularies must be the same.
+    A critic without a tokenizer (as DeepSpeed-Chat's step 2 saves it) reads them with the actor's, as
+    DeepSpeed-Chat's step 3 does."""
+    if not has_tokenizer(critic_path):
+        check_vocab_file(actor_tokenizer, critic_path)
+        if rank() == 0:
+            print(f"the critic ({critic_path}) has no tokenizer files, as DeepSpeed-Chat's step 2 saves it: it reads "
+                  "the actor's token ids with the actor's tokenizer, as DeepSpeed-Chat's step 3 does", flush=True)
+        return
     critic_tokenizer = AutoTokenizer.from_pretrained(critic_path)
     if critic_tokenizer.get_vocab() != actor_tokenizer.get_vocab():
         raise ValueError(f"the critic's tokenizer ({critic_path}) differs from the actor's "
@@ -75,8 +109,11 @@ def check_models(args: argparse.Namespace, tokenizer) -> None:
     length = args.max_prompt_seq_len + args.max_answer_seq_len
     for role in ("actor", "critic"):
         path = getattr(args, f"{role}_model_name_or_path")
-        check_positions(AutoConfig.from_pretrained(path), path, role, "--max_prompt_seq_len + --max_answer_seq_len",
-                        length)
+        config = AutoConfig.from_pretrained(path)
+        check_positions(config, path, role, "--max_prompt_seq_len + --max_answer_seq_len", length)
+        if config.vocab_size < len(tokenizer):
+            raise ValueError(f"the {role} ({path}) has {config.vocab_size} embedding rows, fewer than the "
+                             f"{len(tokenizer)} tokens of the actor's tokenizer")
 
 
 def load_actor(args: argparse.Namespace, dtype: torch.dtype) -> PreTrainedModel:

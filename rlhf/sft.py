@@ -6,7 +6,7 @@ from functools import partial
 import torch
 from transformers import AutoModelForCausalLM
 
-from hybrid_engine.distributed import destroy_process_groups
+from rlhf import cli
 from rlhf.args import add, check_args, training_parser
 from rlhf.data import collate_sft
 from rlhf.distributed import all_sum
@@ -61,5 +61,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
-    destroy_process_groups()
+    cli.run(main)

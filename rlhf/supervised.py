@@ -83,14 +83,15 @@ def load_run(args, stage: int):
 
 
 def train_and_save(args, model: PreTrainedModel, tokenizer, datasets: tuple, collate, loss_fn, evaluate,
-                   desc: str) -> None:
-    """The run both steps share: loaders, engine, epochs with evals, then the HF checkpoint.
-    evaluate(engine, eval_loader, eval_iters) -> metrics."""
+                   desc: str, extra_files=None) -> None:
+    """The run both steps share: loaders, engine, epochs with evals, then the HF checkpoint (and the
+    files extra_files(plain_model, directory) writes beside it). evaluate(engine, eval_loader, eval_iters)
+    -> metrics."""
     train_loader = make_loader(datasets[0], args.per_device_train_batch_size, collate, True, args.seed)
     eval_loader = make_loader(datasets[1], args.per_device_eval_batch_size, collate, False, args.seed)
     steps = steps_per_run(train_loader, args)
     engine = build_engine(prepare_model(model, args), args, steps)
     log = Log(args.output_dir, steps, rank(), args.tensorboard_path if args.enable_tensorboard else None, desc)
     run_training(engine, train_loader, loss_fn, lambda: evaluate(engine, eval_loader, args.eval_iters), log, args)
-    save_hf(engine, tokenizer, args.output_dir)
+    save_hf(engine, tokenizer, args.output_dir, extra_files)
     log.close()

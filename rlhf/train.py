@@ -2,27 +2,35 @@
 e2e_rlhf.py: step 1 (SFT, rlhf.sft) trains the actor from --actor-model, step 2 (rlhf.reward) the
 reward model from --reward-model, step 3 (PPO, rlhf.ppo) both from their outputs.
 
-Each step runs as its own process through the deepspeed launcher, its output under --output-dir in
-DeepSpeed-Chat's layout (actor-models/NAME, reward-models/NAME, step3-models/NAME, NAME being the
-model's last path component), its log in that folder's training.log. A step whose finished output
-exists is skipped (unless --force, or an input of it was rebuilt in this run).
+Each step runs as its own process group through the deepspeed launcher (stopped with this command,
+whatever stops it), its output under --output-dir in e2e_rlhf.py's layout (actor-models/NAME,
+reward-models/NAME, step3-models/NAME; NAME is the size for e2e_rlhf.py's model forms, 1.3b or
+facebook/opt-1.3b, else the model's last path component), its log in that folder's training.log. A step
+whose finished output exists is skipped (unless --force, or an input of it was rebuilt in this run).
+e2e_rlhf.py's model sizes train with the settings of the DeepSpeed-Chat script it would run for them.
 
     python -m rlhf.train --example                 # the synthetic task, steps 1-3 on 2 CPU ranks
-    python -m rlhf.train --step 1 2 --actor-model facebook/opt-1.3b --reward-model facebook/opt-350m \\
-        --deployment-type single_node --num-gpus 8 --data-path Dahoas/rm-static --step1-args "--lora_dim 128"
+    python -m rlhf.train --step 1 2 --actor-model 1.3b --reward-model 350m --deployment-type single_node \\
+        --num-gpus 8 --data-path Dahoas/rm-static --step1-args "--lora_dim 128"
 """
 import argparse
+import glob
 import hashlib
 import os
+import re
 import shlex
-import subprocess
+import shutil
+import signal
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from hybrid_engine.distributed import free_port, remove_deepspeed_shm
+from rlhf import e2e_presets
 from rlhf.args import add, add_dtype, resolve_dtype
+from rlhf.data.sources import DataError, check_hub_sources, hub_unreachable
+from rlhf.step_process import Terminated, raise_on_sigterm, run_group
 
 MODULES = {1: "rlhf.sft", 2: "rlhf.reward", 3: "rlhf.ppo"}
 FOLDERS = {1: "actor-models", 2: "reward-models", 3: "step3-models"}
@@ -74,8 +82,16 @@ class Step:
 
 
 def model_name(model: str) -> str:
-    """The output folders' NAME: a hub name's or a local path's last component (facebook/opt-1.3b -> opt-1.3b)."""
-    return os.path.basename(os.path.normpath(model))
+    """The output folders' NAME as e2e_rlhf.py names them: the size for its forms (1.3b, facebook/opt-1.3b),
+    else a hub name's or a local path's last component."""
+    return e2e_presets.e2e_size(model) or os.path.basename(os.path.normpath(model))
+
+
+def zero_stage(value: str) -> int | None:
+    """e2e_rlhf.py's --actor-zero-stage / --reward-zero-stage: 0-3, or "" (its default): the step's own."""
+    if value not in ("", "0", "1", "2", "3"):
+        raise argparse.ArgumentTypeError(f"{value!r}: want 0, 1, 2, 3 or \"\" (the step's own stage)")
+    return int(value) if value else None
 
 
 def steps_of(args) -> dict[int, Step]:
@@ -89,14 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add(parser, "step", "Steps to run, any subset of 1 2 3 (run in order).", type=int, nargs="+",
         choices=(1, 2, 3), default=[1, 2, 3])
-    add(parser, "actor_model", "Base model of the actor (step 1): a hub name or a local checkpoint path. "
-        f"Default {DEFAULTS['actor_model']} (needs internet).")
-    add(parser, "reward_model", "Base model of the reward model (step 2): a hub name or a local checkpoint "
-        f"path. Default {DEFAULTS['reward_model']} (needs internet).")
-    add(parser, "actor_zero_stage", "ZeRO stage of the actor (steps 1 and 3); default: the step's own.",
-        type=int, choices=(0, 1, 2, 3))
-    add(parser, "reward_zero_stage", "ZeRO stage of the reward model and the critic (steps 2 and 3); "
-        "default: the step's own.", type=int, choices=(0, 1, 2, 3))
+    add_models(parser)
     add(parser, "output_dir", "Root of the outputs: actor-models/NAME, reward-models/NAME, step3-models/NAME.",
         type=os.path.abspath, default="./output")
     add_launcher(parser)
@@ -121,6 +130,22 @@ def build_parser() -> argparse.ArgumentParser:
     add(parser, "example_records", "Preference records of --example (10%% held out for eval).", type=int,
         default=20000)
     return parser
+
+
+def add_models(parser: argparse.ArgumentParser) -> None:
+    """The base models and their ZeRO stages, in e2e_rlhf.py's forms too."""
+    sizes = ("e2e_rlhf.py's sizes ({}, meaning facebook/opt-SIZE) and local directories named opt-SIZE train with "
+             "the settings of the DeepSpeed-Chat script e2e_rlhf.py runs for that size (rlhf.e2e_presets; this "
+             "command's flags and --stepN-args override them)")
+    add(parser, "actor_model", "Base model of the actor (step 1): a hub name, a local checkpoint path or a size; "
+        f"{sizes.format(', '.join(e2e_presets.ACTOR_SIZES))}. Default {DEFAULTS['actor_model']} (needs internet).")
+    add(parser, "reward_model", "Base model of the reward model (step 2): a hub name, a local checkpoint path or "
+        f"a size; {sizes.format(', '.join(e2e_presets.REWARD_SIZES))}. Default {DEFAULTS['reward_model']} "
+        "(needs internet).")
+    add(parser, "actor_zero_stage", "ZeRO stage of the actor (steps 1 and 3): 0-3, or \"\" (e2e_rlhf.py's "
+        "default): the step's own (its DeepSpeed-Chat script's for a size).", type=zero_stage)
+    add(parser, "reward_zero_stage", "ZeRO stage of the reward model and the critic (steps 2 and 3): 0-3, or \"\": "
+        "the step's own (its DeepSpeed-Chat script's for a size).", type=zero_stage)
 
 
 def add_launcher(parser: argparse.ArgumentParser) -> None:
@@ -176,8 +201,31 @@ def example_args(args, n: int) -> list[str]:
     return ({1: EXAMPLE_STEP1_ARGS, 2: EXAMPLE_STEP2_ARGS, 3: EXAMPLE_STEP3_ARGS}[n] if args.example else [])
 
 
+def step_model(args, n: int) -> str:
+    """The model a step starts from (steps 1 and 2), or whose size picks step 3's settings (the actor's)."""
+    return args.reward_model if n == 2 else args.actor_model
+
+
+def step_preset(args, n: int) -> tuple[str | None, list[str]]:
+    """(DeepSpeed-Chat's script, its flags) for the step's model size, as e2e_rlhf.py runs it."""
+    return (None, []) if args.example else e2e_presets.preset(n, args.deployment_type, step_model(args, n))
+
+
+def preset_note(args, n: int) -> str | None:
+    """Which settings the step gets from DeepSpeed-Chat's scripts, said before it starts."""
+    script, flags = step_preset(args, n)
+    size = None if args.example else e2e_presets.size_of(step_model(args, n))
+    if script:
+        return f"[step {n}] settings of DeepSpeed-Chat's training/{script} (e2e_rlhf.py's script): {' '.join(flags)}"
+    if size:
+        return (f"[step {n}] DeepSpeed-Chat has no script for opt-{size} under {args.deployment_type} (e2e_rlhf.py "
+                f"stops there): {MODULES[n]}'s own defaults")
+    return None
+
+
 def step_flags(args, steps: dict[int, Step], n: int) -> list[str]:
-    """The step's command-line flags: this command's, the example's, the zero stages, then --stepN-args."""
+    """The step's command-line flags: its DeepSpeed-Chat script's settings, this command's, the example's, the
+    zero stages given, then --stepN-args (later flags win)."""
     data = ["--data_path", *args.data_path, "--data_split", args.data_split,
             "--data_output_path", os.path.join(args.output_dir, "data_files")]
     if n == 3:
@@ -185,10 +233,11 @@ def step_flags(args, steps: dict[int, Step], n: int) -> list[str]:
                   steps[2].output_dir, "--enable_hybrid_engine"]
         zero = [("--actor_zero_stage", args.actor_zero_stage), ("--critic_zero_stage", args.reward_zero_stage)]
     else:
-        models = ["--model_name_or_path", args.actor_model if n == 1 else args.reward_model]
+        models = ["--model_name_or_path", e2e_presets.hub_name(step_model(args, n))]
         zero = [("--zero_stage", args.actor_zero_stage if n == 1 else args.reward_zero_stage)]
     zero_flags = [str(x) for flag, stage in zero if stage is not None for x in (flag, stage)]
-    return [*data, *models, "--output_dir", steps[n].output_dir, "--dtype", args.dtype, *example_args(args, n),
+    outputs = ["--output_dir", steps[n].output_dir, "--tensorboard_path", steps[n].output_dir]
+    return [*step_preset(args, n)[1], *data, *models, *outputs, "--dtype", args.dtype, *example_args(args, n),
             *zero_flags, *shlex.split(getattr(args, f"step{n}_args"))]
 
 
@@ -239,50 +288,60 @@ def format_seconds(seconds: float) -> str:
     return f"{minutes}m{seconds:02d}s" if minutes else f"{seconds}s"
 
 
-def run_logged(cmd: list[str], env: dict[str, str], log_path: str, verbose: bool) -> int:
-    """Run cmd with stdout and stderr appended to log_path (and echoed when verbose); its return code."""
-    with open(log_path, "ab") as log:
-        log.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} {shlex.join(cmd)}\n".encode())
-        log.flush()
-        proc = subprocess.Popen(cmd, env={**os.environ, **env}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-        try:
-            while chunk := os.read(proc.stdout.fileno(), 1 << 16):
-                log.write(chunk)
-                if verbose:
-                    sys.stdout.buffer.write(chunk)
-                    sys.stdout.flush()
-        finally:
-            code = proc.wait()  # on Ctrl-C the launcher got the SIGINT too and stops its ranks
-    return code
+def this_run(log_text: str) -> str:
+    """The part of a step's log written by its last run (each run starts with a `=== TIME COMMAND` line)."""
+    return log_text.rsplit("\n=== ", 1)[-1]
 
 
-def tail(path: str, n: int = TAIL_LINES) -> str:
+def tail(log_text: str, n: int = TAIL_LINES) -> str:
     """The last n lines, progress-bar redraws (carriage returns) reduced to their final state."""
-    text = Path(path).read_bytes().decode(errors="replace")
-    lines = [line.rsplit("\r", 1)[-1] if line.rstrip("\r") else line for line in text.splitlines()]
+    lines = [line.rsplit("\r", 1)[-1] if line.rstrip("\r") else line for line in log_text.splitlines()]
     return "\n".join(lines[-n:])
 
 
-def killed(code: int, log_text: str) -> bool:
-    """SIGKILL (most often the kernel's OOM killer): -9 for a direct child, 137 through a shell, 247
-    through the deepspeed launcher (sys.exit(-9)), which also logs its rank's return code."""
-    return code in (-9, 137, 247) or "exits with return code = -9" in log_text
+# rlhf.cli's `rank R: error: ...` (or `error: ...` in a world of one), argparse's `PROG: error: ...`
+ERROR_LINE = re.compile(r"^(?:rank \d+: )?error: .+$|^[\w.-]+: error: .+$", re.M)
+LAUNCH_CODE = re.compile(r"exits with return code = (-?\d+)")
+
+
+def rank_errors(log_text: str) -> list[str]:
+    """The error lines the ranks printed, each message once (every rank may report the same one)."""
+    first = {}
+    for line in ERROR_LINE.findall(log_text):
+        first.setdefault(line.split("error: ", 1)[1], line)
+    return list(first.values())
+
+
+def killing_signal(code: int, log_text: str) -> str | None:
+    """The signal a rank died of: deepspeed's launch.py logs the rank's return code (-N for signal N); a
+    direct child returns -N, a shell 128 + N, the launcher 247 for SIGKILL (sys.exit(-9))."""
+    codes = [int(c) for c in LAUNCH_CODE.findall(log_text)] + [code]
+    number = next((-c for c in codes if c < 0), 9 if code in (137, 247) else None)
+    return signal.Signals(number).name if number in {s.value for s in signal.Signals} else None
+
+
+def what_failed(code: int, log_text: str) -> str:
+    """The failing rank's own error line, else the signal it died of."""
+    errors, killer = rank_errors(log_text), killing_signal(code, log_text)
+    if errors:
+        return "; ".join(errors[:3])
+    if killer:
+        return f"a rank was killed by {killer}"
+    return "no rank printed an error line (the log's last lines follow)"
 
 
 def failure_hint(n: int, code: int, log_text: str) -> str:
-    """What most likely went wrong: a bad flag, or memory (the OOM killer, or the common causes)."""
+    """What to do about it, where the cause is clear: a bad flag, or memory (a rank killed by SIGKILL)."""
     if "unrecognized arguments" in log_text or "error: argument" in log_text:
         return (f"hint: a flag {MODULES[n]} does not accept or a bad value: check --step{n}-args against "
                 f"`python -m {MODULES[n]} --help`.")
-    hints = []
-    if killed(code, log_text):
-        hints.append(f"return code {code}: a rank was killed by SIGKILL (-9; 137 from a shell, 247 through the "
-                     f"deepspeed launcher), most often by the OOM killer (see `dmesg`): memory ran out.")
-    hints.append("Out of memory? A smaller per-device batch (--per_device_train_batch_size, for step 3 "
-                 "--per_device_generation_batch_size / --per_device_training_batch_size), LoRA (--lora_dim 8 "
-                 "--only_optimize_lora; step 3: --actor_lora_dim), a higher ZeRO stage (--actor-zero-stage / "
-                 "--reward-zero-stage 3), gradient checkpointing, or fewer ranks per node.")
-    return "\n".join("hint: " + h for h in hints)
+    if killing_signal(code, log_text) == "SIGKILL":
+        return ("hint: SIGKILL is most often the kernel's OOM killer (see `dmesg`): memory ran out. A smaller "
+                "per-device batch (--per_device_train_batch_size, for step 3 --per_device_generation_batch_size / "
+                "--per_device_training_batch_size), LoRA (--lora_dim 8 --only_optimize_lora; step 3: "
+                "--actor_lora_dim), a higher ZeRO stage (--actor-zero-stage / --reward-zero-stage 3), gradient "
+                "checkpointing, or fewer ranks per node.")
+    return ""
 
 
 def inputs_of(args, steps: dict[int, Step], n: int) -> list[int]:
@@ -293,49 +352,88 @@ def inputs_of(args, steps: dict[int, Step], n: int) -> list[int]:
 
 
 def check_checkpoint(path: str, n: int, needed_by: int) -> None:
-    """A config and a tokenizer that load, with the step to run if not."""
+    """A config and a tokenizer that load (a step-2 critic's is optional), with the step to run if not."""
     needs = f"step {needed_by} needs the step-{n} checkpoint {path}, which"
     if not os.path.isfile(os.path.join(path, "config.json")):
         raise StepError(f"{needs} does not exist (no config.json): run step {n} first (this command with --step {n})")
     from transformers import AutoConfig, AutoTokenizer
+
+    from rlhf.hf_models import has_tokenizer
     try:
         AutoConfig.from_pretrained(path)
-        AutoTokenizer.from_pretrained(path)
+        if n == 1 or has_tokenizer(path):  # a critic may come without one (DeepSpeed-Chat's step 2 saves none)
+            AutoTokenizer.from_pretrained(path)
     except Exception as e:  # any reason a checkpoint does not load is reported the same way
         raise StepError(f"{needs} does not load ({type(e).__name__}: {e}): run step {n} again with --force") from None
 
 
 def check_inputs(args, steps: dict[int, Step], n: int) -> None:
+    """The earlier steps' checkpoints and the hub's reachability, before any process starts."""
     for i in inputs_of(args, steps, n):
         check_checkpoint(steps[i].output_dir, i, needed_by=n)
+    try:
+        check_hub_sources(args.data_path)
+    except DataError as e:
+        raise StepError(f"step {n} cannot read --data-path {e}") from None
+    model = e2e_presets.hub_name(step_model(args, n))
+    if n != 3 and not os.path.exists(model) and (reason := hub_unreachable()):
+        raise StepError(f"step {n} cannot load {model}: not a local checkpoint, and {reason}. Save it where the hub "
+                        "can be reached (save_pretrained of the model and its tokenizer) and pass that directory; "
+                        "one named opt-SIZE keeps e2e_rlhf.py's settings for that size.")
+
+
+def launch(args, step: Step, port: int) -> int:
+    """Start the step's launcher and ranks and wait for them; the launcher's return code."""
+    cmd = [*launcher(args, port), "--module", MODULES[step.number], *step_flags(args, steps_of(args), step.number)]
+    env, label = step_env(args), f"[step {step.number}]"
+    for line in (preset_note(args, step.number), f"{' '.join(f'{k}={v}' for k, v in env.items())} {shlex.join(cmd)}",
+                 f"started {time.strftime('%H:%M:%S')}, log: {step.log}"):
+        if line:
+            print(line if line.startswith(label) else f"{label} {line}", flush=True)
+    return run_group(cmd, env, step.log, args.verbose, label)
 
 
 def run_step(args, step: Step) -> None:
-    """Launch one step; StepError with the end of its log when it fails."""
-    steps, port = steps_of(args), free_port()
-    check_inputs(args, steps, step.number)
+    """Launch one step; StepError with what failed and the end of its log when it fails. Whatever ends it,
+    its processes are gone and nothing half-written stays behind."""
+    check_inputs(args, steps_of(args), step.number)
     os.makedirs(step.output_dir, exist_ok=True)
-    cmd = [*launcher(args, port), "--module", MODULES[step.number], *step_flags(args, steps, step.number)]
-    env = step_env(args)
-    print(f"[step {step.number}] {' '.join(f'{k}={v}' for k, v in env.items())} {shlex.join(cmd)}", flush=True)
-    print(f"[step {step.number}] started {time.strftime('%H:%M:%S')}, log: {step.log}", flush=True)
-    start = time.perf_counter()
+    port, start, started_at, code = free_port(), time.perf_counter(), time.time(), None
     try:
-        code = run_logged(cmd, env, step.log, args.verbose)
+        code = launch(args, step, port)
     finally:  # DeepSpeed's CPU all-reduce leaves ~66 MB of /dev/shm per rank behind; other nodes' are out of reach
         if args.deployment_type != "multi_node":
             remove_deepspeed_shm(port, local_ranks(args) or os.cpu_count() or 1)
+        if code != 0 or not step.finished:
+            remove_partial_outputs(args, step, started_at)
     seconds = time.perf_counter() - start
     if code != 0 or not step.finished:
         raise StepError(failure(step, code, seconds))
     print(f"[step {step.number}] finished in {format_seconds(seconds)}: {step.output_dir}", flush=True)
 
 
+def partial_outputs(args, step: Step, since: float) -> list[str]:
+    """What a step stopped mid-way leaves half-written: save_hf's and the resumable checkpoints' temporary
+    directories and the data cache's temporary files, written since it started."""
+    parent, name = os.path.split(step.output_dir)
+    patterns = (os.path.join(parent, f".tmp-{name}*"), os.path.join(step.output_dir, ".tmp-*"),
+                os.path.join(step.output_dir, "*", ".tmp-*"), os.path.join(args.output_dir, "data_files", "*.tmp"))
+    return [path for pattern in patterns for path in glob.glob(pattern) if os.path.getmtime(path) >= since]
+
+
+def remove_partial_outputs(args, step: Step, since: float) -> None:
+    for path in partial_outputs(args, step, since):
+        shutil.rmtree(path) if os.path.isdir(path) else os.unlink(path)
+        print(f"[step {step.number}] removed the half-written {path}", flush=True)
+
+
 def failure(step: Step, code: int, seconds: float) -> str:
     why = f"exited with return code {code}" if code else f"exited 0 but wrote no checkpoint in {step.checkpoint}"
-    hint = failure_hint(step.number, code, Path(step.log).read_text(errors="replace"))
-    return (f"step {step.number} ({MODULES[step.number]}) {why} after {format_seconds(seconds)}. "
-            f"Last lines of {step.log}:\n{tail(step.log)}\n{hint}")
+    log_text = this_run(Path(step.log).read_text(errors="replace"))
+    hint = failure_hint(step.number, code, log_text)
+    return (f"step {step.number} ({MODULES[step.number]}) {why} after {format_seconds(seconds)}: "
+            f"{what_failed(code, log_text)}\nLast lines of {step.log}:\n{tail(log_text)}"
+            + (f"\n{hint}" if hint else ""))
 
 
 def skip_reason(args, steps: dict[int, Step], n: int, rebuilt: set[int]) -> str | None:
@@ -387,13 +485,15 @@ def run(args) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    raise_on_sigterm()
     try:
         run(args)
     except StepError as e:
         sys.exit(f"error: {e}")
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        sys.exit(130)
+    except (KeyboardInterrupt, Terminated) as e:
+        # the step's process group was stopped on the way out (rlhf.step_process.run_group)
+        print(f"interrupted ({e or 'SIGINT'}): the running step's processes were stopped", file=sys.stderr)
+        sys.exit(143 if isinstance(e, Terminated) else 130)
 
 
 if __name__ == "__main__":

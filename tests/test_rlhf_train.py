@@ -165,11 +165,21 @@ def test_launcher_flags(monkeypatch):
             train.parse_args(bad)
 
 
-def test_failure_hints():
+def test_a_failure_says_what_failed_from_the_ranks_own_error():
+    log = ("old run\nrank 0: error: from an earlier run\n=== 2026-12-05 10:00:00 deepspeed ...\nTraceback ...\n"
+           "rank 1: error: ValueError: --max_seq_len 600 exceeds the model's max_position_embeddings 512\n"
+           "rank 0: error: ValueError: --max_seq_len 600 exceeds the model's max_position_embeddings 512\n"
+           "[launch.py:259:sigkill_handler] [...] exits with return code = 1\n")
+    run = train.this_run(log)
+    assert train.what_failed(1, run) == "rank 1: error: ValueError: --max_seq_len 600 exceeds the model's " \
+                                        "max_position_embeddings 512"  # each message once, this run's only
+    assert train.failure_hint(1, 1, run) == ""  # no guess about memory when a rank said what failed
+    assert train.what_failed(247, "[...] exits with return code = -9") == "a rank was killed by SIGKILL"
     assert "OOM killer" in train.failure_hint(1, 247, "...exits with return code = -9")
     assert "OOM killer" in train.failure_hint(3, -9, "")
-    assert "OOM killer" not in train.failure_hint(2, 1, "Traceback ... RuntimeError")
-    assert "Out of memory?" in train.failure_hint(2, 1, "Traceback ... RuntimeError")
+    assert train.what_failed(1, "[...] exits with return code = -11") == "a rank was killed by SIGSEGV"
+    assert "OOM killer" not in train.failure_hint(1, 1, "[...] exits with return code = -11")
+    assert train.what_failed(1, "Segmentation fault") == "no rank printed an error line (the log's last lines follow)"
 
 
 def write_step3_log(path) -> None:

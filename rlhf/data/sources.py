@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import os
 import re
+import socket
+from urllib.parse import urlparse
 from dataclasses import dataclass
 from typing import Callable
 
@@ -19,6 +21,11 @@ FIELDS = ("prompt", "chosen", "rejected")
 EVAL_FRACTION = 0.1  # carved off sources that ship no eval part
 EVAL_SPLIT_NAMES = ("eval", "test", "validation")
 HUB_NAME = re.compile(r"[\w.-]+/[\w.-]+")  # "owner/name": what is not a local path is tried on the hub
+HUB_CONNECT_TIMEOUT_S = 5
+LOCAL_COPY = ("Give a local copy instead: a directory of train.json/eval.json (or .jsonl) records {\"prompt\", "
+              "\"chosen\", \"rejected\"}, one such .json/.jsonl file, or a datasets save_to_disk directory (a path "
+              "ending in the hub name, e.g. .../Dahoas/rm-static, keeps its field adapter); for a copy already in the "
+              "Hugging Face cache, set HF_HUB_OFFLINE=1.")
 
 
 class DataError(ValueError):
@@ -125,8 +132,32 @@ ADAPTERS: dict[str, tuple[str, str | None, Callable[[dict], dict]]] = {
 }
 
 
+class HubUnreachable(ConnectionError):
+    pass
+
+
+def hub_unreachable() -> str | None:
+    """Why the Hugging Face hub cannot be reached from here, None when a connection opens (or goes through a
+    proxy, or offline mode reads the local cache). datasets.load_dataset alone retries for ~25 s, printing a
+    warning per retry, before it fails."""
+    offline = any(os.environ.get(v, "").upper() in ("1", "ON", "YES", "TRUE")
+                  for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
+    if offline or any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return None
+    from huggingface_hub.constants import ENDPOINT
+    url = urlparse(ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or 443), timeout=HUB_CONNECT_TIMEOUT_S).close()
+    except OSError as e:
+        return f"the Hugging Face hub ({ENDPOINT}) cannot be reached from this machine: {e}"
+    return None
+
+
 def hub_load(name: str):
-    """datasets.load_dataset, a seam the tests point at local directories (nothing downloads here)."""
+    """datasets.load_dataset once the hub answers, a seam the tests point at local directories."""
+    reason = hub_unreachable()
+    if reason:
+        raise HubUnreachable(reason)
     import datasets
     return datasets.load_dataset(name)
 
@@ -193,7 +224,20 @@ def load_source(spec: str, seed: int, need_rejected: bool) -> Source:
         raise DataError(f"{spec}: no such file or directory")
     try:
         data = hub_load(spec)
-    except Exception as e:  # anything the hub client raises (offline, unknown name) becomes one clear error
-        raise DataError(f"{spec}: not a local file or directory, and loading it from the hub failed: "
-                        f"{type(e).__name__}: {e}") from e
+    except Exception as e:  # anything the hub client raises (offline, unknown name) becomes one clear line
+        raise hub_error(spec, e) from e
     return _from_datasets(data, spec, seed, need_rejected)
+
+
+def hub_error(spec: str, error: Exception) -> DataError:
+    first_line = (str(error).strip().splitlines() or [""])[0]
+    return DataError(f"{spec}: not a local file or directory, and loading it from the hub failed: "
+                     f"{type(error).__name__}: {first_line}. {LOCAL_COPY}")
+
+
+def check_hub_sources(specs: list[str]) -> None:
+    """Refuse hub names at once while the hub cannot be reached (before any process is started for them)."""
+    hub = [spec for spec in specs if not os.path.exists(spec) and HUB_NAME.fullmatch(spec)]
+    reason = hub_unreachable() if hub else None
+    if reason:
+        raise hub_error(hub[0], HubUnreachable(reason))

@@ -113,16 +113,17 @@ def make_tokenizer():
                                    unk_token="<unk>", padding_side="left", clean_up_tokenization_spaces=False)
 
 
-def make_base_model(tokenizer, size: str = "tiny", seed: int = 0):
-    """A randomly initialised OPTForCausalLM over the tokenizer's vocabulary."""
+def make_base_model(tokenizer, size: str = "tiny", seed: int = 0, positions: int = 128):
+    """A randomly initialised OPTForCausalLM over the tokenizer's vocabulary (`positions` tokens long at most:
+    DeepSpeed-Chat's scripts train on 512)."""
     import torch
     from transformers import OPTConfig, OPTForCausalLM
 
     if size not in SIZES:
         raise ValueError(f"size must be one of {sorted(SIZES)}, got {size!r}")
     shape = SIZES[size]
-    config = OPTConfig(vocab_size=len(tokenizer), max_position_embeddings=128, word_embed_proj_dim=shape["hidden_size"],
-                       pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+    config = OPTConfig(vocab_size=len(tokenizer), max_position_embeddings=positions,
+                       word_embed_proj_dim=shape["hidden_size"], pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
                        eos_token_id=tokenizer.eos_token_id, dropout=0.0, attention_dropout=0.0, **shape)
     torch.manual_seed(seed)
     return OPTForCausalLM(config)
@@ -139,9 +140,9 @@ def write_data(directory: str, num_records: int, seed: int) -> None:
     print(f"wrote {num_records - n_eval} train and {n_eval} eval records to {directory}")
 
 
-def write_model(directory: str, size: str, seed: int) -> None:
+def write_model(directory: str, size: str, seed: int, positions: int = 128) -> None:
     tokenizer = make_tokenizer()
-    model = make_base_model(tokenizer, size, seed)
+    model = make_base_model(tokenizer, size, seed, positions)
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     n_params = sum(p.numel() for p in model.parameters())
