@@ -28,6 +28,13 @@ def unwrap(actor: nn.Module) -> nn.Module:
     return inner if isinstance(inner, nn.Module) else actor
 
 
+def weights_device(module: nn.Module) -> torch.device:
+    """Where the training weights live: under ZeRO-3 a parameter is an empty placeholder and its
+    shard (ds_tensor) is the real storage."""
+    param = next(module.parameters())
+    return getattr(param, "ds_tensor", param).device
+
+
 def tensor_bytes(tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
@@ -65,6 +72,7 @@ class HybridEngine:
         self.tp_size, self.tp_rank = tp_size, self.rank % tp_size
         self.tp_group = new_tp_group(tp_size) if self.world > 1 else None
         self.dtype = dtype or next(self.module.parameters()).dtype
+        self.device = weights_device(self.module)
         self.kv_cache_bytes, self.block_size, self.report = kv_cache_bytes, block_size, report
         self.resharder = Resharder(self.module, weight_map(self.config), tp_rank=self.tp_rank, tp_size=tp_size,
                                    bucket_bytes=bucket_bytes)
@@ -80,7 +88,7 @@ class HybridEngine:
         """Reshard the training weights into this rank's inference weights and reserve the KV cache."""
         if self.is_eval:
             return self
-        self.model = empty_model(self.config, self.tp_rank, self.tp_size, self.tp_group, self.dtype)
+        self.model = empty_model(self.config, self.tp_rank, self.tp_size, self.tp_group, self.dtype, self.device)
         stats = self.resharder.reshard(dict(self.model.named_buffers()))
         self.generator = Generator(self.model, kv_cache_bytes=self.kv_cache_bytes, block_size=self.block_size)
         self.stats.update(reshard_seconds=stats.seconds, reshard_bytes_received=stats.bytes_received,
@@ -136,7 +144,7 @@ class HybridEngine:
         seed = options.pop("seed", None)
         if seed is None:
             seed = int(torch.randint(0, 2**62, (1,), generator=generator))
-        seed_tensor = torch.tensor([seed], dtype=torch.int64)
+        seed_tensor = torch.tensor([seed], dtype=torch.int64, device=self.device)  # NCCL sends device tensors only
         dist.broadcast(seed_tensor, src=self.rank - self.tp_rank, group=self.tp_group)
         return {**options, "seed": int(seed_tensor)}
 

@@ -81,10 +81,7 @@ class Generator:
         input_ids, attention_mask = check_prompts(self.model, input_ids, attention_mask, max_new_tokens)
         if num_return_sequences < 1:
             raise ValueError(f"num_return_sequences must be >= 1, got {num_return_sequences}")
-        if seed is not None and generator is not None:
-            raise ValueError("give seed or generator, not both")
-        if seed is not None:
-            generator = torch.Generator(self.model.device).manual_seed(seed)
+        generator = device_generator(seed, generator, self.model.device)
         run = Run(self.model, self._cache_for(attention_mask, num_return_sequences, max_new_tokens), options,
                   input_ids, attention_mask, num_return_sequences, generator, self.max_prefill_tokens)
         with torch.inference_mode():
@@ -133,6 +130,19 @@ def sampling_options(config, max_new_tokens, min_new_tokens, do_sample, temperat
         pad_token_id = eos[0] if eos else 0
     return SamplingOptions(max_new_tokens, min_new_tokens, do_sample, temperature, top_k, top_p,
                            torch.tensor(eos, dtype=torch.int64, device=device), pad_token_id)
+
+
+def device_generator(seed: int | None, generator: torch.Generator | None,
+                     device: torch.device) -> torch.Generator | None:
+    """The sampling generator on the model's device: from a seed, or seeded from a generator held on
+    another device (a trainer's host generator driving a GPU model), which advances it once."""
+    if seed is not None and generator is not None:
+        raise ValueError("give seed or generator, not both")
+    if generator is not None and generator.device.type != device.type:
+        seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device))
+    if seed is not None:
+        return torch.Generator(device).manual_seed(seed)
+    return generator
 
 
 def check_prompts(model: CausalLM, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,

@@ -33,10 +33,16 @@ def world_size() -> int:
 
 def all_reduce(values: list[float], op=dist.ReduceOp.SUM) -> list[float]:
     """Reduce scalars over ranks in one all-reduce."""
-    t = torch.tensor(values, dtype=torch.float64)
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(t, op=op)
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return [float(v) for v in values]
+    t = torch.tensor(values, dtype=torch.float64, device=collective_device())
+    dist.all_reduce(t, op=op)
     return t.tolist()
+
+
+def collective_device() -> torch.device:
+    """NCCL reduces device tensors only; gloo, host tensors."""
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
 
 
 def all_sum(*values: float) -> list[float]:

@@ -30,17 +30,28 @@ def gathered_state(engine) -> dict[str, torch.Tensor]:
         return {n: p.detach().clone() for n, p in params.items()}
 
 
-def engine_worker(rank: int, world: int, family: str, tp: int, stage: int) -> dict:
+def init_rank(rank: int, device: str) -> torch.device:
+    """gloo on CPU ranks; NCCL with one GPU per rank and TF32 off (fp32 parity) on CUDA ranks."""
     import deepspeed
 
-    deepspeed.init_distributed(dist_backend="gloo", verbose=False)
-    plain = small_hf_model(family).eval()  # same seed on every rank: the un-partitioned twin of the actor
-    actor = small_hf_model(family)
+    if device == "cuda":
+        torch.cuda.set_device(rank)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    deepspeed.init_distributed(dist_backend="nccl" if device == "cuda" else "gloo", verbose=False)
+    return torch.device(device, rank) if device == "cuda" else torch.device("cpu")
+
+
+def engine_worker(rank: int, world: int, family: str, tp: int, stage: int, device: str = "cpu") -> dict:
+    import deepspeed
+
+    place = init_rank(rank, device)
+    plain = small_hf_model(family).eval().to(place)  # same seed on every rank: the un-partitioned twin of the actor
+    actor = small_hf_model(family).to(place)
     config = {**ZERO3, "zero_optimization": {"stage": stage}}
     engine, *_ = deepspeed.initialize(model=actor, config=config, model_parameters=actor.parameters())
     he = HybridEngine(engine, tp_size=tp, dtype=torch.float32, report=False)
     pad = plain.config.pad_token_id or 0
-    ids, mask = ragged_prompts(100 + rank, 2 + rank, plain.config.vocab_size, pad)  # ranks differ in batch size
+    ids, mask = (t.to(place) for t in ragged_prompts(100 + rank, 2 + rank, plain.config.vocab_size, pad))
     options = dict(max_new_tokens=6, min_new_tokens=6, eos_token_id=[], pad_token_id=pad)
     before = gathered_state(engine)
     ours = he.generate(ids, mask, **options)
@@ -56,14 +67,19 @@ def engine_worker(rank: int, world: int, family: str, tp: int, stage: int) -> di
     plain.load_state_dict(trained, strict=False)
     after_step = he.generate(ids, mask, **options).sequences
     expected_after = hybrid_engine.generate(plain, ids, mask, **options).sequences
-    return {"ours": ours.sequences, "hf": expected_hf, "single": expected_single, "unchanged": unchanged,
-            "changed": changed, "after_step": after_step, "expected_after": expected_after,
-            "mask_ok": torch.equal(ours.attention_mask[:, :ids.shape[1]], mask), "eval_after": he.is_eval}
+    return {"ours": ours.sequences.cpu(), "hf": expected_hf.cpu(), "single": expected_single.cpu(),
+            "unchanged": unchanged, "changed": changed, "after_step": after_step.cpu(),
+            "expected_after": expected_after.cpu(), "mask_ok": torch.equal(ours.attention_mask[:, :ids.shape[1]], mask),
+            "eval_after": he.is_eval, "device": str(he.device)}
 
 
 @pytest.mark.parametrize("family, tp, stage", [("opt", 2, 3), ("opt", 1, 3), ("llama", 2, 3), ("opt", 2, 2)])
 def test_greedy_generation_matches_single_process_and_transformers(family, tp, stage):
-    for rank, r in enumerate(run_ranks(2, engine_worker, family, tp, stage)):
+    check_engine_results(run_ranks(2, engine_worker, family, tp, stage))
+
+
+def check_engine_results(results: list[dict]) -> None:
+    for rank, r in enumerate(results):
         assert r["ours"].shape == (2 + rank, 9 + 6)
         assert torch.equal(r["ours"], r["single"]), f"rank {rank}"
         assert torch.equal(r["ours"], r["hf"]), f"rank {rank}"

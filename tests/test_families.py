@@ -65,6 +65,7 @@ def test_prefill_logits_fp32_and_bf16(family):
     assert ours_err.max() <= 1.5 * hf_err.max() and ours_err.mean() <= 1.5 * hf_err.mean()
 
 
+@pytest.mark.any_device
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_greedy_matches_hf_with_eos_midway(family):
     hf = family_model(family)
@@ -108,6 +109,7 @@ def test_lora_merges_as_merge_and_unload(family):
     ("mistral", dict(sliding_window=5)),
     ("qwen2", dict(use_sliding_window=True, sliding_window=6, max_window_layers=1)),
 ], ids=["mistral", "qwen2-layer1"])
+@pytest.mark.any_device
 def test_sliding_window_shorter_than_the_sequences_matches_hf(family, overrides):
     """Windows far shorter than prompt + new tokens (13 + 12), in prefill and in decode; Qwen2
     slides only in the layers from max_window_layers on."""

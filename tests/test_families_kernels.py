@@ -9,6 +9,8 @@ from test_kernels import assert_matches, kv_cache, paged_tables, path, randn  # 
 from hybrid_engine import kernels
 from hybrid_engine.kernels import reference
 
+pytestmark = pytest.mark.any_device
+
 # Interpreter tiles are 64 keys (prefill) and 64-token splits (decode): window 7 leaves whole
 # tiles and splits behind it and rows whose first tile is all hidden; 65 crosses a tile edge.
 WINDOWS = [1, 7, 65]

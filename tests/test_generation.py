@@ -21,6 +21,7 @@ def hf_greedy(hf, ids, mask, new_tokens: int, eos, min_new_tokens: int = 0) -> t
     return torch.nn.functional.pad(out, (0, ids.shape[1] + new_tokens - out.shape[1]), value=PAD)
 
 
+@pytest.mark.any_device
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_greedy_matches_hf_on_ragged_prompts(name):
     hf = hf_model(name)
@@ -39,6 +40,7 @@ def eos_emitted_midway(sequences: torch.Tensor, width: int) -> int:
     return next(t for i, t in enumerate(new) if i >= 3 and t not in new[:i])
 
 
+@pytest.mark.any_device
 @pytest.mark.parametrize("name", ["opt_post", "llama_gqa"])
 def test_eos_midway_pads_like_hf(name):
     hf = hf_model(name)
@@ -85,6 +87,7 @@ def test_eos_before_and_after_min_new_tokens_per_row():
     assert all(int(t) in eos for t, n in zip(ended, lengths) if n < 14)
 
 
+@pytest.mark.any_device
 def test_num_return_sequences_greedy_equals_repeated_prompts():
     hf = hf_model("opt_pre")
     ids, mask = ragged_prompts(LENGTHS, WIDTH, pad=PAD)
@@ -125,6 +128,7 @@ def test_forked_samples_follow_their_own_prefix():
     assert bool((top2 == rows[:, 9:, None]).any(-1).all())
 
 
+@pytest.mark.any_device
 def test_tiny_kv_budget_preempts_and_matches_unconstrained():
     hf = hf_model("opt_post")
     ids, mask = ragged_prompts(LENGTHS * 2, WIDTH, pad=PAD)
@@ -160,16 +164,22 @@ def test_generator_reuses_its_cache():
     assert torch.equal(third.sequences, first.sequences[:2])
 
 
+@pytest.mark.any_device
 def test_sampling_reproducible_with_seed_and_generator():
     hf = hf_model("opt_proj")
     ids, mask = ragged_prompts(LENGTHS, WIDTH, pad=PAD)
     generator = Generator(hf)
     options = dict(max_new_tokens=12, do_sample=True, temperature=1.3, top_p=0.9, eos_token_id=[])
     a = generator.generate(ids, mask, seed=7, **options).sequences
-    b = generator.generate(ids, mask, generator=torch.Generator().manual_seed(7), **options).sequences
+    b = generator.generate(ids, mask, generator=torch.Generator(ids.device).manual_seed(7), **options).sequences
     c = generator.generate(ids, mask, seed=8, **options).sequences
     assert torch.equal(a, b)
     assert not torch.equal(a, c)
+    # a trainer's host generator drives a model on any device: it seeds one there and advances
+    host = [torch.Generator().manual_seed(3) for _ in range(2)]
+    d, e = (generator.generate(ids, mask, generator=g, **options).sequences for g in host)
+    assert torch.equal(d, e)
+    assert not torch.equal(generator.generate(ids, mask, generator=host[0], **options).sequences, d)
 
 
 def test_bf16_greedy_follows_hf_bf16_for_a_few_tokens():

@@ -14,6 +14,8 @@ import torch
 from hybrid_engine import kernels
 from hybrid_engine.kernels import reference
 
+pytestmark = pytest.mark.any_device
+
 PATHS = [("triton", torch.float32), ("triton", torch.float16), ("auto", torch.float32), ("auto", torch.bfloat16)]
 PATH_IDS = ["triton-fp32", "triton-fp16", "cpu-fp32", "cpu-bf16"]
 TOLERANCE = {torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
@@ -204,6 +206,7 @@ def test_add_norm(elementwise_path, rms, shape, with_residual, with_bias):
 # ----------------------------------------------------------------------------- dispatch
 
 
+@pytest.mark.cpu_only
 @pytest.mark.parametrize("op", ["decode_attention", "prefill_attention"])
 def test_cpp_backend_matches_reference(op):
     if not hasattr(torch.ops.hybrid_engine, op):
@@ -238,22 +241,26 @@ def test_use_backend_is_scoped_and_checked():
         kernels.linear_act(torch.randn(2, 4), torch.randn(3, 4), None, "none")
 
 
+@pytest.mark.cpu_only
 def test_import_does_not_import_triton():
     code = "import sys, hybrid_engine, hybrid_engine.kernels; assert 'triton' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
+@pytest.mark.cpu_only
 def test_float16_rejected_on_cpu():
     with pytest.raises(ValueError, match="x has dtype torch.float16"):
         kernels.silu_and_mul(torch.randn(2, 8, dtype=torch.float16))
 
 
+@pytest.mark.cpu_only
 def test_bfloat16_matmul_rejected_by_interpreter():
     with kernels.use_backend("triton"), pytest.raises(ValueError, match="bfloat16"):
         kernels.linear_act(torch.randn(2, 16, dtype=torch.bfloat16), torch.randn(16, 16, dtype=torch.bfloat16),
                            None, "none")
 
 
+@pytest.mark.cpu_only
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("with_residual", [True, False])
 def test_forced_cpp_norms_and_silu_match_reference(dtype, with_residual):

@@ -260,6 +260,12 @@ def test_engine_configuration_trains_and_saves(task, tmp_path, name):
     extra = [f"{task}/{x}" if x == "unsup.txt" else x for x in extra]
     out = str(tmp_path / name)
     run_ranks(world, config_worker, task, out, extra)
+    check_trained_and_saved(task, out, extra)
+
+
+def check_trained_and_saved(task: str, out: str, extra: list[str]) -> None:
+    """Two logged steps with the phases the flags ask for, an actor (and critic, EMA) that moved and
+    saved under plain transformers names."""
     log = read_log(out)
     train = [r for r in log if r["kind"] == "train"]
     assert [r["step"] for r in train] == [1, 2] and [r["kind"] for r in (log[0], log[-1])] == ["eval", "eval"]
