@@ -143,6 +143,26 @@ def prompt_batches(tokenizer, args: argparse.Namespace, rank: int, count: int) -
     return batches
 
 
+class PhasePeaks:
+    """The path's rollout, wrapped to measure the peak RSS of each phase of an iteration apart: generation
+    (the rollout), experience (the rest of generate_experience), training. Each phase starts a new peak
+    window (reset_peak hands freed heap back first, on every path alike)."""
+
+    def __init__(self, rollout):
+        self.rollout, self.bytes = rollout, {}
+
+    def __call__(self, *args):
+        reset_peak()
+        try:
+            return self.rollout(*args)
+        finally:
+            self.end("generation")
+
+    def end(self, phase: str) -> None:
+        self.bytes[phase] = status_bytes("VmHWM")
+        reset_peak()
+
+
 def rollout_for(path: str, args: argparse.Namespace, models):
     """How the path generates: rlhf's own rollout (ds_chat or hybrid_engine), gather_once, or ds_chat
     extrapolated from shorter runs."""
@@ -156,7 +176,7 @@ def rollout_for(path: str, args: argparse.Namespace, models):
     return models.rollout
 
 
-def run_iteration(models, rollout, batch: dict, cfg, state) -> dict:
+def run_iteration(models, rollout: PhasePeaks, batch: dict, cfg, state) -> dict:
     """One PPO iteration as rlhf.ppo runs it; seconds per phase (training = actor + critic steps)."""
     from rlhf.ppo_loop import add_times, generate_experience, train_iteration
 
@@ -165,9 +185,11 @@ def run_iteration(models, rollout, batch: dict, cfg, state) -> dict:
     exp = generate_experience(models, rollout, batch, cfg, state)
     if exp is None:
         raise RuntimeError("an answer of at most one token was dropped: the forced length did not hold")
+    rollout.end("experience")
     times, measured = dict(state.times), dict(state.stats)
     state.times = {}
     train_iteration(models, [exp], None, cfg, state)
+    rollout.end("training")
     times = add_times(times, state.times)
     iteration = time.perf_counter() - start
     if "generation_estimate_s" in measured:  # the measured short runs are replaced by the extrapolation
@@ -203,17 +225,17 @@ def worker(rank: int, world: int, args: argparse.Namespace, path: str, tp: int, 
         total = 1 + args.iterations
         models = build_rlhf_engine(ppo_args, tokenizer, steps_per_role(ppo_args, total, False), device)
         cfg, state, rollout = PPOConfig.from_args(ppo_args, tokenizer), new_state(models, ppo_args.seed), \
-            rollout_for(path, args, models)
+            PhasePeaks(rollout_for(path, args, models))
         batches = prompt_batches(tokenizer, args, rank, total)
         setup_peak = status_bytes("VmHWM")
-        records = []
+        records, phase_peaks = [], []
         for i, batch in enumerate(tqdm(batches, desc=f"{path} (1 warm-up + {args.iterations})", disable=rank != 0)):
-            if i == 1:  # VmHWM from here on: the measured iterations alone
-                reset_peak()
             length = args.answer_len if i else args.warmup_answer_len
             records.append(run_iteration(models, rollout, batch, answer_config(cfg, length), state))
-        peaks = {"peak_rss_bytes": max(setup_peak, status_bytes("VmHWM")),
-                 "peak_rss_iterations_bytes": status_bytes("VmHWM")}
+            phase_peaks.append(dict(rollout.bytes))
+        measured = {p: max(peaks[p] for peaks in phase_peaks[1:]) for p in PHASES}
+        peaks = {"peak_rss_bytes": max(setup_peak, *(max(peaks.values()) for peaks in phase_peaks)),
+                 "peak_rss_iterations_bytes": max(measured.values()), "phase_peak_rss_bytes": measured}
         kv = prompt_kv(rollout, batches[-1], cfg, state) if path.startswith("hybrid") and args.samples > 1 else None
         return {"iterations": records[1:], **peaks, "prompt_kv": kv}
 
@@ -251,7 +273,8 @@ def summarize(results: list[dict], args: argparse.Namespace, path: str, tp: int)
                generated_tokens=sum(r["iterations"][-1]["generated_tokens"] for r in results),
                extrapolated=timed != args.answer_len, timed_answer_tokens=timed,
                peak_rss_gib_per_rank=[r["peak_rss_bytes"] / GIB for r in results],
-               peak_rss_iterations_gib_per_rank=[r["peak_rss_iterations_bytes"] / GIB for r in results])
+               peak_rss_iterations_gib_per_rank=[r["peak_rss_iterations_bytes"] / GIB for r in results],
+               phase_peak_rss_gib_per_rank={p: [r["phase_peak_rss_bytes"][p] / GIB for r in results] for p in PHASES})
     if results[0]["prompt_kv"] is not None:
         row["prompt_kv_per_rank"] = [r["prompt_kv"] for r in results]
     row["tokens_per_s"] = sequences * args.answer_len / row["generation_s"]
@@ -280,6 +303,26 @@ def table_rows(paths: dict[str, dict]) -> list[dict]:
             cells[f"iter_x_{base}"] = ratios.get("iteration_s")
         rows.append({k: "-" if v is None else v for k, v in cells.items()})
     return rows
+
+
+def phase_rows(paths: dict[str, dict]) -> tuple[list[dict], list[str]]:
+    """Per phase, each path's seconds, its share of that path's iteration and its speed-up against each
+    baseline run before it; and the columns in path order."""
+    rows, columns = [], ["phase"]
+    for phase in (*PHASES, "iteration"):
+        cells = {"phase": phase}
+        for i, (name, row) in enumerate(paths.items()):
+            cells[f"{name}_s"] = row[f"{phase}_s"]
+            cells[f"{name}_%"] = f"{100 * row[f'{phase}_s'] / row['iteration_s']:.0f}"
+            cells.update({f"{name}_x_{b}": row[f"x_vs_{b}"][f"{phase}_s"] for b in list(paths)[:i] if b in BASELINES})
+        rows.append(cells)
+    return rows, [*columns, *(c for c in rows[0] if c != "phase")]
+
+
+def memory_rows(paths: dict[str, dict]) -> list[dict]:
+    """Per phase, each path's peak RSS of every rank (GiB, the largest over the measured iterations)."""
+    return [{"phase": phase, **{name: "/".join(f"{g:.2f}" for g in row["phase_peak_rss_gib_per_rank"][phase])
+                                for name, row in paths.items()}} for phase in PHASES]
 
 
 def print_prompt_kv(paths: dict[str, dict]) -> None:
@@ -577,6 +620,13 @@ def print_results(args: argparse.Namespace, results: dict[str, dict]) -> None:
     print_table(table_rows(results), columns)
     print("peak_rss_gib: VmHWM of each rank over its whole life (loading included); generation_s includes reshard_s "
           "and gather_s")
+    rows, columns = phase_rows(results)
+    print("\nper phase: seconds (slowest rank, median), % of that path's iteration, x: the baseline's seconds over the "
+          "path's")
+    print_table(rows, columns)
+    print("\npeak RSS per phase, GiB per rank (the largest over the measured iterations; each phase measured from its "
+          "own start)")
+    print_table(memory_rows(results), ["phase", *results])
     print_prompt_kv(results)
 
 

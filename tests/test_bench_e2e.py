@@ -50,6 +50,12 @@ def test_json_shape_and_phases_within_the_iteration(result):
         assert row["iteration_s_per_seq"] == pytest.approx(row["iteration_s"] / (WORLD * BATCH))
         assert row["tokens_per_s"] == pytest.approx(WORLD * BATCH * ANSWER / row["generation_s"])
         assert len(row["peak_rss_gib_per_rank"]) == WORLD and min(row["peak_rss_gib_per_rank"]) > 0.1
+        phase_peaks = row["phase_peak_rss_gib_per_rank"]  # per phase and rank: within the rank's measured peak
+        assert set(phase_peaks) == {"generation", "experience", "training"}
+        for rank in range(WORLD):
+            ranks = [phase_peaks[p][rank] for p in phase_peaks]
+            assert min(ranks) > 0.1 and max(ranks) == row["peak_rss_iterations_gib_per_rank"][rank]
+            assert max(ranks) <= row["peak_rss_gib_per_rank"][rank]
         assert row["x_vs_ds_chat"]["iteration_s"] == pytest.approx(
             data["paths"]["ds_chat"]["iteration_s"] / row["iteration_s"])
         assert name in stdout
@@ -58,6 +64,10 @@ def test_json_shape_and_phases_within_the_iteration(result):
     assert 0 < data["paths"]["gather_once"]["gather_s"] < data["paths"]["gather_once"]["generation_s"]
     assert "reshard_s" not in data["paths"]["ds_chat"] and "gather_s" not in data["paths"]["hybrid_engine"]
     assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    per_phase = stdout.split("per phase: seconds")[1].splitlines()
+    assert per_phase[1].split()[:4] == ["phase", "ds_chat_s", "ds_chat_%", "gather_once_s"]
+    assert [line.split()[0] for line in per_phase[2:6]] == ["generation", "experience", "training", "iteration"]
+    assert per_phase[5].split()[2] == "100"  # the iteration is all of itself
 
 
 def test_every_path_trains_on_the_same_forced_number_of_tokens(result):
