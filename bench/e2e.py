@@ -45,6 +45,7 @@ import bench  # noqa: F401  (sets OMP_WAIT_POLICY=PASSIVE before torch is import
 
 import argparse
 import os
+import resource
 import statistics
 import tempfile
 import time
@@ -143,24 +144,32 @@ def prompt_batches(tokenizer, args: argparse.Namespace, rank: int, count: int) -
     return batches
 
 
-class PhasePeaks:
-    """The path's rollout, wrapped to measure the peak RSS of each phase of an iteration apart: generation
-    (the rollout), experience (the rest of generate_experience), training. Each phase starts a new peak
-    window (reset_peak hands freed heap back first, on every path alike)."""
+class PhaseUsage:
+    """The path's rollout, wrapped to measure each phase of an iteration apart: generation (the rollout),
+    experience (the rest of generate_experience), training. Per phase: peak RSS, CPU seconds (user +
+    system, which load on the machine barely changes, unlike wall time) and minor page faults. Each
+    phase starts a new peak window; freed heap is not handed back for it (that would make the next
+    phase fault its pages in again: the rlhf code itself decides when it does)."""
 
     def __init__(self, rollout):
-        self.rollout, self.bytes = rollout, {}
+        self.rollout, self.phases, self.start = rollout, {}, None
 
     def __call__(self, *args):
-        reset_peak()
+        self.begin()
         try:
             return self.rollout(*args)
         finally:
             self.end("generation")
 
+    def begin(self) -> None:
+        reset_peak(hand_back=False)
+        self.start = resource.getrusage(resource.RUSAGE_SELF)
+
     def end(self, phase: str) -> None:
-        self.bytes[phase] = status_bytes("VmHWM")
-        reset_peak()
+        now, start = resource.getrusage(resource.RUSAGE_SELF), self.start
+        self.phases[phase] = {"peak_rss_bytes": status_bytes("VmHWM"), "minor_faults": now.ru_minflt - start.ru_minflt,
+                              "cpu_s": now.ru_utime + now.ru_stime - start.ru_utime - start.ru_stime}
+        self.begin()
 
 
 def rollout_for(path: str, args: argparse.Namespace, models):
@@ -176,7 +185,7 @@ def rollout_for(path: str, args: argparse.Namespace, models):
     return models.rollout
 
 
-def run_iteration(models, rollout: PhasePeaks, batch: dict, cfg, state) -> dict:
+def run_iteration(models, rollout: PhaseUsage, batch: dict, cfg, state) -> dict:
     """One PPO iteration as rlhf.ppo runs it; seconds per phase (training = actor + critic steps)."""
     from rlhf.ppo_loop import add_times, generate_experience, train_iteration
 
@@ -225,19 +234,29 @@ def worker(rank: int, world: int, args: argparse.Namespace, path: str, tp: int, 
         total = 1 + args.iterations
         models = build_rlhf_engine(ppo_args, tokenizer, steps_per_role(ppo_args, total, False), device)
         cfg, state, rollout = PPOConfig.from_args(ppo_args, tokenizer), new_state(models, ppo_args.seed), \
-            PhasePeaks(rollout_for(path, args, models))
+            PhaseUsage(rollout_for(path, args, models))
         batches = prompt_batches(tokenizer, args, rank, total)
         setup_peak = status_bytes("VmHWM")
-        records, phase_peaks = [], []
+        records, usage = [], []
         for i, batch in enumerate(tqdm(batches, desc=f"{path} (1 warm-up + {args.iterations})", disable=rank != 0)):
             length = args.answer_len if i else args.warmup_answer_len
             records.append(run_iteration(models, rollout, batch, answer_config(cfg, length), state))
-            phase_peaks.append(dict(rollout.bytes))
-        measured = {p: max(peaks[p] for peaks in phase_peaks[1:]) for p in PHASES}
-        peaks = {"peak_rss_bytes": max(setup_peak, *(max(peaks.values()) for peaks in phase_peaks)),
-                 "peak_rss_iterations_bytes": max(measured.values()), "phase_peak_rss_bytes": measured}
+            usage.append(dict(rollout.phases))
+        peaks = [u[p]["peak_rss_bytes"] for u in usage for p in PHASES]
         kv = prompt_kv(rollout, batches[-1], cfg, state) if path.startswith("hybrid") and args.samples > 1 else None
-        return {"iterations": records[1:], **peaks, "prompt_kv": kv}
+        return {"iterations": records[1:], "peak_rss_bytes": max(setup_peak, *peaks),
+                "peak_rss_iterations_bytes": max(peaks[len(PHASES):]), "phase_usage": phase_usage(usage[1:]),
+                "prompt_kv": kv}
+
+
+def phase_usage(iterations: list[dict]) -> dict[str, dict]:
+    """Per phase over the measured iterations: the largest peak RSS, the mean CPU seconds and faults."""
+    usage = {}
+    for p in PHASES:
+        values = [it[p] for it in iterations]
+        usage[p] = {"peak_rss_bytes": max(v["peak_rss_bytes"] for v in values),
+                    **{k: statistics.mean(v[k] for v in values) for k in ("cpu_s", "minor_faults")}}
+    return usage
 
 
 @torch.no_grad()
@@ -274,7 +293,7 @@ def summarize(results: list[dict], args: argparse.Namespace, path: str, tp: int)
                extrapolated=timed != args.answer_len, timed_answer_tokens=timed,
                peak_rss_gib_per_rank=[r["peak_rss_bytes"] / GIB for r in results],
                peak_rss_iterations_gib_per_rank=[r["peak_rss_iterations_bytes"] / GIB for r in results],
-               phase_peak_rss_gib_per_rank={p: [r["phase_peak_rss_bytes"][p] / GIB for r in results] for p in PHASES})
+               phase_usage_per_rank={p: [r["phase_usage"][p] for r in results] for p in PHASES})
     if results[0]["prompt_kv"] is not None:
         row["prompt_kv_per_rank"] = [r["prompt_kv"] for r in results]
     row["tokens_per_s"] = sequences * args.answer_len / row["generation_s"]
@@ -319,10 +338,12 @@ def phase_rows(paths: dict[str, dict]) -> tuple[list[dict], list[str]]:
     return rows, [*columns, *(c for c in rows[0] if c != "phase")]
 
 
-def memory_rows(paths: dict[str, dict]) -> list[dict]:
-    """Per phase, each path's peak RSS of every rank (GiB, the largest over the measured iterations)."""
-    return [{"phase": phase, **{name: "/".join(f"{g:.2f}" for g in row["phase_peak_rss_gib_per_rank"][phase])
-                                for name, row in paths.items()}} for phase in PHASES]
+def usage_rows(paths: dict[str, dict], key: str, scale: float, digits: int) -> list[dict]:
+    """Per phase, each path's `key` of every phase usage, one value per rank."""
+    def cell(usage: list[dict]) -> str:
+        return "/".join(f"{u[key] / scale:.{digits}f}" for u in usage)
+    return [{"phase": phase, **{name: cell(row["phase_usage_per_rank"][phase]) for name, row in paths.items()}}
+            for phase in PHASES]
 
 
 def print_prompt_kv(paths: dict[str, dict]) -> None:
@@ -624,9 +645,11 @@ def print_results(args: argparse.Namespace, results: dict[str, dict]) -> None:
     print("\nper phase: seconds (slowest rank, median), % of that path's iteration, x: the baseline's seconds over the "
           "path's")
     print_table(rows, columns)
-    print("\npeak RSS per phase, GiB per rank (the largest over the measured iterations; each phase measured from its "
-          "own start)")
-    print_table(memory_rows(results), ["phase", *results])
+    for title, key, scale, digits in (("peak RSS, GiB (the largest over the measured iterations)", "peak_rss_bytes",
+                                       GIB, 2), ("CPU seconds, user + system", "cpu_s", 1, 2),
+                                      ("minor page faults, thousands", "minor_faults", 1e3, 0)):
+        print(f"\nper phase and rank: {title}; each phase measured from its own start")
+        print_table(usage_rows(results, key, scale, digits), ["phase", *results])
     print_prompt_kv(results)
 
 

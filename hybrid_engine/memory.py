@@ -34,9 +34,11 @@ def status_bytes(field: str = "VmRSS") -> int:
     raise RuntimeError(f"no {field} in /proc/self/status: memory is measured on Linux only")
 
 
-def reset_peak() -> int:
-    """Start a new peak-memory window: freed heap handed back, VmHWM reset to the resident bytes
-    (Linux >= 4.0), which are returned."""
-    return_freed_memory()
+def reset_peak(hand_back: bool = True) -> int:
+    """Start a new peak-memory window: freed heap handed back (unless hand_back=False: a measurement
+    that must not change what the next allocations cost), VmHWM reset to the resident bytes (Linux >=
+    4.0), which are returned."""
+    if hand_back:
+        return_freed_memory()
     Path("/proc/self/clear_refs").write_text("5")
     return status_bytes("VmRSS")

@@ -50,12 +50,13 @@ def test_json_shape_and_phases_within_the_iteration(result):
         assert row["iteration_s_per_seq"] == pytest.approx(row["iteration_s"] / (WORLD * BATCH))
         assert row["tokens_per_s"] == pytest.approx(WORLD * BATCH * ANSWER / row["generation_s"])
         assert len(row["peak_rss_gib_per_rank"]) == WORLD and min(row["peak_rss_gib_per_rank"]) > 0.1
-        phase_peaks = row["phase_peak_rss_gib_per_rank"]  # per phase and rank: within the rank's measured peak
-        assert set(phase_peaks) == {"generation", "experience", "training"}
+        usage = row["phase_usage_per_rank"]  # per phase and rank: peaks within the rank's measured peak
+        assert set(usage) == {"generation", "experience", "training"}
         for rank in range(WORLD):
-            ranks = [phase_peaks[p][rank] for p in phase_peaks]
-            assert min(ranks) > 0.1 and max(ranks) == row["peak_rss_iterations_gib_per_rank"][rank]
-            assert max(ranks) <= row["peak_rss_gib_per_rank"][rank]
+            peaks = [usage[p][rank]["peak_rss_bytes"] / 2**30 for p in usage]
+            assert min(peaks) > 0.1 and max(peaks) == pytest.approx(row["peak_rss_iterations_gib_per_rank"][rank])
+            assert max(peaks) <= row["peak_rss_gib_per_rank"][rank]
+            assert all(usage[p][rank]["cpu_s"] > 0 and usage[p][rank]["minor_faults"] >= 0 for p in usage)
         assert row["x_vs_ds_chat"]["iteration_s"] == pytest.approx(
             data["paths"]["ds_chat"]["iteration_s"] / row["iteration_s"])
         assert name in stdout
@@ -68,6 +69,8 @@ def test_json_shape_and_phases_within_the_iteration(result):
     assert per_phase[1].split()[:4] == ["phase", "ds_chat_s", "ds_chat_%", "gather_once_s"]
     assert [line.split()[0] for line in per_phase[2:6]] == ["generation", "experience", "training", "iteration"]
     assert per_phase[5].split()[2] == "100"  # the iteration is all of itself
+    for title in ("peak RSS, GiB", "CPU seconds", "minor page faults"):
+        assert f"per phase and rank: {title}" in stdout
 
 
 def test_every_path_trains_on_the_same_forced_number_of_tokens(result):
