@@ -21,7 +21,7 @@ import torch.distributed as dist
 from torch import nn
 
 from hybrid_engine import HybridEngine
-from hybrid_engine.engine import unwrap
+from hybrid_engine.engine import unwrap, weights_device
 from hybrid_engine.lora import base_name, find_adapters, is_adapter_param, merged
 from hybrid_engine.memory import return_freed_memory
 
@@ -82,8 +82,9 @@ class GatherOnce:
     only during a call."""
 
     def __init__(self, actor: nn.Module, plain: nn.Module):
-        self.actor, self.plain = actor, plain.eval()
-        self.params = dict(plain.named_parameters())
+        self.device = weights_device(unwrap(actor))
+        self.actor, self.plain = actor, plain.eval().to(self.device)
+        self.params = dict(self.plain.named_parameters())
         self.shapes = {name: p.shape for name, p in self.params.items()}
         self.release()
 
@@ -100,7 +101,7 @@ class GatherOnce:
 
     def release(self) -> None:
         for p in self.params.values():
-            p.data = torch.empty(0, dtype=p.dtype)
+            p.data = torch.empty(0, dtype=p.dtype, device=self.device)
         return_freed_memory()
 
     @torch.no_grad()
@@ -108,7 +109,7 @@ class GatherOnce:
         import deepspeed
 
         for name, p in self.params.items():
-            p.data = torch.empty(self.shapes[name], dtype=p.dtype)
+            p.data = torch.empty(self.shapes[name], dtype=p.dtype, device=self.device)
         module = unwrap(self.actor)
         for name, p in module.named_parameters():  # one all_gather per parameter, as GatheredParameters does
             if not is_adapter_param(name):
