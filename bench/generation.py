@@ -181,7 +181,8 @@ def profile_parts(run, model, steps: int, args, limits: dict) -> list[dict]:
     for m in model.modules():
         if isinstance(m, layers.Linear):
             bytes_of[linear_part(names)(m)] += m.weight.numel() * m.weight.element_size()
-    bytes_of["GEMM LM head"] = model.lm_head_weight.numel() * model.lm_head_weight.element_size()
+    head = model.output_embedding.weight
+    bytes_of["GEMM LM head"] = head.numel() * head.element_size()
     bytes_of["decode attention"] = kv_bytes(model, args.batch, args.prompt_len + steps / 2, model.dtype)
     total = sum(parts.seconds.values())
     rows = []
@@ -197,7 +198,7 @@ def profile_parts(run, model, steps: int, args, limits: dict) -> list[dict]:
 def decode_weights(model) -> list[torch.Tensor]:
     """The weight matrices one decode step multiplies by (embedding tables are only gathered)."""
     mats = [t for name, t in model.state_dict().items() if t.dim() == 2 and not name.startswith("embed")]
-    return mats + ([model.lm_head_weight] if model.config.tie_word_embeddings else [])
+    return mats + ([model.output_embedding.weight] if model.config.tie_word_embeddings else [])
 
 
 def kv_bytes(model, batch: int, context: float, dtype: torch.dtype) -> float:

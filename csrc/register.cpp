@@ -67,8 +67,8 @@ ReshardPlan make_plan(const std::vector<py::tuple>& sources, int64_t world_size,
   for (const py::tuple& source : sources) {
     hybrid_engine::SourceLayout layout = layout_from(source);
     if (layout.row_end < 0) {  // the whole slice: all rows, or a 1/tp_size share for column-parallel sources
-      layout.row_end = layout.split == hybrid_engine::Split::kColumn && layout.rows % tp_size == 0
-                           ? layout.rows / tp_size : layout.rows;
+      layout.row_end = layout.split == hybrid_engine::Split::kColumn
+                           ? hybrid_engine::column_slice_rows(layout.rows, tp_size) : layout.rows;
     }
     layouts.push_back(layout);
   }

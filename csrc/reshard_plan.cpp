@@ -76,12 +76,10 @@ ReshardPlan::ReshardPlan(std::vector<SourceLayout> sources, int64_t world_size, 
   for (size_t i = 0; i < sources_.size(); ++i) {
     const SourceLayout& s = sources_[i];
     TORCH_CHECK(s.rows >= 1 && s.cols >= 1, "reshard: source ", i, " has shape [", s.rows, ", ", s.cols, "]");
-    TORCH_CHECK(s.split != Split::kColumn || s.rows % tp_size == 0, "reshard: source ", i, " is column-parallel but its ",
-                s.rows, " rows are not divisible by tp_size ", tp_size);
     TORCH_CHECK(s.split != Split::kRow || s.cols % tp_size == 0, "reshard: source ", i, " is row-parallel but its ",
                 s.cols, " columns are not divisible by tp_size ", tp_size);
     TORCH_CHECK(s.dst_tensor >= 0 && s.dst_row >= 0, "reshard: source ", i, " has a negative destination");
-    const int64_t slice_rows = s.split == Split::kColumn ? s.rows / tp_size : s.rows;
+    const int64_t slice_rows = s.split == Split::kColumn ? column_slice_rows(s.rows, tp_size) : s.rows;
     TORCH_CHECK(0 <= s.row_begin && s.row_begin < s.row_end && s.row_end <= slice_rows, "reshard: source ", i,
                 " row range [", s.row_begin, ", ", s.row_end, ") is outside its slice's ", slice_rows, " rows");
   }
@@ -105,8 +103,11 @@ std::vector<ReshardPlan::Run> ReshardPlan::needed_runs(const SourceLayout& s, in
     case Split::kReplicated:
       return {{s.row_begin * s.cols, rows * s.cols, (s.dst_row + s.row_begin) * s.cols}};
     case Split::kColumn: {
-      int64_t first = tp_rank * (s.rows / tp_size_) + s.row_begin;
-      return {{first * s.cols, rows * s.cols, (s.dst_row + s.row_begin) * s.cols}};
+      // A padded slice (the last ranks' of a vocabulary) holds fewer source rows, maybe none.
+      const int64_t first = tp_rank * column_slice_rows(s.rows, tp_size_) + s.row_begin;
+      const int64_t present = std::min(rows, s.rows - first);
+      if (present <= 0) return {};
+      return {{first * s.cols, present * s.cols, (s.dst_row + s.row_begin) * s.cols}};
     }
     case Split::kRow: {
       int64_t cols = s.cols / tp_size_;
@@ -177,7 +178,7 @@ void ReshardPlan::check_dsts(const std::vector<at::Tensor>& dsts) const {
     const at::Tensor& t = dsts[s.dst_tensor];
     TORCH_CHECK(t.device().is_cpu() && t.is_contiguous(), "reshard: inference tensor ", s.dst_tensor,
                 " must be a contiguous CPU tensor");
-    int64_t rows = s.split == Split::kColumn ? s.rows / tp_size_ : s.rows;
+    int64_t rows = s.split == Split::kColumn ? column_slice_rows(s.rows, tp_size_) : s.rows;
     int64_t cols = s.split == Split::kRow ? s.cols / tp_size_ : s.cols;
     TORCH_CHECK((s.dst_row + rows) * cols <= t.numel(), "reshard: inference tensor ", s.dst_tensor, " (", t.numel(),
                 " elements) is too small for source ", i, " at row ", s.dst_row);

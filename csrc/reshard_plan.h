@@ -9,6 +9,11 @@ namespace hybrid_engine {
 
 enum class Split : int64_t { kReplicated = 0, kColumn = 1, kRow = 2 };
 
+// Rows of a column-parallel slice: ceil(rows / tp_size), so that rank j holds source rows
+// [j * slice, (j + 1) * slice) cut at `rows`. Rows not divisible by tp_size only occur for a
+// vocabulary padded to a multiple of tp_size (as vLLM pads it); the padding is never written.
+inline int64_t column_slice_rows(int64_t rows, int64_t tp_size) { return (rows + tp_size - 1) / tp_size; }
+
 // One source tensor of the training model, viewed as [rows, cols] (1-D tensors: cols = 1), and
 // where its tensor-parallel slice lands: tensor dst_tensor, starting at dst_row of that rank's
 // packed inference tensor (packed tensors concatenate their sources' slices along dim 0).

@@ -81,12 +81,12 @@ def merge_adapters(adapters: list[Adapter], weight_map: WeightMap, targets: dict
     for name, sources in weight_map.items():
         row = 0
         for source in sources:
-            rows = source.shard_shape(tp_size)[0]
-            region = targets[name].narrow(0, row, rows)
             for adapter in by_weight.get(source.name, []):
-                region.copy_(merged(region, delta_slice(adapter, source, tp_rank, tp_size)))
+                delta = delta_slice(adapter, source, tp_rank, tp_size)
+                region = targets[name].narrow(0, row, delta.shape[0])  # a padded slice's rows, less its padding
+                region.copy_(merged(region, delta))
                 used.add(source.name)
-            row += rows
+            row += source.shard_shape(tp_size)[0]
     unused = set(by_weight) - used
     if unused:
         raise ValueError(f"LoRA adapters on weights the inference model does not use: {sorted(unused)}")

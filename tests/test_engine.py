@@ -73,8 +73,11 @@ def engine_worker(rank: int, world: int, family: str, tp: int, stage: int, devic
             "eval_after": he.is_eval, "device": str(he.device)}
 
 
-@pytest.mark.parametrize("family, tp, stage", [("opt", 2, 3), ("opt", 1, 3), ("llama", 2, 3), ("opt", 2, 2)])
+@pytest.mark.parametrize("family, tp, stage", [("opt", 2, 3), ("opt", 1, 3), ("llama", 2, 3), ("llama", 1, 3),
+                                               ("opt", 2, 2)])
 def test_greedy_generation_matches_single_process_and_transformers(family, tp, stage):
+    """OPT (tied, vocabulary 251) and LLaMA (untied, 257): at tp 2 both tables are split into
+    vocabulary slices padded to 126 and 129 rows."""
     check_engine_results(run_ranks(2, engine_worker, family, tp, stage))
 
 

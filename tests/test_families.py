@@ -1,7 +1,8 @@
 """Qwen2/Qwen2.5, Qwen3 and Mistral through every layer, against transformers 5 on small random
 models: prefill logits (fp32, bf16), greedy generation with an EOS mid-way, saved checkpoints,
 PEFT LoRA merged into TP slices, sliding windows shorter than the sequences, and HybridEngine under DeepSpeed ZeRO-3
-(where tp 2 covers the column-parallel Q/K/V biases of Qwen2 and the replicated q/k norms of Qwen3)."""
+(where tp 2 covers the column-parallel Q/K/V biases of Qwen2, the replicated q/k norms of Qwen3, and
+the vocabulary of 311 split into slices padded to 156 rows, tied in Qwen2, untied in Qwen3 and Mistral)."""
 import peft
 import pytest
 import torch

@@ -14,7 +14,7 @@ from test_engine import ragged_prompts
 from test_reshard_zero3 import ZERO3, small_hf_model
 
 TARGETS = {"opt": ["q_proj", "v_proj", "out_proj", "fc1", "fc2"],
-           "llama": ["q_proj", "k_proj", "o_proj", "gate_proj", "down_proj"]}
+           "llama": ["q_proj", "k_proj", "o_proj", "gate_proj", "down_proj", "lm_head"]}  # lm_head: a padded vocabulary
 
 
 def lora_model(family: str) -> peft.PeftModel:

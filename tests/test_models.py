@@ -8,7 +8,9 @@ from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, LlamaFor
 
 from hybrid_engine.generation import Generator
 from hybrid_engine.kv_cache import PagedKVCache
-from hybrid_engine.models import AttentionBatch, empty_model, from_hf, model_class, packed_shape, weight_map
+from hybrid_engine.models import (AttentionBatch, TensorParallel, empty_model, from_hf, model_class, packed_shape,
+                                  weight_map)
+from hybrid_engine.models.layers import VocabParallelEmbedding
 
 VOCAB = 311
 
@@ -171,7 +173,7 @@ def test_packed_qkv_layout():
 
 
 class ThreadGroup:
-    """A stand-in process group: ranks are threads, all_reduce sums through shared memory."""
+    """A stand-in process group: ranks are threads, collectives go through shared memory."""
 
     def __init__(self, size: int):
         self.size, self.barrier, self.parts = size, threading.Barrier(size, timeout=60), [None] * size
@@ -180,37 +182,79 @@ class ThreadGroup:
         return (self, rank)
 
 
-def thread_all_reduce(tensor, op=None, group=None, async_op=False):
+def exchange(group, tensor: torch.Tensor) -> list[torch.Tensor]:
+    """Every rank's tensor, in rank order."""
     shared, rank = group
     shared.parts[rank] = tensor.clone()
     shared.barrier.wait()
-    total = sum(shared.parts)
+    parts = list(shared.parts)
     shared.barrier.wait()
-    tensor.copy_(total)
+    return parts
 
 
-@pytest.mark.parametrize("name", ["opt_post", "llama_gqa"])
-def test_tensor_parallel_two_ranks_match_one(name, monkeypatch):
-    """Each rank loads its slices through the weight map; with the row-parallel partial sums
-    all-reduced, both ranks' logits equal the unsliced model's."""
+def thread_all_reduce(tensor, op=None, group=None, async_op=False):
+    tensor.copy_(sum(exchange(group, tensor)))
+
+
+def thread_all_gather(tensor_list, tensor, group=None, async_op=False):
+    for out, part in zip(tensor_list, exchange(group, tensor)):
+        out.copy_(part)
+
+
+def on_threads(size: int, rank_main, monkeypatch) -> list:
+    """rank_main(rank, group handle) on `size` threads whose collectives go through a ThreadGroup."""
     monkeypatch.setattr(torch.distributed, "all_reduce", thread_all_reduce)
-    hf = hf_model(name)
-    ids, mask = ragged_prompts([9, 3, 14], 14)
-    prompts = [i[m.bool()] for i, m in zip(ids, mask)]
-    expected = prefill_logits(from_hf(hf), prompts)
-    group, results = ThreadGroup(2), [None, None]
+    monkeypatch.setattr(torch.distributed, "all_gather", thread_all_gather)
+    group, results = ThreadGroup(size), [None] * size
 
-    def rank_main(rank):
-        model = from_hf(hf, tp_rank=rank, tp_size=2, tp_group=group.rank_handle(rank))
-        results[rank] = prefill_logits(model, prompts)
+    def run(rank):
+        results[rank] = rank_main(rank, group.rank_handle(rank))
 
-    threads = [threading.Thread(target=rank_main, args=(r,)) for r in range(2)]
+    threads = [threading.Thread(target=run, args=(r,)) for r in range(size)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
+    return results
+
+
+@pytest.mark.parametrize("name", ["opt_post", "llama_gqa", "llama_tied"])
+def test_tensor_parallel_two_ranks_match_one(name, monkeypatch):
+    """Each rank loads its slices through the weight map (the odd vocabulary of 311 padded to 312,
+    tied and untied heads); with the row-parallel partial sums and the embedding lookups all-reduced
+    and the logits gathered, both ranks' logits equal the unsliced model's."""
+    hf = hf_model(name)
+    ids, mask = ragged_prompts([9, 3, 14], 14)
+    prompts = [i[m.bool()] for i, m in zip(ids, mask)]
+    expected = prefill_logits(from_hf(hf), prompts)
+    results = on_threads(2, lambda rank, group: prefill_logits(
+        from_hf(hf, tp_rank=rank, tp_size=2, tp_group=group), prompts), monkeypatch)
     for logits in results:
         torch.testing.assert_close(logits, expected, atol=2e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("vocab, tp", [(311, 2), (311, 3), (5, 4), (12, 3)])
+def test_vocab_parallel_lookup_and_logits_equal_unsharded(vocab, tp, monkeypatch):
+    """Random table, ids and hidden states: the masked lookup summed over the ranks equals
+    F.embedding on the whole table, and the gathered logits equal hidden @ table^T cut to the
+    vocabulary (5 ids over 4 ranks: the last rank holds no row at all, only padding)."""
+    torch.manual_seed(vocab + tp)
+    dim = 24
+    table = torch.randn(vocab, dim)
+    ids, hidden = torch.randint(0, vocab, (37,)), torch.randn(9, dim)
+    rows = -(-vocab // tp)
+
+    def rank_main(rank, group):
+        factory = {"dtype": torch.float32, "device": "cpu"}
+        layer = VocabParallelEmbedding(vocab, dim, TensorParallel(rank, tp, group), factory)
+        piece = table[rank * rows:(rank + 1) * rows]
+        layer.weight[:len(piece)] = piece
+        return layer.weight.shape[0], layer(ids), layer.logits(hidden, None)
+
+    for shard_rows, embedded, logits in on_threads(tp, rank_main, monkeypatch):
+        assert shard_rows == rows
+        torch.testing.assert_close(embedded, torch.nn.functional.embedding(ids, table), rtol=0, atol=0)
+        torch.testing.assert_close(logits, hidden @ table.T, rtol=1e-5, atol=1e-5)
 
 
 def test_tensor_parallel_needs_divisible_heads():

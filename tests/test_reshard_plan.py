@@ -118,7 +118,6 @@ def test_world_2_tp_2_moves_no_column_bytes_and_a_quarter_of_row_bytes():
 
 
 @pytest.mark.parametrize("sources, world, tp, match", [
-    ([(5, 4, "column", 0, 0)], 2, 2, "column-parallel but its 5 rows"),
     ([(4, 5, "row", 0, 0)], 2, 2, "row-parallel but its 5 columns"),
     ([(4, 4, "row", 0, 0)], 3, 2, "must be >= 1 and divide world_size"),
     ([(4, 4, "row", 0, 0)], 2, 2, "rank 2 is outside"),
@@ -130,6 +129,27 @@ def test_bad_plans_raise(sources, world, tp, match):
     rank = 2 if "rank 2" in match else 0
     with pytest.raises(RuntimeError, match=match):
         ReshardPlan(sources, world, tp, rank)
+
+
+@pytest.mark.parametrize("world, tp, rows", [(2, 2, 5), (4, 2, 7), (2, 2, 1), (3, 3, 7)])
+def test_column_rows_not_divisible_by_tp_leave_the_padding_unwritten(world, tp, rows):
+    """A vocabulary padded to a multiple of tp: every rank's slice has room for p = ceil(rows / tp)
+    rows and gets source rows [j * p, (j + 1) * p) cut at `rows` (none at all for rank 1 of a
+    1-row source); the rows past it keep what they held, and no rank receives more than it lacks."""
+    torch.manual_seed(rows)
+    full, room = torch.randn(rows, 3), -(-rows // tp)
+    plans = [ReshardPlan([(rows, 3, "column", 0, 0)], world, tp, r) for r in range(world)]
+    shards = [zero3_shards(full, world)[r] for r in range(world)]
+    received = exchange(plans, [[shard] for shard in shards])
+    for rank, plan in enumerate(plans):
+        got = torch.full((room, 3), float("nan"))
+        plan.copy_local([shards[rank]], [got])
+        plan.unpack(received[rank], [got])
+        mine = full[rank % tp * room:(rank % tp + 1) * room]
+        assert torch.equal(got[:len(mine)], mine) and bool(got[len(mine):].isnan().all())
+        c = shards[0].numel()
+        needed = torch.arange(rank % tp * room * 3, (rank % tp * room + len(mine)) * 3)
+        assert int(plan.recv_counts().sum()) == int(((needed < rank * c) | (needed >= (rank + 1) * c)).sum())
 
 
 def test_row_ranges_split_one_plan_into_several():

@@ -32,6 +32,13 @@ def tp_slice(full: torch.Tensor, split: str, tp_rank: int, tp: int) -> torch.Ten
             "row": full.chunk(tp, -1)[tp_rank] if full.dim() > 1 else full}[split]
 
 
+def padded_slice(full: torch.Tensor, source, tp_rank: int, tp: int) -> torch.Tensor:
+    """This rank's slice, NaN (as the targets start) in the rows a padded vocabulary slice lacks."""
+    piece = tp_slice(full, source.split, tp_rank, tp)
+    padding = torch.full((source.shard_shape(tp)[0] - piece.shape[0],) + piece.shape[1:], float("nan"))
+    return torch.cat([piece, padding])
+
+
 def analytic_minimum(wmap, world: int, rank: int, tp: int, element_size: int) -> int:
     """Elements of this rank's TP slices that lie outside its own ZeRO-3 range, in bytes."""
     total = 0
@@ -65,8 +72,9 @@ def zero3_worker(rank: int, world: int, family: str, tp: int, dtype: torch.dtype
     with deepspeed.zero.GatheredParameters(list(engine.module.parameters())):
         full = {name: p.detach().clone() for name, p in params.items()}
     mismatched = [name for name, sources in wmap.items()
-                  if not torch.equal(targets[name], torch.cat([tp_slice(full[s.name], s.split, rank % tp, tp)
-                                                               for s in sources]).to(dtype))]
+                  if not torch.allclose(targets[name], torch.cat([padded_slice(full[s.name], s, rank % tp, tp)
+                                                                  for s in sources]).to(dtype),
+                                        rtol=0, atol=0, equal_nan=True)]
     element_size = min(torch.finfo(dtype).bits, 32) // 8
     return {"mismatched": mismatched, "received": (first, second), "buckets": resharder.stats.buckets,
             "peak_buffer_bytes": resharder.stats.peak_buffer_bytes, "largest_source_bytes": max(
@@ -85,6 +93,32 @@ def test_zero3_reshard_equals_gathered_slices(family, world, tp, dtype, backend)
         # Send + receive buffers of one 8 KiB bucket, though the largest tensor is several times that.
         assert r["largest_source_bytes"] > 4 * (8 << 10) and r["peak_buffer_bytes"] <= 2 * (8 << 10)
         assert r["received"] == (r["minimum"], r["minimum"]), f"rank {rank}"
+
+
+def tp2_formula(wmap) -> tuple[int, int, int]:
+    """World 2, tp 2, elements a rank receives, from the shapes alone: ZeRO-3 gives each rank the
+    half of every flattened tensor that a column-parallel slice is, so it receives nothing of the
+    column-parallel ones, a quarter of each row-parallel weight (half of each row, half of those
+    rows held), the other half of each replicated tensor. Returns (that sum, slack: an element of
+    each tensor for rounding and a row of each row-parallel or padded one, where a shard boundary
+    may cut a row, the vocabulary tables' half that every rank received while they were replicated)."""
+    share = {"column": 0, "row": 1 / 4, "replicated": 1 / 2}
+    sources = [s for entry in wmap.values() for s in entry]
+    expected = sum(math.prod(s.shape) * share[s.split] for s in sources)
+    slack = sum(math.prod(s.shape[1:]) if s.padded or s.split == "row" else 1 for s in sources)
+    return round(expected), slack, sum(math.prod(s.shape) // 2 for s in sources if s.padded)
+
+
+@pytest.mark.parametrize("family", ["opt", "llama"])
+def test_tp2_reshard_receives_no_vocabulary_rows(family):
+    """Vocabulary-parallel embeddings and LM heads (OPT tied, vocab 251; LLaMA untied, vocab 257):
+    received bytes per rank = the formula of tp2_formula within its slack, where replicated tables
+    added half of each table to every rank."""
+    wmap = weight_map(small_hf_model(family).config)
+    expected, slack, vocab_half = tp2_formula(wmap)
+    assert vocab_half > 10 * slack, "the test cannot tell sharded tables from replicated ones"
+    for rank, r in enumerate(run_ranks(2, zero3_worker, family, 2, torch.float32, "auto")):
+        assert abs(r["received"][0] - 4 * expected) <= 4 * slack, f"rank {rank}: {r['received'][0]} bytes"
 
 
 @pytest.mark.parametrize("tp", [1, 2])

@@ -7,7 +7,7 @@ from torch import nn
 
 from hybrid_engine.kernels.validate import CPU_DTYPES, GPU_DTYPES
 from hybrid_engine.models import prepack
-from hybrid_engine.models.layers import AttentionBatch, DecoderLayer, Linear, TensorParallel
+from hybrid_engine.models.layers import AttentionBatch, DecoderLayer, Linear, TensorParallel, VocabParallelEmbedding
 from hybrid_engine.models.weights import WeightMap, load_weights
 
 
@@ -73,8 +73,9 @@ class CausalLM(nn.Module):
         return self.config.vocab_size
 
     @property
-    def lm_head_weight(self) -> torch.Tensor:
-        return (self.embed_tokens if self.config.tie_word_embeddings else self.lm_head).weight
+    def output_embedding(self) -> VocabParallelEmbedding:
+        """The LM head's table: the token embedding's when tied."""
+        return self.embed_tokens if self.config.tie_word_embeddings else self.lm_head
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, batch: AttentionBatch,
                 kv_caches: list[tuple[torch.Tensor, torch.Tensor]], select: torch.Tensor | None = None) -> torch.Tensor:
@@ -89,14 +90,16 @@ class CausalLM(nn.Module):
         return self.final(h, residual)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Only the rows that get sampled go through the LM head."""
-        return prepack.linear(hidden, self.lm_head_weight, None, "none", self.packed_lm_head)
+        """Only the rows that get sampled go through the LM head; every TP rank gets the logits of
+        the whole vocabulary."""
+        return self.output_embedding.logits(hidden, self.packed_lm_head)
 
     def prepack_weights(self, enabled: bool = True) -> None:
         """Keep oneDNN-blocked copies of the linear weights (CPU, where oneDNN can pack this dtype; see
         models.prepack), or drop them."""
         # Inference tensors (made under torch.inference_mode) have no version counter to watch.
-        enabled = enabled and prepack.available(self.device, self.dtype) and not self.lm_head_weight.is_inference()
+        head = self.output_embedding.weight
+        enabled = enabled and prepack.available(self.device, self.dtype) and not head.is_inference()
         for module in self.modules():
             if isinstance(module, Linear):
                 module.packed = prepack.PackedWeight() if enabled else None

@@ -3,7 +3,8 @@
 Weights are buffers (no autograd) in the inference layout: packed QKV and packed gate/up are
 column-parallel (each rank holds a block of output rows), the attention output projection and the
 second MLP linear are row-parallel (each rank holds a block of input columns, partial sums are
-all-reduced). Norms, embeddings and the LM head are replicated.
+all-reduced). The token embedding and the LM head are vocabulary-parallel (each rank holds a block of
+vocabulary rows, as in Megatron and vLLM); norms and position embeddings are replicated.
 """
 from dataclasses import dataclass
 
@@ -36,6 +37,14 @@ class TensorParallel:
         if self.size > 1:
             dist.all_reduce(x, group=self.group)
         return x
+
+    def all_gather(self, x: torch.Tensor) -> torch.Tensor:
+        """Every rank's x [..., n], concatenated along the last dim in rank order."""
+        if self.size == 1:
+            return x
+        parts = [torch.empty_like(x) for _ in range(self.size)]
+        dist.all_gather(parts, x.contiguous(), group=self.group)
+        return torch.cat(parts, dim=-1)
 
 
 @dataclass
@@ -206,7 +215,7 @@ class DecoderLayer(nn.Module):
 
 
 class Embedding(nn.Module):
-    """A replicated lookup table (token or learned position embeddings, or a tied LM head)."""
+    """A replicated lookup table (OPT's learned position embeddings)."""
 
     def __init__(self, num_embeddings: int, dim: int, factory: dict):
         super().__init__()
@@ -214,3 +223,33 @@ class Embedding(nn.Module):
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         return nn.functional.embedding(ids, self.weight)
+
+
+class VocabParallelEmbedding(nn.Module):
+    """A token embedding or LM head split by vocabulary rows: rank r holds the rows of ids
+    [r * p, (r + 1) * p), p = ceil(vocab_size / tp size); rows past the vocabulary are zero padding."""
+
+    def __init__(self, vocab_size: int, dim: int, tp: TensorParallel, factory: dict):
+        super().__init__()
+        self.vocab_size, self.tp = vocab_size, tp
+        rows = -(-vocab_size // tp.size)
+        self.vocab_start = tp.rank * rows
+        self.register_buffer("weight", empty(rows, dim, like=factory))
+        self.weight[max(0, vocab_size - self.vocab_start):].zero_()  # their logits are cut off, but finite
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        """ids [T] -> [T, dim]: each rank looks up the ids in its rows, zeros for the others, summed."""
+        if self.tp.size == 1:
+            return nn.functional.embedding(ids, self.weight)
+        local = ids - self.vocab_start
+        outside = (local < 0) | (local >= self.weight.shape[0])
+        h = nn.functional.embedding(local.masked_fill(outside, 0), self.weight)
+        return self.tp.all_reduce(h.masked_fill_(outside.unsqueeze(-1), 0))
+
+    def logits(self, hidden: torch.Tensor, packed: PackedWeight | None) -> torch.Tensor:
+        """hidden [T, dim] -> logits [T, vocab_size] of the whole vocabulary, on every rank."""
+        local = linear(hidden, self.weight, None, "none", packed)
+        # Gathered rather than sampled on the shards: sampling stays one function for every option, and
+        # the gather is cheap beside the GEMM it halves (16 rows of Qwen2.5's 151936, bf16, 2 ranks on
+        # gloo: 6.4 ms against 139-145 ms for the whole head and 85-97 ms for half of it).
+        return self.tp.all_gather(local)[:, :self.vocab_size]

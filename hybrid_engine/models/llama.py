@@ -9,8 +9,8 @@ from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 from hybrid_engine.models.base import CausalLM
-from hybrid_engine.models.layers import MLP, Attention, DecoderLayer, Embedding, Linear, Norm, RotaryEmbedding
-from hybrid_engine.models.weights import WeightMap, linear_entries, norm_entries, replicated
+from hybrid_engine.models.layers import MLP, Attention, DecoderLayer, Norm, RotaryEmbedding, VocabParallelEmbedding
+from hybrid_engine.models.weights import WeightMap, linear_entries, norm_entries, vocab_entries
 
 # RoPE types whose frequencies are fixed for positions below max_position_embeddings (the most a
 # generate call may reach), so one cos/sin table built at load time is exact. "dynamic" only
@@ -72,9 +72,10 @@ class LlamaForInference(CausalLM):
         self.rotary = None  # built in build_layer, once the dtype is known
         super().__init__(config, *args, **kwargs)
         c, f = config, self.factory
-        self.embed_tokens = Embedding(c.vocab_size, c.hidden_size, f)
+        self.embed_tokens = VocabParallelEmbedding(c.vocab_size, c.hidden_size, self.tp, f)
         self.final_norm = Norm(c.hidden_size, c.rms_norm_eps, True, f)
-        self.lm_head = None if c.tie_word_embeddings else Linear(c.hidden_size, c.vocab_size, False, f)
+        self.lm_head = (None if c.tie_word_embeddings
+                        else VocabParallelEmbedding(c.vocab_size, c.hidden_size, self.tp, f))
 
     def build_layer(self, index: int) -> DecoderLayer:
         c, f, tp = self.config, self.factory, self.tp
@@ -97,10 +98,10 @@ class LlamaForInference(CausalLM):
     @classmethod
     def weight_map(cls, config: LlamaConfig) -> WeightMap:
         c, e = config, config.hidden_size
-        wmap: WeightMap = {"embed_tokens.weight": replicated("model.embed_tokens.weight", c.vocab_size, e),
+        wmap: WeightMap = {**vocab_entries("embed_tokens", "model.embed_tokens", c.vocab_size, e),
                            **norm_entries("final_norm", "model.norm", e, bias=False)}
         if not c.tie_word_embeddings:
-            wmap["lm_head.weight"] = replicated("lm_head.weight", c.vocab_size, e)
+            wmap.update(vocab_entries("lm_head", "lm_head", c.vocab_size, e))
         for i in range(c.num_hidden_layers):
             wmap.update(layer_entries(c, cls.family, f"layers.{i}.", f"model.layers.{i}."))
         return wmap

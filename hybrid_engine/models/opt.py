@@ -4,8 +4,8 @@ import torch
 from transformers import OPTConfig
 
 from hybrid_engine.models.base import CausalLM
-from hybrid_engine.models.layers import MLP, Attention, DecoderLayer, Embedding, Linear, Norm
-from hybrid_engine.models.weights import WeightMap, linear_entries, norm_entries, replicated
+from hybrid_engine.models.layers import MLP, Attention, DecoderLayer, Embedding, Linear, Norm, VocabParallelEmbedding
+from hybrid_engine.models.weights import WeightMap, linear_entries, norm_entries, replicated, vocab_entries
 
 # transformers' ACT2FN names -> hybrid_engine.kernels activations
 ACTIVATIONS = {"relu": "relu", "gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh",
@@ -33,12 +33,13 @@ class OPTForInference(CausalLM):
             raise ValueError("OPT with layer_norm_elementwise_affine=False is not supported")
         super().__init__(config, *args, **kwargs)
         c, f = config, self.factory
-        self.embed_tokens = Embedding(c.vocab_size, c.word_embed_proj_dim, f)
+        self.embed_tokens = VocabParallelEmbedding(c.vocab_size, c.word_embed_proj_dim, self.tp, f)
         self.embed_positions = Embedding(c.max_position_embeddings + POSITION_OFFSET, c.hidden_size, f)
         self.project_in = Linear(c.word_embed_proj_dim, c.hidden_size, False, f) if has_projections(c) else None
         self.project_out = Linear(c.hidden_size, c.word_embed_proj_dim, False, f) if has_projections(c) else None
         self.final_norm = Norm(c.hidden_size, LAYER_NORM_EPS, False, f) if has_final_norm(c) else None
-        self.lm_head = None if c.tie_word_embeddings else Linear(c.word_embed_proj_dim, c.vocab_size, False, f)
+        self.lm_head = (None if c.tie_word_embeddings
+                        else VocabParallelEmbedding(c.vocab_size, c.word_embed_proj_dim, self.tp, f))
 
     def build_layer(self, index: int) -> DecoderLayer:
         c, f, tp = self.config, self.factory, self.tp
@@ -65,7 +66,7 @@ class OPTForInference(CausalLM):
     def weight_map(cls, config: OPTConfig) -> WeightMap:
         c, e, p, w = config, config.hidden_size, "model.decoder.", config.word_embed_proj_dim
         wmap: WeightMap = {
-            "embed_tokens.weight": replicated(p + "embed_tokens.weight", c.vocab_size, w),
+            **vocab_entries("embed_tokens", p + "embed_tokens", c.vocab_size, w),
             "embed_positions.weight": replicated(p + "embed_positions.weight",
                                                  c.max_position_embeddings + POSITION_OFFSET, e),
         }
@@ -75,7 +76,7 @@ class OPTForInference(CausalLM):
         if has_final_norm(c):
             wmap.update(norm_entries("final_norm", p + "final_layer_norm", e, bias=True))
         if not c.tie_word_embeddings:
-            wmap["lm_head.weight"] = replicated("lm_head.weight", c.vocab_size, w)
+            wmap.update(vocab_entries("lm_head", "lm_head", c.vocab_size, w))
         for i in range(c.num_hidden_layers):
             wmap.update(opt_layer_entries(c, f"layers.{i}.", f"{p}layers.{i}."))
         return wmap
