@@ -25,7 +25,6 @@ namespace {
 constexpr const char* kOp = "prefill_attention";
 constexpr int64_t kKeyTile = 64;        // keys per tile: 4 vectors of 16 lanes
 constexpr int64_t kRowsPerTile = 64;    // query rows (tokens x group) a tile aims for
-constexpr int kMicroRows = 4;           // rows of a micro-kernel: 4 x 4 accumulators fit in registers
 
 // Consecutive query tiles [q_begin, q_end) of the sequence [seq_begin, seq_end).
 struct QuerySpan {
@@ -44,13 +43,28 @@ struct PrefillParams {
   float scale;
 };
 
-// s[MR, kKeyTile] = scale * q[MR, Dp] @ kt[Dp, kKeyTile]
-template <int MR>
+// A micro-kernel keeps Rows x 4 vectors of accumulators in registers: 4 x 4 of AVX-512's 32, 2 x 4
+// of AVX2's 16 (8-lane vectors there: a 16-lane one is two registers to the compiler, and the
+// accumulators of 4 x 4 of them went to the stack, 13x slower than AVX-512 instead of about 2x).
+template <typename V>
+struct Blocking;
+template <>
+struct Blocking<f32x16> {
+  static constexpr int kRows = 4;
+};
+template <>
+struct Blocking<f32x8> {
+  static constexpr int kRows = 2;
+};
+
+// s[MR, 4 lanes] = scale * q[MR, Dp] @ kt[Dp, 4 lanes]  (kt and s row stride kKeyTile)
+template <typename V, int MR>
 HE_INLINE void qk_micro(const float* q, const float* kt, float* s, int64_t Dp, float scale) {
-  f32x16 c[MR][4] = {};
+  constexpr int64_t L = lanes<V>;
+  V c[MR][4] = {};
   for (int64_t d = 0; d < Dp; ++d) {
     const float* k = kt + d * kKeyTile;
-    const f32x16 k0 = load16(k), k1 = load16(k + 16), k2 = load16(k + 32), k3 = load16(k + 48);
+    const V k0 = loadv<V>(k), k1 = loadv<V>(k + L), k2 = loadv<V>(k + 2 * L), k3 = loadv<V>(k + 3 * L);
     for (int i = 0; i < MR; ++i) {
       const float a = q[i * Dp + d];
       c[i][0] += a * k0;
@@ -60,44 +74,55 @@ HE_INLINE void qk_micro(const float* q, const float* kt, float* s, int64_t Dp, f
     }
   }
   for (int i = 0; i < MR; ++i)
-    for (int x = 0; x < 4; ++x) store16(s + i * kKeyTile + x * 16, c[i][x] * scale);
+    for (int x = 0; x < 4; ++x) storev(s + i * kKeyTile + x * L, c[i][x] * scale);
 }
 
-// o[MR, NV * 16] += p[MR, n] @ v[n, NV * 16]  (p row stride kKeyTile, v and o row stride Dp)
-template <int MR, int NV>
+// o[MR, NV lanes] += p[MR, n] @ v[n, NV lanes]  (p row stride kKeyTile, v and o row stride Dp)
+template <typename V, int MR, int NV>
 HE_INLINE void pv_micro(const float* p, const float* v, int64_t n, float* o, int64_t Dp) {
-  f32x16 c[MR][NV];
+  constexpr int64_t L = lanes<V>;
+  V c[MR][NV];
   for (int i = 0; i < MR; ++i)
-    for (int x = 0; x < NV; ++x) c[i][x] = load16(o + i * Dp + x * 16);
+    for (int x = 0; x < NV; ++x) c[i][x] = loadv<V>(o + i * Dp + x * L);
   for (int64_t j = 0; j < n; ++j) {
-    f32x16 vj[NV];
-    for (int x = 0; x < NV; ++x) vj[x] = load16(v + j * Dp + x * 16);
+    V vj[NV];
+    for (int x = 0; x < NV; ++x) vj[x] = loadv<V>(v + j * Dp + x * L);
     for (int i = 0; i < MR; ++i) {
       const float a = p[i * kKeyTile + j];
       for (int x = 0; x < NV; ++x) c[i][x] += a * vj[x];
     }
   }
   for (int i = 0; i < MR; ++i)
-    for (int x = 0; x < NV; ++x) store16(o + i * Dp + x * 16, c[i][x]);
+    for (int x = 0; x < NV; ++x) storev(o + i * Dp + x * L, c[i][x]);
 }
 
-template <int MR>
+template <typename V, int MR>
+HE_INLINE void qk_columns(const float* q, const float* kt, float* s, int64_t Dp, float scale) {
+  for (int64_t c0 = 0; c0 < kKeyTile; c0 += 4 * lanes<V>) qk_micro<V, MR>(q, kt + c0, s + c0, Dp, scale);
+}
+
+template <typename V, int MR>
 HE_INLINE void pv_columns(const float* p, const float* v, int64_t n, float* o, int64_t Dp) {
+  constexpr int64_t L = lanes<V>;
   int64_t c0 = 0;
-  for (; c0 + 64 <= Dp; c0 += 64) pv_micro<MR, 4>(p, v + c0, n, o + c0, Dp);
-  for (; c0 < Dp; c0 += 16) pv_micro<MR, 1>(p, v + c0, n, o + c0, Dp);
+  for (; c0 + 4 * L <= Dp; c0 += 4 * L) pv_micro<V, MR, 4>(p, v + c0, n, o + c0, Dp);
+  for (; c0 < Dp; c0 += L) pv_micro<V, MR, 1>(p, v + c0, n, o + c0, Dp);
 }
 
+template <typename V>
 HE_INLINE void qk_tile(const float* q, const float* kt, float* s, int64_t rows, int64_t Dp, float scale) {
+  constexpr int MR = Blocking<V>::kRows;
   int64_t r = 0;
-  for (; r + kMicroRows <= rows; r += kMicroRows) qk_micro<kMicroRows>(q + r * Dp, kt, s + r * kKeyTile, Dp, scale);
-  for (; r < rows; ++r) qk_micro<1>(q + r * Dp, kt, s + r * kKeyTile, Dp, scale);
+  for (; r + MR <= rows; r += MR) qk_columns<V, MR>(q + r * Dp, kt, s + r * kKeyTile, Dp, scale);
+  for (; r < rows; ++r) qk_columns<V, 1>(q + r * Dp, kt, s + r * kKeyTile, Dp, scale);
 }
 
+template <typename V>
 HE_INLINE void pv_tile(const float* p, const float* v, int64_t n, float* o, int64_t rows, int64_t Dp) {
+  constexpr int MR = Blocking<V>::kRows;
   int64_t r = 0;
-  for (; r + kMicroRows <= rows; r += kMicroRows) pv_columns<kMicroRows>(p + r * kKeyTile, v, n, o + r * Dp, Dp);
-  for (; r < rows; ++r) pv_columns<1>(p + r * kKeyTile, v, n, o + r * Dp, Dp);
+  for (; r + MR <= rows; r += MR) pv_columns<V, MR>(p + r * kKeyTile, v, n, o + r * Dp, Dp);
+  for (; r < rows; ++r) pv_columns<V, 1>(p + r * kKeyTile, v, n, o + r * Dp, Dp);
 }
 
 // Rows [rows, D] (row stride src_stride) -> fp32 [rows, Dp], zero padded.
@@ -128,7 +153,7 @@ int64_t scratch_floats(const PrefillParams& p) {
 
 // Attention of one query tile against the sequence's keys. K/V tiles are packed on first use (one
 // packed tile per kKeyTile keys from seq_begin) and reused by the span's later query tiles.
-template <typename T>
+template <typename T, typename V>
 HE_INLINE void query_tile(const PrefillParams& p, const QuerySpan& span, int64_t q_begin, int64_t q_end, int64_t kvh,
                           float* scratch, int64_t& packed) {
   const int64_t group = p.num_heads / p.num_kv_heads, D = p.head_dim, Dp = p.padded_dim;
@@ -162,7 +187,7 @@ HE_INLINE void query_tile(const PrefillParams& p, const QuerySpan& span, int64_t
       packed = tile + 1;
     }
     if (p.window > 0 && k0 + n <= q_begin - p.window + 1) continue;
-    qk_tile(q, kt_tile, s, rows, Dp, p.scale);
+    qk_tile<V>(q, kt_tile, s, rows, Dp, p.scale);
     for (int64_t r = 0; r < rows; ++r) {
       const int64_t visible = p.causal ? std::min(n, q_begin + r / group - k0 + 1) : n;
       const int64_t behind_window = p.window > 0 ? q_begin + r / group - p.window + 1 - k0 : 0;
@@ -170,7 +195,7 @@ HE_INLINE void query_tile(const PrefillParams& p, const QuerySpan& span, int64_t
       std::fill(s + r * kKeyTile + std::max<int64_t>(visible, 0), s + (r + 1) * kKeyTile, -INFINITY);
       online_softmax_step(s + r * kKeyTile, kKeyTile, row_max[r], row_sum[r], o + r * Dp, Dp);
     }
-    pv_tile(s, v_tile, n, o, rows, Dp);
+    pv_tile<V>(s, v_tile, n, o, rows, Dp);
   }
 
   T* out = static_cast<T*>(p.out) + (q_begin * p.num_heads + kvh * group) * D;
@@ -179,15 +204,24 @@ HE_INLINE void query_tile(const PrefillParams& p, const QuerySpan& span, int64_t
       out[r / group * token_stride + r % group * D + d] = from_float<T>(o[r * Dp + d] / row_sum[r]);
 }
 
-template <typename T>
-HE_INLINE void prefill_range(const PrefillParams& p, int64_t begin, int64_t end) {
+template <typename T, typename V>
+HE_INLINE void prefill_tasks(const PrefillParams& p, int64_t begin, int64_t end) {
   std::vector<float> scratch(scratch_floats(p));
   for (int64_t task = begin; task < end; ++task) {  // kv-head major: every thread gets all kinds of spans
     const QuerySpan& span = p.spans[task % p.num_spans];
     int64_t packed = 0;
     for (int64_t q0 = span.q_begin; q0 < span.q_end; q0 += p.tile_tokens)
-      query_tile<T>(p, span, q0, std::min(q0 + p.tile_tokens, span.q_end), task / p.num_spans, scratch.data(), packed);
+      query_tile<T, V>(p, span, q0, std::min(q0 + p.tile_tokens, span.q_end), task / p.num_spans, scratch.data(),
+                       packed);
   }
+}
+
+template <typename T>
+HE_INLINE void prefill_range(const PrefillParams& p, int64_t begin, int64_t end) {
+  if (best_isa() == Isa::kAvx512)
+    prefill_tasks<T, f32x16>(p, begin, end);
+  else
+    prefill_tasks<T, f32x8>(p, begin, end);
 }
 
 HE_MULTIVERSION(run_prefill, prefill_range, PrefillParams)

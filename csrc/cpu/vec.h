@@ -61,6 +61,18 @@ HE_INLINE f32x16 load16(const uint16_t* p) {
   return (f32x16)(__builtin_convertvector(h, u32x16) << 16);
 }
 HE_INLINE void store16(float* p, f32x16 v) { std::memcpy(p, &v, sizeof(v)); }
+
+// fp32 vectors of either width (V: f32x16 or f32x8), for kernels blocked per instruction set.
+template <typename V>
+constexpr int64_t lanes = sizeof(V) / sizeof(float);
+template <typename V>
+HE_INLINE V loadv(const float* p) {
+  V v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+template <typename V>
+HE_INLINE void storev(float* p, V v) { std::memcpy(p, &v, sizeof(v)); }
 HE_INLINE void store16(uint16_t* p, f32x16 v) {  // round to nearest even like from_float, NaN stays NaN
   const u32x16 bits = (u32x16)v;
   const u32x16 rounded = (bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16;
