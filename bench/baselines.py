@@ -13,6 +13,7 @@ import torch
 from transformers import PreTrainedModel
 
 from bench.checkpoints import make_tokenizer
+from hybrid_engine.memory import return_freed_memory
 
 ROOT = Path(__file__).resolve().parents[1]
 RUNNER = Path(__file__).with_name("baseline_runner.py")
@@ -40,32 +41,39 @@ def kv_cache_bytes(model: PreTrainedModel, tokens: int) -> int:
     return 2 * tokens * 2 * config.num_hidden_layers * config.hidden_size * model.dtype.itemsize
 
 
-def run_baseline(engine: str, python: str, model: PreTrainedModel, prompts: torch.Tensor, new_tokens: int,
-                 dtype: str, timeout_s: float) -> dict:
-    """Save `model` with a tokenizer to a temporary directory, generate there with `engine` in a
-    subprocess with this process's environment (OMP_WAIT_POLICY, thread count) and return its result
-    (see baseline_runner.py). A runner that fails is a one-line error followed by its stderr's tail."""
+def save_checkpoint(model: PreTrainedModel, directory: str) -> str:
+    """`model` and a tokenizer saved once for every baseline, as directory/model; the heap that saving
+    freed goes back to the system (at OPT-1.3b fp32, saving left this process holding about three copies
+    of the weights, and a baseline's own beside them ran out of 24 GiB)."""
+    model_dir = os.path.join(directory, "model")
+    model.save_pretrained(model_dir)
+    tokenizer = make_tokenizer(model.config)
+    # CTranslate2's converter records the BOS and UNK tokens and refuses none; OPT's BOS is its EOS.
+    tokenizer.bos_token, tokenizer.unk_token = tokenizer.eos_token, tokenizer.pad_token
+    tokenizer.save_pretrained(model_dir)
+    return_freed_memory()
+    return model_dir
+
+
+def run_baseline(engine: str, python: str, model_dir: str, prompts: torch.Tensor, new_tokens: int, dtype: str,
+                 kv_cache_bytes: int, timeout_s: float) -> dict:
+    """Generate with `engine` on the checkpoint in model_dir (see save_checkpoint) in a subprocess with
+    this process's environment (OMP_WAIT_POLICY, thread count) and return its result (see
+    baseline_runner.py). A runner that fails is a one-line error followed by its output's tail."""
     with tempfile.TemporaryDirectory(prefix=f"baseline-{engine}-") as tmp:
-        model_dir = os.path.join(tmp, "model")
-        model.save_pretrained(model_dir)
-        tokenizer = make_tokenizer(model.config)
-        # CTranslate2's converter records the BOS and UNK tokens and refuses none; OPT's BOS is its EOS.
-        tokenizer.bos_token, tokenizer.unk_token = tokenizer.eos_token, tokenizer.pad_token
-        tokenizer.save_pretrained(model_dir)
         request = {"engine": engine, "model_dir": model_dir, "prompts": prompts.tolist(), "new_tokens": new_tokens,
-                   "dtype": dtype, "threads": torch.get_num_threads(),
-                   "kv_cache_bytes": kv_cache_bytes(model, prompts.numel() + len(prompts) * new_tokens),
+                   "dtype": dtype, "threads": torch.get_num_threads(), "kv_cache_bytes": kv_cache_bytes,
                    "launched": time.time()}
-        paths = {name: os.path.join(tmp, name) for name in ("request.json", "result.json", "stderr.txt")}
+        paths = {name: os.path.join(tmp, name) for name in ("request.json", "result.json", "output.txt")}
         Path(paths["request.json"]).write_text(json.dumps(request))
-        with open(paths["stderr.txt"], "w") as stderr:
+        with open(paths["output.txt"], "w") as output:
             # -I: the runner's own directory (bench/) must not shadow the engine's imports (bench/kernels.py is
             # not the `kernels` package that transformers probes for)
             done = subprocess.run([python, "-I", str(RUNNER), paths["request.json"], paths["result.json"]],
-                                  stdout=stderr, stderr=subprocess.STDOUT, timeout=timeout_s,
+                                  stdout=output, stderr=subprocess.STDOUT, timeout=timeout_s,
                                   env={**os.environ, "OMP_NUM_THREADS": str(request["threads"])})
         if done.returncode != 0:
-            tail = Path(paths["stderr.txt"]).read_text().strip().splitlines()[-15:]
+            tail = Path(paths["output.txt"]).read_text().strip().splitlines()[-15:]
             raise SystemExit(f"--baseline {engine} failed (exit {done.returncode}, {python}); its output ends:\n  "
                              + "\n  ".join(tail))
         return json.loads(Path(paths["result.json"]).read_text())

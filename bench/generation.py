@@ -23,6 +23,7 @@ import argparse
 import collections
 import os
 import statistics
+import tempfile
 import time
 from pathlib import Path
 
@@ -353,10 +354,25 @@ def print_speedups(side: str, result: dict) -> None:
           + (f"; started in {result['startup_s']:.1f} s (not timed)" if "startup_s" in result else ""))
 
 
-def baseline_side(args, engine: str, python: str, hf, prompts: torch.Tensor) -> tuple[dict, torch.Tensor]:
+def baseline_sides(args, pythons: dict[str, str], hf, prompts: torch.Tensor) -> list[tuple[dict, torch.Tensor]]:
+    """The baselines one at a time on one saved copy of the weights, each process gone before the next
+    side starts."""
+    if not pythons:
+        return []
+    kv_cache_bytes = baselines.kv_cache_bytes(hf, prompts.numel() + args.batch * args.new_tokens)
+    with tempfile.TemporaryDirectory(prefix="baselines-") as tmp:
+        model_dir = baselines.save_checkpoint(hf, tmp)
+        return [baseline_side(args, engine, python, model_dir, prompts, kv_cache_bytes)
+                for engine, python in pythons.items()]
+
+
+def baseline_side(args, engine: str, python: str, model_dir: str, prompts: torch.Tensor,
+                  kv_cache_bytes: int) -> tuple[dict, torch.Tensor]:
     """Another engine on the same weights and prompts in its own process (bench/baselines.py), timed from
     its stamps as ours is: (its row, its tokens after the prompts)."""
-    result = baselines.run_baseline(engine, python, hf, prompts, args.new_tokens, args.dtype, args.baseline_timeout)
+    print(f"--baseline {engine}: starting it in {python} (its startup is timed apart)", flush=True)
+    result = baselines.run_baseline(engine, python, model_dir, prompts, args.new_tokens, args.dtype, kv_cache_bytes,
+                                    args.baseline_timeout)
     lengths = {len(g) for g in result["generated"]}
     if len(result["stamps"]) != args.new_tokens + 1 or lengths != {args.new_tokens}:
         # One stamp per step is what makes its ms/step comparable: a step that chose tokens for only some
@@ -396,8 +412,7 @@ def main() -> None:
     # processes only lowers a rate), over a working set as large as the weights (before) and as a
     # whole decode step's reads (after).
     limits_before = machine_limits(sum(t.numel() * t.element_size() for t in hf.parameters()), dtype)
-    # The baselines run one at a time in their own processes, each gone before the next side starts.
-    baseline_runs = [baseline_side(args, engine, python, hf, prompts) for engine, python in pythons.items()]
+    baseline_runs = baseline_sides(args, pythons, hf, prompts)
     # Each side starts from one copy of the weights and nothing else: HF's run first, before our
     # model exists; then HF's model is freed before ours is measured.
     hf_run = None if args.skip_hf else hf_side(args, hf, prompts, mask)

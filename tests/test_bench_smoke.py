@@ -115,7 +115,8 @@ def test_generation_baseline_that_fails_to_start(tmp_path):
     python.chmod(0o755)
     model = OPTForCausalLM(MODELS["tiny"]())
     with pytest.raises(SystemExit) as failed:
-        baselines.run_baseline("vllm", str(python), model, torch.randint(3, 50, (2, 4)), 3, "fp32", timeout_s=60)
+        baselines.run_baseline("vllm", str(python), baselines.save_checkpoint(model, str(tmp_path)),
+                               torch.randint(3, 50, (2, 4)), 3, "fp32", kv_cache_bytes=2**20, timeout_s=60)
     lines = str(failed.value).splitlines()
     assert lines[0].startswith("--baseline vllm failed (exit 3")
     assert lines[1:] == ["  loading the engine", "  ImportError: no module named vllm._C"]
