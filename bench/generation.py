@@ -3,6 +3,7 @@ same prompts, same forced length, in one process with the same thread and OpenMP
 
     python -m bench.generation --model opt-125m [--dtype bf16] [--batch 16] [--prompt-len 256]
                                [--new-tokens 256] [--out results/generation-opt-125m-fp32.json]
+                               [--baseline vllm] [--baseline ctranslate2]
 
 Both sides are timestamped at every next-token choice (HF: a logits processor; ours: the start of
 each decode step): prefill = first stamp - start of the call, decode step = median interval
@@ -16,6 +17,10 @@ Memory: each side is measured from the same state, one copy of the weights resid
 else (HF runs before our model exists; HF's model is freed before ours runs), and our growth
 includes our KV cache and prepacked weight copies. Tokens: in fp32 greedy our tokens must equal
 HF's (the run fails otherwise); in bf16 the agreement is reported.
+
+Baselines (--baseline): other engines on the same saved weights and prompts, each in a subprocess of its
+own venv (bench/baselines.py starts bench/baseline_runner.py there), stamped the same way and timed by the
+same step_times; their startup is reported apart, their agreement with our tokens is reported, not enforced.
 """
 import bench  # noqa: F401  (sets OMP_WAIT_POLICY=PASSIVE before torch is imported)
 
