@@ -88,7 +88,9 @@ def peak_gemm_rate(dtype: torch.dtype, sizes: tuple[int, ...] = (1024, 2048), re
 
 
 def print_table(rows: list[dict], columns: list[str]) -> None:
-    cells = [[f"{row[c]:.4g}" if isinstance(row[c], float) else str(row[c]) for c in columns] for row in rows]
+    """Rows as columns; a row without a column's key shows an empty cell (e.g. a side that has no such figure)."""
+    cells = [[f"{row[c]:.4g}" if isinstance(row.get(c), float) else str(row.get(c, "")) for c in columns]
+             for row in rows]
     widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(columns)]
     print("  ".join(c.rjust(w) for c, w in zip(columns, widths)))
     for r in cells:

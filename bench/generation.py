@@ -3,6 +3,7 @@ same prompts, same forced length, in one process with the same thread and OpenMP
 
     python -m bench.generation --model opt-125m [--dtype bf16] [--batch 16] [--prompt-len 256]
                                [--new-tokens 256] [--out results/generation-opt-125m-fp32.json]
+                               [--baseline vllm] [--baseline ctranslate2]
 
 Both sides are timestamped at every next-token choice (HF: a logits processor; ours: the start of
 each decode step): prefill = first stamp - start of the call, decode step = median interval
@@ -16,6 +17,10 @@ Memory: each side is measured from the same state, one copy of the weights resid
 else (HF runs before our model exists; HF's model is freed before ours runs), and our growth
 includes our KV cache and prepacked weight copies. Tokens: in fp32 greedy our tokens must equal
 HF's (the run fails otherwise); in bf16 the agreement is reported.
+
+Baselines (--baseline): other engines on the same saved weights and prompts, each in a subprocess of its
+own venv (bench/baselines.py starts bench/baseline_runner.py there), stamped the same way and timed by the
+same step_times; their startup is reported apart, their agreement with our tokens is reported, not enforced.
 """
 import bench  # noqa: F401  (sets OMP_WAIT_POLICY=PASSIVE before torch is imported)
 
@@ -23,12 +28,15 @@ import argparse
 import collections
 import os
 import statistics
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from transformers import LogitsProcessor, LogitsProcessorList
 
+from bench import baselines
 from bench.configs import MODELS, causal_lm
 from bench.common import (median_seconds, parse_dtype, peak_gemm_rate, print_environment, print_table,
                           read_bandwidth, write_json)
@@ -62,18 +70,24 @@ def measure(name: str, setup, clock: StepClock, batch: int, new_tokens: int) -> 
     run(2)  # warm-up: allocator caches, lazily built kernels, KV cache pages
     clock.reset()
     sequences = run(new_tokens)
-    total_s = time.perf_counter() - clock.ticks[0]
-    steps = [b - a for a, b in zip(clock.ticks[1:], clock.ticks[2:])]
+    row = step_times(name, clock.ticks, time.perf_counter(), batch * new_tokens)
     peak = status_bytes("VmHWM")
-    row = {"side": name, "prefill_ms": (clock.ticks[1] - clock.ticks[0]) * 1e3,
-           "decode_ms_per_step": statistics.median(steps) * 1e3, "decode_ms_mean": statistics.mean(steps) * 1e3,
-           "tokens_per_s": batch * new_tokens / total_s, "total_s": total_s, "rss_before_gib": before / 2**30,
-           "peak_rss_gib": peak / 2**30, "run_growth_gib": (peak - before) / 2**30}
+    row.update(rss_before_gib=before / 2**30, peak_rss_gib=peak / 2**30, run_growth_gib=(peak - before) / 2**30)
     return row, sequences
 
 
+def step_times(name: str, ticks: list[float], end: float, tokens: int) -> dict:
+    """One side's timing from its stamps (the start of the call, then one per next-token choice) and
+    the end of the call: the same arithmetic for every side, ours and the baselines in their processes."""
+    steps = [b - a for a, b in zip(ticks[1:], ticks[2:])]
+    total_s = end - ticks[0]
+    return {"side": name, "prefill_ms": (ticks[1] - ticks[0]) * 1e3,
+            "decode_ms_per_step": statistics.median(steps) * 1e3, "decode_ms_mean": statistics.mean(steps) * 1e3,
+            "tokens_per_s": tokens / total_s, "total_s": total_s}
+
+
 def token_agreement(ours: torch.Tensor, theirs: torch.Tensor, prompt_len: int) -> dict:
-    """How many generated tokens equal HF's, and the first step where a row differs (or None)."""
+    """How many generated tokens equal the other side's, and the first step where a row differs (or None)."""
     same = ours[:, prompt_len:] == theirs[:, prompt_len:]
     differs = (~same).any(0).nonzero()
     return {"token_agreement": same.float().mean().item(),
@@ -275,6 +289,14 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--profile", type=int, default=0, metavar="STEPS",
                    help="also profile this many of our decode steps: time per part of a step against its limit, "
                         "and the top ops by torch.profiler")
+    p.add_argument("--baseline", action="append", default=[], choices=baselines.ENGINES,
+                   help="also run this engine on the same weights and prompts in a subprocess (repeatable): vllm and "
+                        "ctranslate2 in their venvs under --baseline-venvs (bash scripts/make_baseline_venv.sh), "
+                        "transformers in this one; its startup is reported apart from its timing")
+    p.add_argument("--baseline-venvs", default=str(baselines.DEFAULT_VENVS),
+                   help="directory holding the baselines' venvs, one per engine (default: %(default)s)")
+    p.add_argument("--baseline-timeout", type=float, default=1800,
+                   help="seconds a baseline may take, startup included (default: %(default)s)")
     p.add_argument("--out", default=None, help="JSON path (default results/generation-<model>-<dtype>.json)")
     args = p.parse_args()
     parse_dtype(p, args)
@@ -317,21 +339,54 @@ def print_rows(args, rows: list[dict], floor: dict) -> None:
     print(f"{args.model} {args.dtype} batch {args.batch} prompt {args.prompt_len} new {args.new_tokens} "
           f"(OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}, threads {torch.get_num_threads()})")
     print_table(rows, ["side", "prefill_ms", "decode_ms_per_step", "decode_ms_mean", "tokens_per_s", "peak_rss_gib",
-                       "run_growth_gib", "x_floor"])
+                       "run_growth_gib", "x_floor", "ours_faster_decode", "ours_faster_prefill", "startup_s"])
     print("floor per decode step: " + ", ".join(f"{k}={v:.4g}" for k, v in floor.items()))
 
 
-def speedups(rows: list[dict], agreement: dict) -> dict:
-    hf_row, our_row = rows
-    result = {**agreement, "speedup_decode": hf_row["decode_ms_per_step"] / our_row["decode_ms_per_step"],
-              "speedup_prefill": hf_row["prefill_ms"] / our_row["prefill_ms"],
-              "speedup_tokens_per_s": our_row["tokens_per_s"] / hf_row["tokens_per_s"]}
-    print(f"our tokens equal HF's: {agreement['token_agreement']:.1%} (first divergent step: "
-          f"{agreement['first_divergent_step']})")
-    print(f"ours vs HF: decode step {result['speedup_decode']:.2f}x faster, prefill "
-          f"{result['speedup_prefill']:.2f}x, tokens/s {result['speedup_tokens_per_s']:.2f}x; "
-          f"ours at {our_row['x_floor']:.2f}x the floor")
+def speedups(their_row: dict, our_row: dict, agreement: dict) -> dict:
+    """Ours against one other side (> 1: ours faster), also put in its row for the table."""
+    result = {**agreement, "speedup_decode": their_row["decode_ms_per_step"] / our_row["decode_ms_per_step"],
+              "speedup_prefill": their_row["prefill_ms"] / our_row["prefill_ms"],
+              "speedup_tokens_per_s": our_row["tokens_per_s"] / their_row["tokens_per_s"]}
+    their_row.update(ours_faster_decode=result["speedup_decode"], ours_faster_prefill=result["speedup_prefill"])
     return result
+
+
+def print_speedups(side: str, result: dict) -> None:
+    print(f"ours vs {side}: decode step {result['speedup_decode']:.2f}x faster, prefill "
+          f"{result['speedup_prefill']:.2f}x, tokens/s {result['speedup_tokens_per_s']:.2f}x; our tokens equal "
+          f"its: {result['token_agreement']:.1%} (first divergent step: {result['first_divergent_step']})"
+          + (f"; started in {result['startup_s']:.1f} s (not timed)" if "startup_s" in result else ""))
+
+
+def baseline_sides(args, pythons: dict[str, str], hf, prompts: torch.Tensor) -> list[tuple[dict, torch.Tensor]]:
+    """The baselines one at a time on one saved copy of the weights, each process gone before the next
+    side starts."""
+    if not pythons:
+        return []
+    kv_cache_bytes = baselines.kv_cache_bytes(hf, prompts.numel() + args.batch * args.new_tokens)
+    with tempfile.TemporaryDirectory(prefix="baselines-") as tmp:
+        model_dir = baselines.save_checkpoint(hf, tmp)
+        return [baseline_side(args, engine, python, model_dir, prompts, kv_cache_bytes)
+                for engine, python in pythons.items()]
+
+
+def baseline_side(args, engine: str, python: str, model_dir: str, prompts: torch.Tensor,
+                  kv_cache_bytes: int) -> tuple[dict, torch.Tensor]:
+    """Another engine on the same weights and prompts in its own process (bench/baselines.py), timed from
+    its stamps as ours is: (its row, its tokens after the prompts)."""
+    print(f"--baseline {engine}: starting it in {python} (its startup is timed apart)", flush=True)
+    result = baselines.run_baseline(engine, python, model_dir, prompts, args.new_tokens, args.dtype, kv_cache_bytes,
+                                    args.baseline_timeout)
+    lengths = {len(g) for g in result["generated"]}
+    if len(result["stamps"]) != args.new_tokens + 1 or lengths != {args.new_tokens}:
+        # One stamp per step is what makes its ms/step comparable: a step that chose tokens for only some
+        # rows (a prompt admitted late) or a row cut short would time something else.
+        raise SystemExit(f"--baseline {engine}: {len(result['stamps']) - 1} token choices timed and rows of "
+                         f"{sorted(lengths)} tokens, expected {args.new_tokens} of each")
+    row = step_times(engine, result["stamps"], result["end"], args.batch * args.new_tokens)
+    row.update(version=result["version"], startup_s=result["startup_s"])
+    return row, torch.cat([prompts, torch.tensor(result["generated"])], 1)
 
 
 def profile(ours, model, args, limits: dict) -> dict:
@@ -351,6 +406,8 @@ def main() -> None:
     args = parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    # A missing venv fails now, not after minutes of building and timing.
+    pythons = {engine: baselines.python_of(engine, Path(args.baseline_venvs)) for engine in args.baseline}
     env, dtype = print_environment(args.dtype), DTYPES[args.dtype]
     torch.manual_seed(0)
     hf = causal_lm(args.model).eval().to(dtype)
@@ -360,23 +417,31 @@ def main() -> None:
     # processes only lowers a rate), over a working set as large as the weights (before) and as a
     # whole decode step's reads (after).
     limits_before = machine_limits(sum(t.numel() * t.element_size() for t in hf.parameters()), dtype)
+    baseline_runs = baseline_sides(args, pythons, hf, prompts)
     # Each side starts from one copy of the weights and nothing else: HF's run first, before our
     # model exists; then HF's model is freed before ours is measured.
     hf_run = None if args.skip_hf else hf_side(args, hf, prompts, mask)
     model = from_hf(hf, dtype=dtype)
     del hf
     our_row, our_tokens, generator, ours = our_side(args, model, prompts, mask)
-    rows = ([] if hf_run is None else [hf_run[0]]) + [our_row]
+    hf_runs = [] if hf_run is None else [hf_run]
+    others = hf_runs + baseline_runs
+    rows = [row for row, _ in hf_runs] + [our_row] + [row for row, _ in baseline_runs]
     work = decode_work(generator.model, args, dtype)
     limits = best_limits(limits_before, machine_limits(work["weight_bytes"] + int(work["kv_bytes_mean"]), dtype))
     floor = {**decode_floor(work, limits), **gemm_passes(generator.model, args.batch, dtype)}
     for row in rows:
         row["x_floor"] = row["decode_ms_per_step"] / floor["floor_ms"]
+    versus = {row["side"]: speedups(row, our_row, token_agreement(our_tokens, tokens, args.prompt_len))
+              for row, tokens in others}
+    for row, _ in baseline_runs:
+        versus[row["side"]].update(version=row["version"], startup_s=row["startup_s"])
     print_rows(args, rows, floor)
-    result = {"args": vars(args), "environment": env, "rows": rows, "floor": floor, "ours_stats": generator.stats}
-    agreement = None if hf_run is None else token_agreement(our_tokens, hf_run[1], args.prompt_len)
-    if agreement:
-        result.update(speedups(rows, agreement))
+    for side, comparison in versus.items():
+        print_speedups(side, comparison)
+    result = {"args": vars(args), "environment": env, "rows": rows, "floor": floor, "ours_stats": generator.stats,
+              **versus.get("hf_generate", {}), "baselines": {row["side"]: versus[row["side"]] for row, _ in baseline_runs}}
+    agreement = versus.get("hf_generate")
     if args.profile:
         result.update(profile(ours, generator.model, args, limits))
     write_json(args.out or f"results/generation-{args.model}-{args.dtype}.json", result)
