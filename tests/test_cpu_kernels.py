@@ -273,6 +273,7 @@ import test_cpu_kernels as t
 for dtype in t.DTYPES:
     t.check_decode([1, 16, 45], 8, 2, 80, 16, dtype)
     t.check_decode([33], 4, 4, 64, 32, dtype)
+    t.check_decode([7, 20], 2, 1, 48, 16, dtype)  # a 32-element chunk alone, then a tail of 16
     t.check_prefill([1, 70, 9], 8, 2, 80, dtype, causal=True)
     t.check_prefill([20], 4, 4, 72, dtype, causal=False)
     t.check_add_norm((3, 77), dtype, True, True, False, dtype)

@@ -82,30 +82,32 @@ HE_INLINE f32x16 token_scores(const float* q, const T* k, int64_t token_stride, 
   return s;
 }
 
-// acc[0:NP*32] += sum_t p[t] * v[t][0:NP*32] with the accumulators in registers across tokens.
-template <int NP, typename T>
+// acc[0:NP*32] += sum_t p[t] * v[t][0:NP*32] with the accumulators in registers across tokens, as
+// vectors of V: 16 lanes on AVX-512; 8 elsewhere, where GCC builds every 16-lane p[t] operand through
+// memory, 16 scalar stores each (it was most of the AVX2 variant's time).
+template <typename V, int NP, typename T>
 HE_INLINE void accumulate_pairs(float* acc, const float* p, const T* v, int64_t token_stride, int64_t n) {
-  f32x16 a[2 * NP];
-  for (int i = 0; i < 2 * NP; ++i) a[i] = load16(acc + i * kLanes);
+  constexpr int kPer = 32 / lanes<V>;  // vectors per 32-element chunk
+  V a[NP * kPer];
+  for (int i = 0; i < NP * kPer; ++i) a[i] = loadv<V>(acc + i * lanes<V>);
   for (int64_t t = 0; t < n; ++t, v += token_stride)
     for (int i = 0; i < NP; ++i) {
-      f32x16 x, y;
-      load_pair(v + i * 2 * kLanes, x, y);
-      a[2 * i] += p[t] * x;
-      a[2 * i + 1] += p[t] * y;
+      V x[kPer];
+      load_chunk<V>(v + i * 32, x);
+      for (int j = 0; j < kPer; ++j) a[i * kPer + j] += p[t] * x[j];
     }
-  for (int i = 0; i < 2 * NP; ++i) store16(acc + i * kLanes, a[i]);
+  for (int i = 0; i < NP * kPer; ++i) storev(acc + i * lanes<V>, a[i]);
 }
 
 // acc (fp32, pair layout) += sum_t p[t] * v[t] over n tokens of a block.
-template <typename T, int kD>
+template <typename T, int kD, typename V>
 HE_INLINE void accumulate_values(float* acc, const float* p, const T* v, int64_t token_stride, int64_t n,
                                  int64_t head_dim) {
   const int64_t D = kD ? kD : head_dim;
   int64_t d = 0;
-  for (; d + 4 * kLanes <= D; d += 4 * kLanes) accumulate_pairs<2>(acc + d, p, v + d, token_stride, n);
+  for (; d + 4 * kLanes <= D; d += 4 * kLanes) accumulate_pairs<V, 2>(acc + d, p, v + d, token_stride, n);
   if (d + 2 * kLanes <= D) {
-    accumulate_pairs<1>(acc + d, p, v + d, token_stride, n);
+    accumulate_pairs<V, 1>(acc + d, p, v + d, token_stride, n);
     d += 2 * kLanes;
   }
   for (; d < D; ++d)  // a tail shorter than 32 elements stays in natural order (see to_pair_layout)
@@ -113,7 +115,7 @@ HE_INLINE void accumulate_values(float* acc, const float* p, const T* v, int64_t
 }
 
 // Attention of the query heads of kv heads [kv0, kv0 + kvn) of sequence b.
-template <typename T, int kD>
+template <typename T, int kD, typename V>
 HE_INLINE void decode_task(const DecodeParams& p, int64_t b, int64_t kv0, int64_t kvn, float* scratch) {
   const int64_t group = p.num_heads / p.num_kv_heads, D = kD ? kD : p.head_dim, block_size = p.block_size;
   const int64_t heads = kvn * group, stride = padded_block(p), token_stride = p.num_kv_heads * D;
@@ -157,7 +159,7 @@ HE_INLINE void decode_task(const DecodeParams& p, int64_t b, int64_t kv0, int64_
         std::fill(s + n, s + stride, -INFINITY);
         std::fill(s, s + behind_window, -INFINITY);
         online_softmax_step(s, stride, row_max[h], row_sum[h], acc + h * D, D);
-        accumulate_values<T, kD>(acc + h * D, s, v + j * D, token_stride, n, D);
+        accumulate_values<T, kD, V>(acc + h * D, s, v + j * D, token_stride, n, D);
       }
     }
   }
@@ -167,18 +169,26 @@ HE_INLINE void decode_task(const DecodeParams& p, int64_t b, int64_t kv0, int64_
     from_pair_layout(acc + h * D, out + h * D, D, 1.0f / row_sum[h]);
 }
 
-template <typename T>
-HE_INLINE void decode_range(const DecodeParams& p, int64_t begin, int64_t end) {
+template <typename T, typename V>
+HE_INLINE void decode_tasks(const DecodeParams& p, int64_t begin, int64_t end) {
   std::vector<float> scratch(scratch_floats(p));
   const int64_t tasks_per_seq = p.num_kv_heads / p.kv_heads_per_task;
   for (int64_t task = begin; task < end; ++task) {
     const int64_t b = task / tasks_per_seq, kv0 = task % tasks_per_seq * p.kv_heads_per_task;
     switch (p.head_dim) {  // the common head sizes get fully unrolled rows
-      case 64: decode_task<T, 64>(p, b, kv0, p.kv_heads_per_task, scratch.data()); break;
-      case 128: decode_task<T, 128>(p, b, kv0, p.kv_heads_per_task, scratch.data()); break;
-      default: decode_task<T, 0>(p, b, kv0, p.kv_heads_per_task, scratch.data());
+      case 64: decode_task<T, 64, V>(p, b, kv0, p.kv_heads_per_task, scratch.data()); break;
+      case 128: decode_task<T, 128, V>(p, b, kv0, p.kv_heads_per_task, scratch.data()); break;
+      default: decode_task<T, 0, V>(p, b, kv0, p.kv_heads_per_task, scratch.data());
     }
   }
+}
+
+template <typename T>
+HE_INLINE void decode_range(const DecodeParams& p, int64_t begin, int64_t end) {
+  if (best_isa() == Isa::kAvx512)
+    decode_tasks<T, f32x16>(p, begin, end);
+  else
+    decode_tasks<T, f32x8>(p, begin, end);
 }
 
 HE_MULTIVERSION(run_decode, decode_range, DecodeParams)

@@ -25,6 +25,7 @@ typedef float f32x8 __attribute__((vector_size(32)));
 typedef float f32x4 __attribute__((vector_size(16)));
 typedef int32_t i32x16 __attribute__((vector_size(64)));
 typedef uint32_t u32x16 __attribute__((vector_size(64)));
+typedef uint32_t u32x8 __attribute__((vector_size(32)));
 typedef uint16_t u16x16 __attribute__((vector_size(32)));
 
 constexpr int64_t kLanes = 16;
@@ -143,6 +144,28 @@ HE_INLINE void load_pair(const uint16_t* p, f32x16& a, f32x16& b) {
   std::memcpy(&w, p, sizeof(w));
   a = (f32x16)(w << 16);
   b = (f32x16)(w & 0xffff0000u);
+}
+
+// One 32-element chunk of a row in storage type T as 32 / lanes<V> fp32 vectors, in the order the
+// chunk sits in the pair layout (for 16 lanes: load_pair's two). With 8 lanes a bf16 chunk's two
+// halves of 16 give the first and the second 8 of its even elements, then of its odd ones.
+template <typename V>
+HE_INLINE void load_chunk(const float* p, V (&x)[32 / lanes<V>]) {
+  for (int i = 0; i < 32 / lanes<V>; ++i) x[i] = loadv<V>(p + i * lanes<V>);
+}
+template <typename V>
+HE_INLINE void load_chunk(const uint16_t* p, V (&x)[32 / lanes<V>]) {
+  if constexpr (lanes<V> == kLanes) {
+    load_pair(p, x[0], x[1]);
+  } else {
+    u32x8 lo, hi;
+    std::memcpy(&lo, p, sizeof(lo));
+    std::memcpy(&hi, p + 16, sizeof(hi));
+    x[0] = (V)(lo << 16);
+    x[1] = (V)(hi << 16);
+    x[2] = (V)(lo & 0xffff0000u);
+    x[3] = (V)(hi & 0xffff0000u);
+  }
 }
 
 // A row of n elements in storage type T -> fp32 pair layout (times scale), and back (times scale).
