@@ -402,17 +402,22 @@ def model_sizes(args: argparse.Namespace) -> dict:
             "actor_config": actor_config}
 
 
-def resident_bytes(args: argparse.Namespace, n: dict) -> dict[str, float]:
-    """What a rank holds through the whole run: the shards of the four models and the optimizers."""
+def resident_bytes(args: argparse.Namespace, n: dict, path: str, tp: int) -> dict[str, float]:
+    """What a rank holds through the whole run: the shards of the trained models and their optimizers;
+    the frozen reference and reward model as ZeRO-3 shards, or on our path in the inference layout at
+    tp (one copy: where oneDNN packs the dtype the packed one, hybrid_engine.scoring)."""
     w, b = args.world, DTYPES[args.dtype].itemsize
     trained_actor, trained_critic = (n["actor_lora"], n["critic_lora"]) if args.lora_dim else (n["actor"], n["critic"])
     opt = 16 if b == 2 else 12
     critic_free = args.algorithm != "ppo"
+    frozen = (n["actor"] + n["critic"]) * b / w
+    if path.startswith("hybrid"):
+        frozen = (n["actor"] + n["critic"]) * b / tp
     return {"runtime (torch, DeepSpeed, gloo)": 0.6 * GIB,
-            "actor + reference shards": 2 * (n["actor"] + n["actor_lora"]) * b / w,
+            "actor + critic shards": (n["actor"] + n["actor_lora"]) * b / w
+            + (0 if critic_free else (n["critic"] + n["critic_lora"]) * b / w),
+            "reference + reward model": frozen,
             "actor optimizer": trained_actor * opt / w,
-            "critic + reward shards": n["critic"] * b / w + (0 if critic_free else
-                                                             (n["critic"] + n["critic_lora"]) * b / w),
             "critic optimizer": 0 if critic_free else trained_critic * opt / w}
 
 
@@ -444,13 +449,14 @@ def memory_plan(args: argparse.Namespace, path: str, tp: int) -> dict[str, float
     (partitioned) + 16 (fp32 master, Adam m and v, fp32 gradient, partitioned); frozen ones 2
     (partitioned). rlhf loads each model whole in --dtype before partitioning it."""
     n, b = model_sizes(args), DTYPES[args.dtype].itemsize
-    plan = resident_bytes(args, n)
+    plan = resident_bytes(args, n, path, tp)
     steady, runtime = sum(plan.values()), plan["runtime (torch, DeepSpeed, gloo)"]
     plan.update(phase_bytes(args, n, path, tp))
     # rlhf loads the actor whole before partitioning it, then the reference whole next to the actor's
-    # shard and optimizer
+    # shard and optimizer (on our path, also next to the inference slices it is converted into)
     actor = (n["actor"] + n["actor_lora"]) * b
-    loading = runtime + max(actor, actor / args.world + plan["actor optimizer"] + n["actor"] * b)
+    slices = n["actor"] * b / tp if path.startswith("hybrid") else 0
+    loading = runtime + max(actor, actor / args.world + plan["actor optimizer"] + n["actor"] * b + slices)
     plan["steady + largest phase"] = steady + max(plan["generation"], plan["experience"], plan["training"])
     plan["loading peak (whole actor, reference)"] = loading
     itemised = max(loading, plan["steady + largest phase"]) - runtime

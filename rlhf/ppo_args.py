@@ -76,7 +76,9 @@ def add_optim(parser: argparse.ArgumentParser) -> None:
 
 def add_hybrid(parser: argparse.ArgumentParser) -> None:
     add(parser, "enable_hybrid_engine", "Generate with hybrid_engine.HybridEngine (resharded tensor-parallel "
-        "weights, paged KV cache, fused kernels); off: transformers' generate on the DeepSpeed module.",
+        "weights, paged KV cache, fused kernels), and score with the frozen reference and reward model in its "
+        "inference layout at --inference_tp_size (packed sequences, no ZeRO-3 gathers); off: transformers' "
+        "generate on the DeepSpeed module and DeepSpeed engines for the frozen models.",
         action="store_true")
     add(parser, "inference_tp_size", "Tensor-parallel ranks per generation group (divides the world size and "
         "the attention heads); needs --enable_hybrid_engine.", type=int, default=1)

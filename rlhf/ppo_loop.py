@@ -22,18 +22,17 @@ from dataclasses import asdict, dataclass, field, fields
 
 import torch
 import torch.distributed as dist
-from torch import nn
 
 from hybrid_engine.engine import unwrap
 from hybrid_engine.memory import return_freed_memory, status_bytes
 from rlhf.checkpoint import load_checkpoint, save_checkpoint
 from rlhf.data.loaders import Cycle
 from rlhf.distributed import all_max, all_sum, rank, world_size
+from rlhf.forwards import answer_logprobs, answer_values
 from rlhf.log import Log
 from rlhf.ppo_args import minibatches
 from rlhf.ppo_math import (RunningMoments, actor_loss, compute_rewards, critic_loss, ema_update, gae,
-                           group_advantages, group_policy_loss, logprobs_of, masked_mean, whiten)
-from rlhf.reward_model import reward_scores, token_values
+                           group_advantages, group_policy_loss, masked_mean, whiten)
 from rlhf.rlhf_engine import RLHFEngine
 from rlhf.rollout import Generate, Sampling
 from rlhf.supervised import token_nll
@@ -128,27 +127,10 @@ def new_state(models: RLHFEngine, seed: int) -> LoopState:
 
 
 # ---- 1. experience ------------------------------------------------------------------------------
-def positions(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Position ids that skip left padding (transformers' LLaMA-family forwards do not infer them)."""
-    return (attention_mask.cumsum(-1) - 1).clamp(min=0)
-
-
 def sequence_masks(prompt_mask: torch.Tensor, lengths: torch.Tensor, answer_width: int):
     """(attention_mask [B, P + A] for the forwards, action_mask [B, A] bool of the answer tokens)."""
     action_mask = torch.arange(answer_width, device=lengths.device)[None] < lengths[:, None]
     return torch.cat([prompt_mask, action_mask.long()], 1), action_mask
-
-
-def answer_logprobs(model: nn.Module, seq: torch.Tensor, attention_mask: torch.Tensor, width: int) -> torch.Tensor:
-    """log p of the last `width` tokens of seq under model, [B, width], LM head on those positions only."""
-    logits = model(input_ids=seq, attention_mask=attention_mask, position_ids=positions(attention_mask),
-                   logits_to_keep=width + 1).logits[:, :-1]
-    return logprobs_of(logits, seq[:, -width:])
-
-
-def answer_values(critic: nn.Module, seq: torch.Tensor, attention_mask: torch.Tensor, width: int) -> torch.Tensor:
-    """The critic's value of each answer token's state (the position that predicts it), [B, width]."""
-    return token_values(critic, seq, attention_mask)[:, -width - 1:-1]
 
 
 def all_ranks_agree(flag: bool) -> bool:
@@ -205,8 +187,8 @@ def score_answers(models: RLHFEngine, seq: torch.Tensor, lengths: torch.Tensor, 
     attention_mask, action_mask = sequence_masks(prompt_mask, lengths, width)
     with state.phase("experience"):
         exp = Experience(seq, attention_mask, action_mask, answer_logprobs(models.actor, seq, attention_mask, width),
-                         answer_logprobs(models.ref, seq, attention_mask, width),
-                         reward_scores(unwrap(models.reward), seq, attention_mask))
+                         models.ref.token_logprobs(seq, attention_mask, width),
+                         models.reward.end_values(seq, attention_mask))
         if models.critic is not None:
             exp.values = answer_values(unwrap(models.critic), seq, attention_mask, width)
     if cfg.normalize_reward:
@@ -439,7 +421,7 @@ def evaluate(models: RLHFEngine, rollout: Generate, loader, cfg: PPOConfig, stat
         ids, mask = batch["input_ids"].to(models.actor.device), batch["attention_mask"].to(models.actor.device)
         seq, lengths = rollout_answers(rollout, ids, mask, cfg.sampling, 1, state)
         attention_mask, _ = sequence_masks(mask, lengths, seq.shape[1] - ids.shape[1])
-        scores = reward_scores(unwrap(models.reward), seq, attention_mask)
+        scores = models.reward.end_values(seq, attention_mask)
         rule = sum(metric(*decode_pair(models.tokenizer, p, a[:n])) for p, a, n in
                    zip(ids, seq[:, ids.shape[1]:], lengths)) if metric else 0.0
         sums += torch.tensor([len(seq), float(scores.sum()), float(lengths.sum()), rule], dtype=torch.float64)

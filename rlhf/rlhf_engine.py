@@ -2,6 +2,9 @@
 builds them: a trained actor and critic, a frozen reference copy of the SFT actor and a frozen
 reward model; and the actor's rollout (rlhf.rollout): `HybridEngine` with --enable_hybrid_engine,
 else transformers' `generate` on the DeepSpeed module (DeepSpeed-Chat without its hybrid engine).
+With --enable_hybrid_engine the frozen models are converted once into the inference layout at the
+engine's TP degree and score packed sequences (hybrid_engine.scoring); without it they are DeepSpeed
+inference engines (ZeRO-3 when their trained twin is) on padded batches, as in DeepSpeed-Chat.
 
 Every check that can fail is made before the first model is loaded: a missing step-1/2 output, a
 critic whose tokenizer differs from the actor's, answers longer than the models' positions."""
@@ -17,7 +20,9 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 
 from hybrid_engine import HybridEngine
 from hybrid_engine.capability import DTYPES
+from hybrid_engine.scoring import Scorer
 from rlhf.engines import ZERO3_LIMITS, build_engine
+from rlhf.forwards import PaddedScorer
 from rlhf.distributed import rank
 from rlhf.hf_models import check_positions, has_tokenizer, load_config, prepare_model
 from rlhf.reward_model import load_dschat_reward, load_reward_model
@@ -29,9 +34,9 @@ ROLE_STEP = {"actor": "step 1 (python -m rlhf.sft)", "critic": "step 2 (python -
 @dataclass
 class RLHFEngine:
     actor: nn.Module            # DeepSpeed engine
-    ref: nn.Module              # frozen; a ZeRO-3 inference engine when the actor is ZeRO-3
+    ref: Scorer | PaddedScorer  # frozen: token_logprobs (rlhf.forwards)
     critic: nn.Module | None    # DeepSpeed engine; None for the critic-free algorithms
-    reward: nn.Module           # frozen; a ZeRO-3 inference engine when the critic is ZeRO-3
+    reward: Scorer | PaddedScorer  # frozen: end_values
     actor_ema: nn.Module | None
     rollout: Generate           # how the actor generates
     tokenizer: object
@@ -156,7 +161,6 @@ def build_rlhf_engine(args: argparse.Namespace, tokenizer, steps: dict[str, int]
     # DeepSpeedEngine._configure_distributed_model), so an fp32 load would only double the loading peak.
     actor = build_engine(prepare_model(load_actor(args, DTYPES[args.dtype]).to(device), actor_args), actor_args,
                          steps["actor"])
-    ref = frozen(load_actor(args, DTYPES[args.dtype]), args.actor_zero_stage, args.dtype, device)
     ema = None
     if args.enable_ema:  # the actor's shape (LoRA included), so the update is tensor by tensor
         # in fp32 whatever --dtype: a bf16 EMA would round most updates of (1 - beta) * delta away
@@ -166,9 +170,19 @@ def build_rlhf_engine(args: argparse.Namespace, tokenizer, steps: dict[str, int]
     if args.algorithm == "ppo":
         critic_model = load_critic(args.critic_model_name_or_path, pad, args.critic_dropout).to(device)
         critic = build_engine(prepare_model(critic_model, critic_args), critic_args, steps["critic"])
-    reward = frozen(load_critic(args.critic_model_name_or_path, pad), args.critic_zero_stage, args.dtype, device)
-    rollout = ZeRO3Generate(actor)
-    if args.enable_hybrid_engine:
-        rollout = HybridGenerate(HybridEngine(actor, tp_size=args.inference_tp_size, dtype=DTYPES[args.dtype],
-                                              report=False))
-    return RLHFEngine(actor, ref, critic, reward, ema, rollout, tokenizer)
+    if not args.enable_hybrid_engine:
+        ref = PaddedScorer(frozen(load_actor(args, DTYPES[args.dtype]), args.actor_zero_stage, args.dtype, device))
+        reward = PaddedScorer(frozen(load_critic(args.critic_model_name_or_path, pad), args.critic_zero_stage,
+                                     args.dtype, device))
+        return RLHFEngine(actor, ref, critic, reward, ema, ZeRO3Generate(actor), tokenizer)
+    hybrid = HybridEngine(actor, tp_size=args.inference_tp_size, dtype=DTYPES[args.dtype], report=False)
+    ref = inference_scorer(load_actor(args, DTYPES[args.dtype]), hybrid)
+    reward = inference_scorer(load_critic(args.critic_model_name_or_path, pad), hybrid)
+    return RLHFEngine(actor, ref, critic, reward, ema, HybridGenerate(hybrid), tokenizer)
+
+
+def inference_scorer(model: PreTrainedModel, hybrid: HybridEngine) -> Scorer:
+    """A frozen model in the inference layout, sliced over the hybrid engine's TP group, for good: it
+    never trains, so its transformers copy is dropped once converted (no ZeRO-3 partition, no gathers)."""
+    return Scorer.from_hf(model.requires_grad_(False), dtype=hybrid.dtype, tp_rank=hybrid.tp_rank,
+                          tp_size=hybrid.tp_size, tp_group=hybrid.tp_group, device=hybrid.device)

@@ -127,7 +127,8 @@ AVX2_SUITE = ["tests/test_families.py::test_prefill_logits_fp32_and_bf16", "test
               "tests/test_rlhf_ppo.py::test_engine_configuration_trains_and_saves[zero3-hybrid-tp2-ema]",
               "tests/test_rlhf_train.py::test_steps_1_2_through_the_launcher_on_2_ranks",
               "tests/test_rlhf_train.py::test_step3_of_the_example",
-              "tests/test_rlhf_sft.py::test_help_and_defaults", "tests/test_rlhf_sft.py::test_bad_flags_are_refused"]
+              "tests/test_rlhf_sft.py::test_help_and_defaults", "tests/test_rlhf_sft.py::test_bad_flags_are_refused",
+              "tests/test_scoring.py::test_bf16_frozen_packed_weights_score_as_the_plain_model_and_are_held_once"]
 
 
 def test_suite_parts_pass_on_an_avx2_only_machine():

@@ -7,7 +7,7 @@ from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsW
 
 import hybrid_engine
 from hybrid_engine import Generator, from_hf
-from hybrid_engine.models import load_weights, weight_map
+from hybrid_engine.models import load_weights, prepack, weight_map
 from hybrid_engine.sampling import filter_logits
 
 PAD = 1
@@ -386,6 +386,23 @@ def test_prepacked_weights_follow_replaced_tensors():
     assert not torch.equal(after, before)
     assert torch.equal(after, Generator(model, prepack_weights=False).generate(ids, mask, max_new_tokens=6,
                                                                                eos_token_id=[]).sequences)
+
+
+def test_packed_row_counts_are_bucketed_and_products_unchanged():
+    """oneDNN keeps a primitive per row count: above 128 rows, counts are rounded up to at most 8 per
+    doubling (48 from 129 to 8192) and by at most 12.5%; the padded product's rows are the product's."""
+    buckets = [prepack.bucket_rows(m) for m in range(1, 8193)]
+    assert buckets[:128] == list(range(1, 129))
+    assert all(m <= b <= 1.125 * m for m, b in zip(range(1, 8193), buckets))
+    assert buckets == sorted(buckets) and len(set(buckets[128:])) == 48
+    if not prepack.available(torch.device("cpu"), torch.bfloat16):
+        pytest.skip("this CPU cannot pack bf16 weights")
+    torch.manual_seed(0)
+    x, weight, bias = torch.randn(301, 40), torch.randn(72, 40), torch.randn(72)
+    packed = prepack.linear(x.bfloat16(), weight.bfloat16(), bias.bfloat16(), "relu", prepack.PackedWeight())
+    exact = torch.relu(x.bfloat16().float() @ weight.bfloat16().float().T + bias.bfloat16().float())
+    assert packed.shape == (301, 72) and packed.is_contiguous()
+    torch.testing.assert_close(packed.float(), exact, atol=0.05, rtol=0.02)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -182,18 +182,28 @@ class ThreadGroup:
         return (self, rank)
 
 
-def exchange(group, tensor: torch.Tensor) -> list[torch.Tensor]:
-    """Every rank's tensor, in rank order."""
+def exchange(group, value):
+    """Every rank's tensor (or object), in rank order."""
     shared, rank = group
-    shared.parts[rank] = tensor.clone()
+    shared.parts[rank] = value.clone() if isinstance(value, torch.Tensor) else value
     shared.barrier.wait()
     parts = list(shared.parts)
     shared.barrier.wait()
     return parts
 
 
-def thread_all_reduce(tensor, op=None, group=None, async_op=False):
-    tensor.copy_(sum(exchange(group, tensor)))
+def thread_all_reduce(tensor, op=torch.distributed.ReduceOp.SUM, group=None, async_op=False):
+    parts = exchange(group, tensor)
+    if op == torch.distributed.ReduceOp.MAX:
+        tensor.copy_(torch.stack(parts).amax(0))
+    elif op == torch.distributed.ReduceOp.SUM:
+        tensor.copy_(sum(parts))
+    else:
+        raise NotImplementedError(f"thread_all_reduce: {op}")
+
+
+def thread_all_gather_object(object_list, obj, group=None):
+    object_list[:] = exchange(group, obj)
 
 
 def thread_all_gather(tensor_list, tensor, group=None, async_op=False):
@@ -205,6 +215,7 @@ def on_threads(size: int, rank_main, monkeypatch) -> list:
     """rank_main(rank, group handle) on `size` threads whose collectives go through a ThreadGroup."""
     monkeypatch.setattr(torch.distributed, "all_reduce", thread_all_reduce)
     monkeypatch.setattr(torch.distributed, "all_gather", thread_all_gather)
+    monkeypatch.setattr(torch.distributed, "all_gather_object", thread_all_gather_object)
     group, results = ThreadGroup(size), [None] * size
 
     def run(rank):
@@ -236,12 +247,13 @@ def test_tensor_parallel_two_ranks_match_one(name, monkeypatch):
 @pytest.mark.parametrize("vocab, tp", [(311, 2), (311, 3), (5, 4), (12, 3)])
 def test_vocab_parallel_lookup_and_logits_equal_unsharded(vocab, tp, monkeypatch):
     """Random table, ids and hidden states: the masked lookup summed over the ranks equals
-    F.embedding on the whole table, and the gathered logits equal hidden @ table^T cut to the
-    vocabulary (5 ids over 4 ranks: the last rank holds no row at all, only padding)."""
+    F.embedding on the whole table, the gathered logits equal hidden @ table^T cut to the vocabulary,
+    and the log-probabilities reduced over the ranks equal its log_softmax at random targets (5 ids
+    over 4 ranks: the last rank holds no row at all, only padding, which must not enter the sum)."""
     torch.manual_seed(vocab + tp)
     dim = 24
     table = torch.randn(vocab, dim)
-    ids, hidden = torch.randint(0, vocab, (37,)), torch.randn(9, dim)
+    ids, hidden, targets = torch.randint(0, vocab, (37,)), torch.randn(9, dim), torch.randint(0, vocab, (9,))
     rows = -(-vocab // tp)
 
     def rank_main(rank, group):
@@ -249,12 +261,14 @@ def test_vocab_parallel_lookup_and_logits_equal_unsharded(vocab, tp, monkeypatch
         layer = VocabParallelEmbedding(vocab, dim, TensorParallel(rank, tp, group), factory)
         piece = table[rank * rows:(rank + 1) * rows]
         layer.weight[:len(piece)] = piece
-        return layer.weight.shape[0], layer(ids), layer.logits(hidden, None)
+        return layer.weight.shape[0], layer(ids), layer.logits(hidden, None), layer.logprobs(hidden, targets, None)
 
-    for shard_rows, embedded, logits in on_threads(tp, rank_main, monkeypatch):
+    for shard_rows, embedded, logits, logprobs in on_threads(tp, rank_main, monkeypatch):
         assert shard_rows == rows
         torch.testing.assert_close(embedded, torch.nn.functional.embedding(ids, table), rtol=0, atol=0)
         torch.testing.assert_close(logits, hidden @ table.T, rtol=1e-5, atol=1e-5)
+        expected = (hidden @ table.T).log_softmax(-1).gather(-1, targets[:, None]).squeeze(-1)
+        torch.testing.assert_close(logprobs, expected, rtol=1e-5, atol=1e-5)
 
 
 def test_tensor_parallel_needs_divisible_heads():

@@ -211,15 +211,20 @@ def test_the_reward_model_trained_here_scores_alike_in_dschat(chain, task):
         torch.testing.assert_close(ours, hf, rtol=1e-5, atol=1e-6)
 
 
+# Step 3 of the chain runs 5 PPO iterations in a few seconds: 40 epochs of them leave each signal below a
+# run that is still iterating, however late the machine lets it land.
+LONG_STEP_3 = ("--step", "3", "--force", "--step3-args", "--num_train_epochs 40")
+
+
 def test_sigterm_mid_step_3_then_ctrl_c_on_the_next_run(chain, task):
     log = task / "out" / "step3-models" / "opt-1.3b" / "log.jsonl"
     before = log_records(log)
-    iterating = Driver(task, "killed-mid-step-3", task / "ext", "--step", "3", "--force")
+    iterating = Driver(task, "killed-mid-step-3", task / "ext", *LONG_STEP_3)
     iterating.wait_for(lambda: log_records(log) > before + 1, 300, "a PPO iteration")  # the eval, then a train
     stopped = iterating.stop(signal.SIGTERM)
     assert_left_nothing(stopped, 143)
     before = log_records(log)
-    following = Driver(task, "ctrl-c-step-3", task / "ext", "--step", "3", "--force")
+    following = Driver(task, "ctrl-c-step-3", task / "ext", *LONG_STEP_3)
     started_s = following.wait_for(lambda: log_records(log) > before, 300, "step-3 log record")
     assert started_s < START_S
     assert_left_nothing(following.stop(signal.SIGINT), 130)

@@ -78,10 +78,17 @@ class CausalLM(nn.Module):
         return self.embed_tokens if self.config.tie_word_embeddings else self.lm_head
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, batch: AttentionBatch,
-                kv_caches: list[tuple[torch.Tensor, torch.Tensor]], select: torch.Tensor | None = None) -> torch.Tensor:
+                kv_caches: list[tuple[torch.Tensor, torch.Tensor]] | None, select: torch.Tensor | None = None
+                ) -> torch.Tensor:
         """input_ids, positions [T] -> hidden states [T, head input dim] (only rows `select` if given,
-        e.g. each prompt's last token); writes K/V of all T tokens."""
-        batch.check_indices(kv_caches[0][0])
+        e.g. each prompt's last token); writes K/V of all T tokens, or none without kv_caches (a
+        prefill only: decoding reads the cache)."""
+        if kv_caches is None:
+            if not batch.is_prefill:
+                raise ValueError("a forward without a KV cache must be a prefill (cu_seqlens given)")
+            kv_caches = [(None, None)] * self.num_layers
+        else:
+            batch.check_indices(kv_caches[0][0])
         h, residual = self.embed(input_ids, positions), None
         for layer, (k_cache, v_cache) in zip(self.layers, kv_caches):
             h, residual = layer(h, residual, positions, batch, k_cache, v_cache)
@@ -94,6 +101,11 @@ class CausalLM(nn.Module):
         the whole vocabulary."""
         return self.output_embedding.logits(hidden, self.packed_lm_head)
 
+    def token_logprobs(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """log p(targets [T]) under the logits of hidden [T, head input dim], float32; under tensor
+        parallelism no rank gathers the whole vocabulary's logits."""
+        return self.output_embedding.logprobs(hidden, targets, self.packed_lm_head)
+
     def prepack_weights(self, enabled: bool = True) -> None:
         """Keep oneDNN-blocked copies of the linear weights (CPU, where oneDNN can pack this dtype; see
         models.prepack), or drop them."""
@@ -104,6 +116,19 @@ class CausalLM(nn.Module):
             if isinstance(module, Linear):
                 module.packed = prepack.PackedWeight() if enabled else None
         self.packed_lm_head = prepack.PackedWeight() if enabled else None
+
+    def freeze_packed_weights(self) -> None:
+        """For weights that never change again (a frozen scorer): pack every linear now and free its
+        plain weight, so the linears are held once. Only where every product goes through the packed
+        weights (bf16 on a CPU that packs it); the linears cannot be loaded or resharded afterwards."""
+        if not prepack.always_used(self.device, self.dtype):
+            raise ValueError(f"freeze_packed_weights: {self.dtype} products on {self.device} do not all go through "
+                             f"oneDNN's packed weights here, the plain weights are still needed")
+        self.prepack_weights(True)
+        for module in self.modules():
+            if isinstance(module, Linear):
+                module.packed.freeze(module.weight)
+                module.weight = module.weight.new_empty(0)
 
     @classmethod
     def from_hf(cls, model_or_state_dict, config=None, *, dtype: torch.dtype | None = None,

@@ -33,9 +33,9 @@ class TensorParallel:
             raise ValueError(f"{what}={n} is not divisible by tp_size={self.size}")
         return n // self.size
 
-    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+    def all_reduce(self, x: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
         if self.size > 1:
-            dist.all_reduce(x, group=self.group)
+            dist.all_reduce(x, op=op, group=self.group)
         return x
 
     def all_gather(self, x: torch.Tensor) -> torch.Tensor:
@@ -52,10 +52,11 @@ class AttentionBatch:
     """Where this forward's tokens live in the paged KV cache.
 
     Prefill: the tokens of several sequences packed without padding, split by cu_seqlens (int32
-    [S + 1]). Decode: one token per sequence, attending to context_lens (int32 [B], including the
-    new token) tokens found through block_tables (int32 [B, max blocks]).
+    [S + 1]); without slots, a forward that keeps no K/V (whole sequences scored, never extended).
+    Decode: one token per sequence, attending to context_lens (int32 [B], including the new token)
+    tokens found through block_tables (int32 [B, max blocks]).
     """
-    slots: torch.Tensor
+    slots: torch.Tensor | None = None
     cu_seqlens: torch.Tensor | None = None
     block_tables: torch.Tensor | None = None
     context_lens: torch.Tensor | None = None
@@ -67,6 +68,8 @@ class AttentionBatch:
     def check_indices(self, k_cache: torch.Tensor) -> None:
         """Range checks of slots and block tables against a layer's cache, once per forward: every
         layer reuses these tensors and skips the kernels' own per-call checks (a host sync each)."""
+        if self.slots is None:
+            raise ValueError("a forward that writes the KV cache needs the tokens' slots")
         num_blocks, block_size = k_cache.shape[:2]
         check.check_slots(self.slots, self.slots.shape[0], num_blocks * block_size)
         if not self.is_prefill:
@@ -160,8 +163,8 @@ class Attention(nn.Module):
         self.q_norm = Norm(head_dim, qk_norm_eps, True, factory) if has_qk_norm else None
         self.k_norm = Norm(head_dim, qk_norm_eps, True, factory) if has_qk_norm else None
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, batch: AttentionBatch, k_cache: torch.Tensor,
-                v_cache: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, batch: AttentionBatch, k_cache: torch.Tensor | None,
+                v_cache: torch.Tensor | None) -> torch.Tensor:
         q, k, v = self.qkv(x).split(self.split_sizes, dim=-1)
         q = q.unflatten(-1, (self.num_heads, self.head_dim))
         k = k.unflatten(-1, (self.num_kv_heads, self.head_dim))
@@ -170,7 +173,8 @@ class Attention(nn.Module):
             q, k = self.q_norm(q)[0], self.k_norm(k)[0]
         if self.rotary is not None:
             q, k = self.rotary(positions, q, k)
-        kernels.write_kv(k, v, k_cache, v_cache, batch.slots, check_indices=False)  # checked by the model
+        if k_cache is not None:
+            kernels.write_kv(k, v, k_cache, v_cache, batch.slots, check_indices=False)  # checked by the model
         if batch.is_prefill:
             o = kernels.prefill_attention(q, k, v, batch.cu_seqlens, window=self.window)
         else:
@@ -253,3 +257,18 @@ class VocabParallelEmbedding(nn.Module):
         # the gather is cheap beside the GEMM it halves (16 rows of Qwen2.5's 151936, bf16, 2 ranks on
         # gloo: 6.4 ms against 139-145 ms for the whole head and 85-97 ms for half of it).
         return self.tp.all_gather(local)[:, :self.vocab_size]
+
+    def logprobs(self, hidden: torch.Tensor, targets: torch.Tensor, packed: PackedWeight | None) -> torch.Tensor:
+        """log softmax(hidden [N, dim] @ table^T) at targets [N], float32, without gathering the logits:
+        each rank reduces its own vocabulary rows, then max, sum and the target's logit are all-reduced
+        (Megatron's vocabulary-parallel cross entropy; N floats cross the group, not N x vocab)."""
+        rows = max(0, min(self.weight.shape[0], self.vocab_size - self.vocab_start))  # padding rows excluded
+        local = linear(hidden, self.weight, None, "none", packed)[:, :rows].float()
+        peak = local.amax(-1) if rows else local.new_full((len(hidden),), float("-inf"))
+        peak = self.tp.all_reduce(peak, dist.ReduceOp.MAX)
+        total = self.tp.all_reduce((local - peak[:, None]).exp().sum(-1))
+        index = targets - self.vocab_start
+        inside = (index >= 0) & (index < rows)
+        taken = local.gather(-1, index.clamp(0, max(rows - 1, 0))[:, None]).squeeze(-1) if rows else peak * 0
+        taken = self.tp.all_reduce(taken.masked_fill(~inside, 0))
+        return taken - peak - total.log()

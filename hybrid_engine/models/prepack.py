@@ -24,6 +24,10 @@ DECODE_ROWS_HINT = 16  # the batch size oneDNN chooses the blocked layout for (a
 # Measured with one thread, [M, 768] x [768, 3072]: packed/F.linear time fp32 0.64 at M=16, 1.1 at
 # M=256 and 4096; bf16 0.7 at M=16, 0.2 at M=256, 0.5 at M=4096. So fp32 prefills skip the packing.
 FP32_MAX_ROWS = 128
+# oneDNN keeps a primitive for every row count it has multiplied (0.7-3.5 MB each, bf16, 250-8000 rows,
+# measured here), so prefills and scorers whose token counts vary grew by one per new count: 2.3 MB per
+# step-3 iteration of the example. Row counts above EXACT_ROWS are rounded up to 8 steps per doubling.
+EXACT_ROWS = 128
 
 
 def available(device: torch.device, dtype: torch.dtype) -> bool:
@@ -31,18 +35,28 @@ def available(device: torch.device, dtype: torch.dtype) -> bool:
     return device.type == "cpu" and device_caps(device).can_prepack(dtype)
 
 
+def always_used(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether every product of this dtype goes through the packed weights (fp32 prefills skip them)."""
+    return available(device, dtype) and dtype != torch.float32
+
+
 class PackedWeight:
     """A oneDNN-blocked copy of one weight tensor, valid while that same tensor keeps its version."""
 
     def __init__(self):
-        self.source, self.version, self.tensor = None, None, None
+        self.source, self.version, self.tensor, self.frozen = None, None, None, False
 
     def get(self, weight: torch.Tensor) -> torch.Tensor:
         # Identity too: a module whose weight was replaced (not written in place) gets a fresh copy.
-        if self.source is not weight or self.version != weight._version:
+        if not self.frozen and (self.source is not weight or self.version != weight._version):
             self.tensor = torch.ops.mkldnn._reorder_linear_weight(weight, DECODE_ROWS_HINT)
             self.source, self.version = weight, weight._version
         return self.tensor
+
+    def freeze(self, weight: torch.Tensor) -> None:
+        """Pack weight for good and let go of it: every later get returns this copy."""
+        self.get(weight)
+        self.frozen, self.source = True, None
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, activation: str,
@@ -51,4 +65,16 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, act
     if packed is None or x.device.type != "cpu" or (x.dtype == torch.float32 and x.shape[0] > FP32_MAX_ROWS):
         return kernels.linear_act(x, weight, bias, activation)
     post_op, algorithm = ONEDNN_ACTIVATIONS[activation]
-    return torch.ops.mkldnn._linear_pointwise(x, packed.get(weight), bias, post_op, [], algorithm)
+    rows = x.shape[0] if x.dim() == 2 else None
+    if rows is not None and bucket_rows(rows) != rows:
+        x = torch.nn.functional.pad(x, (0, 0, 0, bucket_rows(rows) - rows))
+    return torch.ops.mkldnn._linear_pointwise(x, packed.get(weight), bias, post_op, [], algorithm)[:rows]
+
+
+def bucket_rows(rows: int) -> int:
+    """rows, or above EXACT_ROWS the next multiple of 2^(k-3) for rows in [2^k, 2^(k+1)): at most 8 row
+    counts per doubling, for at most 12.5% more rows."""
+    if rows <= EXACT_ROWS:
+        return rows
+    step = 1 << (rows.bit_length() - 4)
+    return -(-rows // step) * step
