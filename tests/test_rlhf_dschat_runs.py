@@ -71,6 +71,12 @@ def e2e_flags(task: Path) -> list[str]:
             "--deployment-type", "single_node", "--num-gpus", "2", "--data-path", str(task / "data")]
 
 
+def terminal_sigint() -> None:
+    """SIGINT as a terminal's foreground job has it: a suite started in the background (`cmd &` without job
+    control) ignores SIGINT, which its children inherit, and Python then installs no ^C handler."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 class Driver:
     """rlhf.train in the background, its output in a file."""
 
@@ -80,7 +86,7 @@ class Driver:
         with open(self.stdout_path, "w") as stdout:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "rlhf.train", *e2e_flags(task), "--output-dir", str(self.out), *extra],
-                stdout=stdout, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True,
+                stdout=stdout, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True, preexec_fn=terminal_sigint,
                 env={**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "TORCH_EXTENSIONS_DIR": str(extensions_dir)})
 
     @property
@@ -211,8 +217,8 @@ def test_the_reward_model_trained_here_scores_alike_in_dschat(chain, task):
         torch.testing.assert_close(ours, hf, rtol=1e-5, atol=1e-6)
 
 
-# Step 3 of the chain runs 5 PPO iterations in a few seconds: 40 epochs of them leave each signal below a
-# run that is still iterating, however late the machine lets it land.
+# Step 3 of the chain runs 5 PPO iterations in a few seconds: 40 epochs of them keep it iterating when each
+# signal lands, however loaded the machine.
 LONG_STEP_3 = ("--step", "3", "--force", "--step3-args", "--num_train_epochs 40")
 
 
