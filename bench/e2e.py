@@ -410,13 +410,11 @@ def resident_bytes(args: argparse.Namespace, n: dict, path: str, tp: int) -> dic
     trained_actor, trained_critic = (n["actor_lora"], n["critic_lora"]) if args.lora_dim else (n["actor"], n["critic"])
     opt = 16 if b == 2 else 12
     critic_free = args.algorithm != "ppo"
-    frozen = (n["actor"] + n["critic"]) * b / w
-    if path.startswith("hybrid"):
-        frozen = (n["actor"] + n["critic"]) * b / tp
+    frozen_ranks = tp if path.startswith("hybrid") else w
     return {"runtime (torch, DeepSpeed, gloo)": 0.6 * GIB,
             "actor + critic shards": (n["actor"] + n["actor_lora"]) * b / w
             + (0 if critic_free else (n["critic"] + n["critic_lora"]) * b / w),
-            "reference + reward model": frozen,
+            "reference + reward model": (n["actor"] + n["critic"]) * b / frozen_ranks,
             "actor optimizer": trained_actor * opt / w,
             "critic optimizer": 0 if critic_free else trained_critic * opt / w}
 

@@ -61,22 +61,25 @@ def split_rows(rows: PackedRows, max_tokens: int) -> list[PackedRows]:
     return parts
 
 
-def group_rows(rows: PackedRows, tp) -> tuple[PackedRows, slice]:
-    """The TP group's rows packed into one batch, and which of its selected outputs are this rank's."""
+def group_rows(rows: PackedRows, targets: torch.Tensor | None, tp) -> tuple[PackedRows, torch.Tensor | None, slice]:
+    """The TP group's rows packed into one batch with the targets of their selected tokens (one gather),
+    and which of the selected outputs are this rank's."""
     if tp.size == 1:
-        return rows, slice(0, len(rows.select))
+        return rows, targets, slice(0, len(rows.select))
     parts = [None] * tp.size
-    dist.all_gather_object(parts, rows, group=tp.group)
+    dist.all_gather_object(parts, (rows, targets), group=tp.group)
     device = rows.input_ids.device
     offsets = [0]
-    for part in parts:
+    for part, _ in parts:
         offsets.append(offsets[-1] + len(part.input_ids))
-    before = sum(len(p.select) for p in parts[:tp.rank])
-    union = PackedRows(torch.cat([p.input_ids.to(device) for p in parts]),
-                       torch.cat([p.positions.to(device) for p in parts]),
-                       torch.cat([rows.cu_seqlens[:1]] + [p.cu_seqlens[1:].to(device) + o for p, o in zip(parts, offsets)]),
-                       torch.cat([p.select.to(device) + o for p, o in zip(parts, offsets)]))
-    return union, slice(before, before + len(rows.select))
+    before = sum(len(p.select) for p, _ in parts[:tp.rank])
+    union = PackedRows(torch.cat([p.input_ids.to(device) for p, _ in parts]),
+                       torch.cat([p.positions.to(device) for p, _ in parts]),
+                       torch.cat([rows.cu_seqlens[:1]] + [p.cu_seqlens[1:].to(device) + o
+                                                          for (p, _), o in zip(parts, offsets)]),
+                       torch.cat([p.select.to(device) + o for (p, _), o in zip(parts, offsets)]))
+    union_targets = None if targets is None else torch.cat([t.to(device) for _, t in parts])
+    return union, union_targets, slice(before, before + len(rows.select))
 
 
 class Scorer:
@@ -145,11 +148,10 @@ class Scorer:
     def _outputs(self, input_ids: torch.Tensor, mask: torch.Tensor, wanted: torch.Tensor,
                  targets: torch.Tensor | None) -> torch.Tensor:
         """Log-probabilities of targets (or values without targets) at the wanted positions, row-major."""
-        rows, mine = group_rows(pack_rows(input_ids, mask, wanted), self.model.tp)
+        rows, targets, mine = group_rows(pack_rows(input_ids, mask, wanted), targets, self.model.tp)
         hidden = torch.cat([self._hidden(part) for part in split_rows(rows, self.max_tokens)])
         if targets is None:
             return (hidden[mine] @ self.value_head).float()
-        targets = self._group_targets(targets)
         rows = max(1, LOGITS_BYTES // (4 * self.model.output_embedding.weight.shape[0]))
         return torch.cat([self.model.token_logprobs(h, t) for h, t in zip(hidden.split(rows), targets.split(rows))]
                          )[mine]
@@ -157,14 +159,6 @@ class Scorer:
     def _hidden(self, rows: PackedRows) -> torch.Tensor:
         batch = AttentionBatch(cu_seqlens=rows.cu_seqlens)
         return self.model(rows.input_ids, rows.positions, batch, None, select=rows.select)
-
-    def _group_targets(self, targets: torch.Tensor) -> torch.Tensor:
-        tp = self.model.tp
-        if tp.size == 1:
-            return targets
-        parts = [None] * tp.size
-        dist.all_gather_object(parts, targets, group=tp.group)
-        return torch.cat([p.to(targets.device) for p in parts])
 
     def _check(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if input_ids.dim() != 2 or input_ids.dtype.is_floating_point:

@@ -184,5 +184,5 @@ def build_rlhf_engine(args: argparse.Namespace, tokenizer, steps: dict[str, int]
 def inference_scorer(model: PreTrainedModel, hybrid: HybridEngine) -> Scorer:
     """A frozen model in the inference layout, sliced over the hybrid engine's TP group, for good: it
     never trains, so its transformers copy is dropped once converted (no ZeRO-3 partition, no gathers)."""
-    return Scorer.from_hf(model.requires_grad_(False), dtype=hybrid.dtype, tp_rank=hybrid.tp_rank,
+    return Scorer.from_hf(model, dtype=hybrid.dtype, tp_rank=hybrid.tp_rank,
                           tp_size=hybrid.tp_size, tp_group=hybrid.tp_group, device=hybrid.device)

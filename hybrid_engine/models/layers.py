@@ -269,6 +269,7 @@ class VocabParallelEmbedding(nn.Module):
         total = self.tp.all_reduce((local - peak[:, None]).exp().sum(-1))
         index = targets - self.vocab_start
         inside = (index >= 0) & (index < rows)
-        taken = local.gather(-1, index.clamp(0, max(rows - 1, 0))[:, None]).squeeze(-1) if rows else peak * 0
+        taken = (local.gather(-1, index.clamp(0, max(rows - 1, 0))[:, None]).squeeze(-1) if rows
+                 else torch.zeros_like(peak))
         taken = self.tp.all_reduce(taken.masked_fill(~inside, 0))
         return taken - peak - total.log()

@@ -66,8 +66,9 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, act
         return kernels.linear_act(x, weight, bias, activation)
     post_op, algorithm = ONEDNN_ACTIVATIONS[activation]
     rows = x.shape[0] if x.dim() == 2 else None
-    if rows is not None and bucket_rows(rows) != rows:
-        x = torch.nn.functional.pad(x, (0, 0, 0, bucket_rows(rows) - rows))
+    padded = rows if rows is None else bucket_rows(rows)
+    if padded != rows:
+        x = torch.nn.functional.pad(x, (0, 0, 0, padded - rows))
     return torch.ops.mkldnn._linear_pointwise(x, packed.get(weight), bias, post_op, [], algorithm)[:rows]
 
 
