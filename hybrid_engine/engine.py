@@ -143,7 +143,8 @@ class HybridEngine:
         generator = options.pop("generator", None)
         seed = options.pop("seed", None)
         if seed is None:
-            seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+            device = generator.device if generator is not None else None
+            seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=device))
         seed_tensor = torch.tensor([seed], dtype=torch.int64, device=self.device)  # NCCL sends device tensors only
         dist.broadcast(seed_tensor, src=self.rank - self.tp_rank, group=self.tp_group)
         return {**options, "seed": int(seed_tensor)}

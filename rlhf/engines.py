@@ -20,13 +20,15 @@ ZERO3_LIMITS = {"stage3_max_live_parameters": 3e7, "stage3_prefetch_bucket_size"
 def ds_config(args, world: int) -> dict:
     """The engine config for --zero_stage, --dtype, --offload, micro batch and accumulation."""
     zero = {"stage": args.zero_stage, "stage3_param_persistence_threshold": 1e4, **ZERO3_LIMITS}
-    if args.offload and torch.cuda.is_available():  # on a CPU everything already lives in host memory
+    offload = args.offload and torch.cuda.is_available()  # on a CPU everything already lives in host memory
+    if offload:
         zero["offload_optimizer"] = {"device": "cpu"}
         if args.zero_stage == 3:
             zero["offload_param"] = {"device": "cpu"}
     micro = args.per_device_train_batch_size
-    # torch_adam: DeepSpeed's fused Adam is a CUDA kernel; the CPU uses torch.optim.AdamW
-    adam = {"lr": args.learning_rate, "betas": [0.9, 0.95], "torch_adam": not torch.cuda.is_available()}
+    # torch's fused AdamW on the CPU and on GPUs alike: DeepSpeed's FusedAdam is built with nvcc at the first run and
+    # fails on arch lists such as TORCH_CUDA_ARCH_LIST=9.0a; offloaded optimizer states keep DeepSpeed's CPU Adam
+    adam = {"lr": args.learning_rate, "betas": [0.9, 0.95], **({} if offload else {"torch_adam": True, "fused": True})}
     return {"train_micro_batch_size_per_gpu": micro, "gradient_accumulation_steps": args.gradient_accumulation_steps,
             "train_batch_size": micro * args.gradient_accumulation_steps * world, "gradient_clipping": 1.0,
             "steps_per_print": 10**9, "zero_optimization": zero, "optimizer": {"type": "AdamW", "params": adam},

@@ -14,8 +14,9 @@ PY312=(--only-binary=:all: --python-version 3.12 --implementation cp --platform 
        --platform manylinux2014_x86_64 --platform any)
 # the wheels DeepSpeed 0.19.8 needs that the device image lacks (its image has the rest: see the device README)
 NEEDED=(hjson==3.1.0 pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5)
-TESTS=(tests/test_kernels.py tests/test_families_kernels.py tests/test_generation.py tests/test_families.py
-       tests/test_gpu.py)
+# test_gpu.py first: pytest-xdist hands out tests in this order, and its rlhf.train example is the longest test
+TESTS=(tests/test_gpu.py tests/test_generation.py tests/test_families.py tests/test_kernels.py
+       tests/test_families_kernels.py)
 
 prepare() {
     mkdir -p "$WHEELS"
@@ -34,7 +35,7 @@ run() {
 triton.__version__, 'transformers', transformers.__version__, 'deepspeed', deepspeed.__version__, torch.cuda.get_device_name())"
     timeout "${BUILD_S:-150}" python3 setup.py build_ext --inplace -j 16 > "$out/build.log" 2>&1
     echo "build rc=$? at $((SECONDS - start)) s"; tail -3 "$out/build.log"
-    timeout "${TEST_S:-480}" python3 -m pytest -p no:cacheprovider -o addopts="" -ra -q --device cuda -n "${WORKERS:-8}" \
+    timeout "${TEST_S:-480}" python3 -m pytest -p no:cacheprovider -o addopts="" -ra -q --device cuda -n "${WORKERS:-8}" --durations 15 \
         --junitxml "$out/tests.xml" "${TESTS[@]}" "$@" 2>&1 | tee "$out/tests.log" | tail -40
     echo "tests rc=${PIPESTATUS[0]} at $((SECONDS - start)) s"
 }

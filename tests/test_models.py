@@ -52,8 +52,8 @@ def hf_model(name: str, seed: int = 0, **overrides):
 
 def ragged_prompts(lengths: list[int], width: int, seed: int = 1, pad: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     """Left-padded random prompts (token ids from 3 up: 0-2 are OPT's specials)."""
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(3, VOCAB, (len(lengths), width), generator=g)
+    g = torch.Generator().manual_seed(seed)  # on the host: the same prompts on every --device
+    ids = torch.randint(3, VOCAB, (len(lengths), width), generator=g, device="cpu").to(torch.get_default_device())
     mask = (torch.arange(width) >= width - torch.tensor(lengths)[:, None]).long()
     return ids.masked_fill(mask == 0, pad), mask
 

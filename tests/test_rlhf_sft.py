@@ -11,7 +11,7 @@ from bench.launch import run_ranks
 from hybrid_engine.capability import choose_dtype
 from rlhf import example
 from rlhf.args import NO_EFFECT
-from rlhf.engines import param_groups
+from rlhf.engines import ds_config, param_groups
 from rlhf.hf_models import apply_lora, load_config
 from rlhf.reward import build_parser as reward_parser, parse_args as reward_args
 from rlhf.sft import build_parser, parse_args
@@ -97,6 +97,16 @@ def test_only_optimize_lora_freezes_the_rest():
         apply_lora(tiny_model(), 4, "no_such_layer", only_optimize_lora=False)
 
 
+def test_offloaded_optimizer_states_keep_deepspeeds_cpu_adam(monkeypatch):
+    runs = [(parse_args(REQUIRED + ["--zero_stage", "3", *offload]), expected)
+            for offload, expected in (([], {"torch_adam": True, "fused": True}), (["--offload"], {}))]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # --offload moves states off a GPU only
+    for args, expected in runs:
+        config = ds_config(args, world=1)
+        assert {k: v for k, v in config["optimizer"]["params"].items() if k in ("torch_adam", "fused")} == expected
+        assert ("offload_optimizer" in config["zero_optimization"]) == args.offload
+
+
 def test_token_nll_is_the_transformers_loss():
     model = tiny_model().eval()  # no dropout: both losses see the same logits
     ids = torch.randint(1, 61, (3, 9))
@@ -135,6 +145,8 @@ def roundtrip_worker(rank: int, world: int, stage: int, dtype: str, out: str, ru
         model = (AutoModelForCausalLM.from_pretrained(base) if kind == "lm" else
                  load_reward_model(base, load_config(base), tokenizer.pad_token_id))
         engine = build_engine(prepare_model(model, args), args, num_training_steps=4)
+        # torch's fused AdamW, as on a GPU (DeepSpeed's FusedAdam would need an nvcc build there)
+        assert type(engine.basic_optimizer) is torch.optim.AdamW and engine.basic_optimizer.defaults["fused"]
         torch.manual_seed(rank)
         ids, mask = torch.randint(4, len(tokenizer), (2, 11)), torch.ones(2, 11, dtype=torch.long)
         mask[1, 7:] = 0

@@ -128,7 +128,9 @@ class RotaryEmbedding:
     """Rotate-half RoPE (the Hugging Face LLaMA layout) from precomputed cos/sin tables."""
 
     def __init__(self, inv_freq: torch.Tensor, attention_scaling: float, max_positions: int, factory: dict):
-        freqs = torch.outer(torch.arange(max_positions, dtype=torch.float32), inv_freq.float().cpu())
+        # computed on the host in fp32 whatever the default device, so every device gets the same tables
+        positions = torch.arange(max_positions, dtype=torch.float32, device="cpu")
+        freqs = torch.outer(positions, inv_freq.float().cpu())
         self.cos = (freqs.cos() * attention_scaling).to(**factory)
         self.sin = (freqs.sin() * attention_scaling).to(**factory)
 
