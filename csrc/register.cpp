@@ -106,6 +106,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     }
     return names;
   }, "Instruction-set variants (baseline, avx2, avx512) that the CPU kernels have run in this process.");
+  m.def("packed_linear_supported", [](bool bf16) {
+    return hybrid_engine::cpu::packed_linear_supported(bf16 ? at::kBFloat16 : at::kFloat);
+  }, py::arg("bf16"), "Whether this CPU has a packed_linear kernel for bfloat16 (else float32) inputs.");
 
   py::class_<BlockAllocator>(m, "BlockAllocator", "Paged KV-cache block allocator (see hybrid_engine.BlockAllocator).")
       .def(py::init<int64_t, int64_t>(), py::arg("num_blocks"), py::arg("block_size"))
@@ -152,6 +155,8 @@ TORCH_LIBRARY(hybrid_engine, m) {
         "int window=0) -> Tensor");
   m.def("add_norm(Tensor x, Tensor? residual, Tensor weight, Tensor? bias, float eps, bool rms) -> (Tensor, Tensor)");
   m.def("silu_and_mul(Tensor x) -> Tensor");
+  m.def("pack_linear_weight(Tensor weight) -> Tensor");
+  m.def("packed_linear(Tensor x, Tensor packed, int out_features, Tensor? bias, bool relu) -> Tensor");
   m.def("write_kv(Tensor key, Tensor value, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor slots) -> ()");
 }
 
@@ -160,5 +165,7 @@ TORCH_LIBRARY_IMPL(hybrid_engine, CPU, m) {
   m.impl("prefill_attention", &hybrid_engine::cpu::prefill_attention);
   m.impl("add_norm", &hybrid_engine::cpu::add_norm);
   m.impl("silu_and_mul", &hybrid_engine::cpu::silu_and_mul);
+  m.impl("pack_linear_weight", &hybrid_engine::cpu::pack_linear_weight);
+  m.impl("packed_linear", &hybrid_engine::cpu::packed_linear);
   m.impl("write_kv", &hybrid_engine::cpu::write_kv);
 }

@@ -247,6 +247,40 @@ def test_write_kv_rejects_bad_slots_before_writing(slot, message):
     assert torch.equal(k_cache, before)
 
 
+def check_linear(rows: int, out_features: int, in_features: int, dtype: torch.dtype, bias: bool, relu: bool) -> None:
+    """packed_linear against F.linear in fp32 (the output rounded to dtype); where this CPU has no
+    kernel for dtype, the op must refuse and say so."""
+    x, weight = randn(rows, in_features, dtype=dtype), randn(out_features, in_features, dtype=dtype)
+    b = randn(out_features, dtype=dtype) if bias else None
+    packed = ops.pack_linear_weight(weight)
+    if not hybrid_engine._C.packed_linear_supported(dtype == torch.bfloat16):
+        with pytest.raises(RuntimeError, match="this CPU has no kernel for"):
+            ops.packed_linear(x, packed, out_features, b, relu)
+        return
+    out = ops.packed_linear(x, packed, out_features, b, relu)
+    expected = reference.linear_act(x, weight, b, "relu" if relu else "none")
+    assert out.shape == (rows, out_features) and out.dtype == dtype
+    scale = expected.float().abs().max().item() or 1.0  # sums of in_features products: error grows with them
+    tol = TOLERANCE[dtype]
+    torch.testing.assert_close(out.float(), expected.float(), atol=tol * scale, rtol=tol)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows", [1, 5, 16, 17, 40])
+@pytest.mark.parametrize("out_features,in_features", [(16, 64), (37, 33), (100, 300), (1, 7)])
+def test_packed_linear(dtype, rows, out_features, in_features):
+    check_linear(rows, out_features, in_features, dtype, bias=rows % 2 == 1, relu=out_features != 16)
+
+
+def test_packed_linear_relu_keeps_nan():
+    if not hybrid_engine._C.packed_linear_supported(False):
+        pytest.skip("no packed_linear kernel for float32 on this CPU")
+    x, weight = torch.randn(3, 20), torch.randn(18, 20)
+    x[1, 4] = float("nan")
+    out = ops.packed_linear(x, ops.pack_linear_weight(weight), 18, None, True)
+    assert out[1].isnan().all() and not out[[0, 2]].isnan().any() and (out[[0, 2]] >= 0).all()
+
+
 def best_isa_of_this_cpu() -> str:
     """The variant the extension should pick here, from the kernel's own view of the CPU flags."""
     with open("/proc/cpuinfo") as f:
@@ -279,6 +313,8 @@ for dtype in t.DTYPES:
     t.check_add_norm((3, 77), dtype, True, True, False, dtype)
     t.check_add_norm((3, 2048), dtype, False, True, True, dtype)
     t.check_silu_and_mul((3, 2 * 77), dtype)
+    t.check_linear(9, 37, 45, dtype, True, True)
+    t.check_linear(16, 48, 130, dtype, False, False)
 print(",".join(hybrid_engine._C.cpu_isa_variants_run()))
 """
 
@@ -387,3 +423,23 @@ def test_add_norm_rejects(changes, message):
 def test_silu_and_mul_rejects(x, message):
     with pytest.raises(RuntimeError, match=message):
         ops.silu_and_mul(x)
+
+
+LINEAR_ERRORS = {
+    "3-d x": (dict(x=torch.randn(2, 3, 20)), r"x must be \[rows, in_features\]"),
+    "int x": (dict(x=torch.ones(3, 20, dtype=torch.int64)), "x must be float32 or bfloat16"),
+    "strided x": (dict(x=torch.randn(20, 3).t()), "x must be contiguous"),
+    "dtype": (dict(x=torch.randn(3, 20).bfloat16()), "packed must have x's dtype"),
+    "in_features": (dict(x=torch.randn(3, 21)), "not a packed weight with in_features 21"),
+    "plain weight": (dict(packed=torch.randn(18, 20)), r"packed must be \[panels"),
+    "out_features": (dict(out_features=40), "out_features 40 does not match packed's 2 panels"),
+    "bias": (dict(bias=torch.randn(17)), "bias has 17 entries, expected out_features 18"),
+}
+
+
+@pytest.mark.parametrize("changes,message", LINEAR_ERRORS.values(), ids=LINEAR_ERRORS.keys())
+def test_packed_linear_rejects(changes, message):
+    args = dict(x=torch.randn(3, 20), packed=ops.pack_linear_weight(torch.randn(18, 20)), out_features=18,
+                bias=torch.randn(18), relu=False)
+    with pytest.raises(RuntimeError, match=message):
+        ops.packed_linear(*{**args, **changes}.values())

@@ -7,6 +7,7 @@ from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsW
 
 import hybrid_engine
 from hybrid_engine import Generator, from_hf
+from hybrid_engine.kernels import reference
 from hybrid_engine.models import load_weights, prepack, weight_map
 from hybrid_engine.sampling import filter_logits
 
@@ -407,13 +408,39 @@ def test_packed_row_counts_are_bucketed_and_products_unchanged():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_prepacking_follows_the_capability_probe(dtype):
-    """Weights are prepacked exactly in the dtypes oneDNN can pack on this CPU (bf16 cannot be on
-    AVX2-only CPUs, where packing raised); generation runs either way."""
+    """Weights are prepacked exactly in the dtypes this CPU can pack: into panels for our kernel where
+    it has one (fp32 with AVX2, bf16 with AVX-512 BF16 and no AMX), else oneDNN's layout where oneDNN
+    can pack the dtype (bf16 cannot be on AVX2-only CPUs, where packing raised); generation runs
+    either way."""
     hf = hf_model("opt_proj")
     ids, mask = ragged_prompts(LENGTHS, WIDTH, pad=PAD)
     model = from_hf(hf, dtype=dtype)
     out = Generator(model).generate(ids, mask, max_new_tokens=3, eos_token_id=[], pad_token_id=PAD)
-    assert (model.packed_lm_head is not None) == hybrid_engine.device_caps().can_prepack(dtype)
+    cpu = torch.device("cpu")
+    panels = hybrid_engine._C.packed_linear_supported(dtype == torch.bfloat16) and not (
+        dtype == torch.bfloat16 and "amx_tile" in hybrid_engine.device_caps().features)
+    assert prepack.panels_used(cpu, dtype) == panels
+    assert (model.packed_lm_head is not None) == (panels or hybrid_engine.device_caps().can_prepack(dtype))
     if model.packed_lm_head is not None:
         assert model.packed_lm_head.tensor is not None  # packed on the first forward
+        assert model.packed_lm_head.panels == panels
     assert torch.equal(out.sequences[:, :WIDTH], ids)
+
+
+@pytest.mark.parametrize("activation", ["none", "relu", "gelu", "gelu_tanh", "silu"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_packed_linear_of_every_activation_and_shape(activation, dtype):
+    """prepack.linear through the packed weight (whichever layout this CPU uses) equals the plain
+    product for every activation, rows of [..., K] inputs, and a weight refilled in place."""
+    if not prepack.available(torch.device("cpu"), dtype):
+        pytest.skip(f"this CPU cannot pack {dtype} weights")
+    torch.manual_seed(0)
+    x, weight, bias = torch.randn(2, 5, 40).to(dtype), torch.randn(35, 40).to(dtype), torch.randn(35).to(dtype)
+    packed = prepack.PackedWeight()
+    for _ in range(2):
+        out = prepack.linear(x, weight, bias, activation, packed)
+        exact = reference.linear_act(x, weight, bias, activation)
+        assert out.shape == (2, 5, 35) and out.dtype == dtype
+        tol = 1e-5 if dtype == torch.float32 else 2e-2
+        torch.testing.assert_close(out.float(), exact.float(), atol=tol * exact.float().abs().max().item(), rtol=tol)
+        weight.copy_(torch.randn(35, 40))

@@ -50,6 +50,18 @@ std::tuple<at::Tensor, at::Tensor> add_norm(const at::Tensor& x, const c10::opti
 // x [..., 2I] -> silu(x[..., :I]) * x[..., I:].
 at::Tensor silu_and_mul(const at::Tensor& x);
 
+// weight [N, K] (float32 or bfloat16) -> its panels for packed_linear: [ceil(N / 16), K steps, 16,
+// k per step] with k per step 1 for float32 and 2 for bfloat16 (K padded to even), zero-padded.
+at::Tensor pack_linear_weight(const at::Tensor& weight);
+
+// relu?(x W^T + bias) for x [M, K] with W packed by pack_linear_weight; bias [out_features] in any
+// float dtype; returns [M, out_features] in x's dtype. Refused where packed_linear_supported is false.
+at::Tensor packed_linear(const at::Tensor& x, const at::Tensor& packed, int64_t out_features,
+                         const c10::optional<at::Tensor>& bias, bool relu);
+
+// Whether this CPU runs packed_linear in dtype: float32 with AVX2 and FMA, bfloat16 with AVX-512 BF16.
+bool packed_linear_supported(at::ScalarType dtype);
+
 // Shared argument checks: every message names the op and the argument.
 inline void check_input(const at::Tensor& t, const char* op, const char* name, int64_t dim, const char* shape) {
   TORCH_CHECK(t.device().is_cpu(), op, ": ", name, " must be a CPU tensor, got device ", t.device());
