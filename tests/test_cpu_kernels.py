@@ -83,9 +83,9 @@ def test_decode_attention_batch_of_one(dtype, context_len):
     check_decode([context_len], 32, 32, 64, 16, dtype)
 
 
-# Head sizes with a 16-element and a scalar tail, and block sizes that are not a multiple of the
-# 16 tokens the kernel scores at once.
-@pytest.mark.parametrize("head_dim,block_size", [(8, 16), (40, 8), (72, 24), (96, 5), (256, 48)])
+# Head sizes with 16- and 8-element tails (AVX-512, AVX2) and a scalar tail, and block sizes that are
+# not a multiple of the 16 (AVX2: 8) tokens the kernel scores at once.
+@pytest.mark.parametrize("head_dim,block_size", [(8, 16), (36, 7), (40, 8), (72, 24), (96, 5), (256, 48)])
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_decode_attention_odd_sizes(dtype, head_dim, block_size):
     torch.manual_seed(head_dim + block_size)

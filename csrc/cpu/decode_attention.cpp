@@ -5,9 +5,9 @@
 // is (sequence, range of kv heads); with enough sequences the range is all kv heads. A block is
 // visited kv head by kv head, so each kv head's rows are read once, by its whole query group,
 // while they are in L1, and software prefetch fetches the rows of the heads a little ahead.
-// Scores of 16 tokens are reduced together (hsum16), the value accumulator stays in registers
-// across the block's tokens, and softmax is online per block (fp32 running max, sum and
-// accumulator), so no score row longer than a block exists. A sliding window (window > 0) starts
+// Scores of 16 tokens (8 on AVX2) are reduced together (hsum_lanes), the value accumulator stays
+// in registers across the block's tokens, and softmax is online per block (fp32 running max, sum
+// and accumulator), so no score row longer than a block exists. A sliding window (window > 0) starts
 // at the block holding the sequence's last `window` tokens and masks the tokens before them.
 #include <algorithm>
 #include <vector>
@@ -57,30 +57,32 @@ HE_INLINE void prefetch_rows(const T* rows, int64_t n, int64_t token_stride, int
     for (int64_t d = 0; d < D; d += 64 / int64_t(sizeof(T))) __builtin_prefetch(rows + t * token_stride + d, 0, kPrefetchLocality);
 }
 
-// Scores of one query row (fp32, pair layout) against up to 16 consecutive tokens of a block,
-// reduced together (hsum16). Lanes past m repeat the last token; the caller masks them.
-template <typename T, int kD>
-HE_INLINE f32x16 token_scores(const float* q, const T* k, int64_t token_stride, int64_t m, int64_t head_dim) {
+// Scores of one query row (fp32, pair layout) against up to lanes<V> consecutive tokens of a block,
+// reduced together (hsum_lanes). Lanes past m repeat the last token; the caller masks them. One
+// accumulator per token: 16 of 16 lanes on AVX-512, 8 of 8 on AVX2, whose 16 registers cannot hold
+// 16 tokens' accumulators (GCC kept them on the stack, a load and a store per product).
+template <typename V, typename T, int kD>
+HE_INLINE V token_scores(const float* q, const T* k, int64_t token_stride, int64_t m, int64_t head_dim) {
+  constexpr int kTokens = lanes<V>, kPer = 32 / lanes<V>;
   const int64_t D = kD ? kD : head_dim;
-  f32x16 part[kLanes] = {};
+  V part[kTokens] = {};
   int64_t d = 0;
-  for (; d + 2 * kLanes <= D; d += 2 * kLanes) {
-    const f32x16 qa = load16(q + d), qb = load16(q + d + kLanes);
+  for (; d + 32 <= D; d += 32) {
+    V qc[kPer];
+    load_chunk<V>(q + d, qc);
     const T* row = k + d;
-    for (int t = 0; t < kLanes; ++t, row += t < m ? token_stride : 0) {
-      f32x16 x, y;
-      load_pair(row, x, y);
-      part[t] += qa * x;
-      part[t] += qb * y;
+    for (int t = 0; t < kTokens; ++t, row += t < m ? token_stride : 0) {
+      V x[kPer];
+      load_chunk<V>(row, x);
+      for (int j = 0; j < kPer; ++j) part[t] += qc[j] * x[j];
     }
   }
-  if (d + kLanes <= D) {
-    const f32x16 qa = load16(q + d);
+  for (; d + kTokens <= D; d += kTokens) {  // a tail shorter than 32 elements is in natural order
+    const V qc = loadv<V>(q + d);
     const T* row = k + d;
-    for (int t = 0; t < kLanes; ++t, row += t < m ? token_stride : 0) part[t] += qa * load16(row);
-    d += kLanes;
+    for (int t = 0; t < kTokens; ++t, row += t < m ? token_stride : 0) part[t] += qc * loadv<V>(row);
   }
-  f32x16 s = hsum16(part);
+  V s = hsum_lanes(part);
   for (; d < D; ++d)
     for (int64_t t = 0; t < m; ++t) s[t] += q[d] * to_float(k[t * token_stride + d]);
   return s;
@@ -157,9 +159,9 @@ HE_INLINE void decode_task(const DecodeParams& p, int64_t b, int64_t kv0, int64_
       }
       for (int64_t h = j * group; h < (j + 1) * group; ++h) {
         float* s = scores + h * stride;
-        for (int64_t t0 = 0; t0 < n; t0 += kLanes)
-          store16(s + t0, token_scores<T, kD>(q + h * D, k + t0 * token_stride + j * D, token_stride,
-                                              std::min(kLanes, n - t0), D));
+        for (int64_t t0 = 0; t0 < n; t0 += lanes<V>)
+          storev(s + t0, token_scores<V, T, kD>(q + h * D, k + t0 * token_stride + j * D, token_stride,
+                                                std::min(lanes<V>, n - t0), D));
         std::fill(s + n, s + stride, -INFINITY);
         std::fill(s, s + behind_window, -INFINITY);
         online_softmax_step(s, stride, row_max[h], row_sum[h], acc + h * D, D);

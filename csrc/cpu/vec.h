@@ -27,6 +27,7 @@ typedef int32_t i32x16 __attribute__((vector_size(64)));
 typedef uint32_t u32x16 __attribute__((vector_size(64)));
 typedef uint32_t u32x8 __attribute__((vector_size(32)));
 typedef uint16_t u16x16 __attribute__((vector_size(32)));
+typedef uint16_t u16x8 __attribute__((vector_size(16)));
 
 constexpr int64_t kLanes = 16;
 
@@ -73,6 +74,16 @@ HE_INLINE V loadv(const float* p) {
   return v;
 }
 template <typename V>
+HE_INLINE V loadv(const uint16_t* p) {  // bf16 widened to fp32
+  if constexpr (lanes<V> == kLanes) {
+    return load16(p);
+  } else {
+    u16x8 h;
+    std::memcpy(&h, p, sizeof(h));
+    return (V)(__builtin_convertvector(h, u32x8) << 16);
+  }
+}
+template <typename V>
 HE_INLINE void storev(float* p, V v) { std::memcpy(p, &v, sizeof(v)); }
 HE_INLINE void store16(uint16_t* p, f32x16 v) {  // round to nearest even like from_float, NaN stays NaN
   const u32x16 bits = (u32x16)v;
@@ -114,6 +125,21 @@ HE_INLINE f32x16 hsum16(const f32x16 (&part)[kLanes]) {
   return __builtin_shufflevector(g[0], g[1], 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30) +
          __builtin_shufflevector(g[0], g[1], 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
 }
+
+// The same for 8 vectors of 8 lanes (AVX2 keeps 8 of them and a query chunk in its 16 registers).
+HE_INLINE f32x8 hsum8(const f32x8 (&part)[8]) {
+  f32x8 c[4], e[2];
+  for (int i = 0; i < 4; ++i)
+    c[i] = __builtin_shufflevector(part[2 * i], part[2 * i + 1], 0, 1, 2, 3, 8, 9, 10, 11) +
+           __builtin_shufflevector(part[2 * i], part[2 * i + 1], 4, 5, 6, 7, 12, 13, 14, 15);
+  for (int i = 0; i < 2; ++i)
+    e[i] = __builtin_shufflevector(c[2 * i], c[2 * i + 1], 0, 1, 4, 5, 8, 9, 12, 13) +
+           __builtin_shufflevector(c[2 * i], c[2 * i + 1], 2, 3, 6, 7, 10, 11, 14, 15);
+  return __builtin_shufflevector(e[0], e[1], 0, 2, 4, 6, 8, 10, 12, 14) +
+         __builtin_shufflevector(e[0], e[1], 1, 3, 5, 7, 9, 11, 13, 15);
+}
+HE_INLINE f32x16 hsum_lanes(const f32x16 (&part)[16]) { return hsum16(part); }
+HE_INLINE f32x8 hsum_lanes(const f32x8 (&part)[8]) { return hsum8(part); }
 
 // exp(x) to ~2 ulp (Cephes expf polynomial); 0 below -87 (so -inf gives 0), x <= 88 assumed:
 // softmax only exponentiates x - max <= 0.
