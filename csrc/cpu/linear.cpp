@@ -1,15 +1,16 @@
 // y = act(x W^T + b) on the CPU through weights packed once into column panels.
 //
-// The weight [N, K] is packed as N / 16 panels (the last zero-padded), each K rows of 16 columns
-// (bf16: K / 2 rows of 16 column pairs, the layout vdpbf16ps multiplies). A task is a range of
-// panels; for each block of up to kRows rows of x, the block is copied transposed ([K][rows], so
-// each k is one cache line to broadcast from) and every panel of the range is multiplied into
-// rows x 16 accumulators held in registers over all of K. Each weight element is read once per
-// row block, in order, prefetched ahead. At decode batch sizes the weights come from memory, not
-// cache: over all linears of OPT-125m and OPT-1.3b at 16 rows this ran 1.15-1.27x faster than
-// oneDNN's packed kernels in fp32 and bf16 (avx512_bf16), 1.4x at 1 row, level at 64 (2-vCPU
-// EPYC Zen 4, 2026-12-06). AVX2 CPUs get 6-row fp32 blocks (on a 2-vCPU EPYC Zen 3 at 16 rows over
-// all linears of OPT-125m: 1.0-1.1x oneDNN's packed kernels, 2x F.linear); bf16 needs AVX-512 BF16.
+// The weight [N, K] is packed as panels of 16 columns (8 for fp32 on AVX2), N padded to 16 with
+// zeros, each K rows of the panel's columns (bf16: K / 2 rows of 16 column pairs, the layout
+// vdpbf16ps multiplies). A task is a range of panels; for each block of up to kRows rows of x, the
+// block is copied transposed ([K][rows], so each k is one cache line to broadcast from) and every
+// panel of the range is multiplied into rows x columns accumulators held in registers over all of K. Each
+// weight element is read once per row block, in order, prefetched ahead. At decode batch sizes the
+// weights come from memory, not cache: over all linears of OPT-125m and OPT-1.3b at 16 rows this ran
+// 1.15-1.27x faster than oneDNN's packed kernels in fp32 and bf16 (avx512_bf16), 1.4x at 1 row, level
+// at 64 (2-vCPU EPYC Zen 4, 2026-12-06). AVX2 CPUs get fp32 blocks of 6 rows x 16 columns, or of up
+// to 12 rows x 8 columns for decode (on a 2-vCPU EPYC Zen 3 at 16 rows over all linears of OPT-125m:
+// 1.0-1.1x oneDNN's packed kernels, 2x F.linear); bf16 needs AVX-512 BF16.
 #include <immintrin.h>
 
 #include <array>
@@ -98,36 +99,48 @@ __attribute__((target("avx2,fma"))) HE_INLINE __m256 bias_relu_avx2(const Linear
   return p.relu ? _mm256_max_ps(_mm256_setzero_ps(), acc) : acc;  // max(0, NaN) is NaN, as in torch
 }
 
-// fp32 on AVX2: R rows x one panel as two 8-lane halves. Every access to the accumulators is unrolled:
-// one indexed by a loop variable puts them in memory, and GCC then stored all 2R of them on every k
-// (12 stores per 12 FMAs, which halved the kernel's speed on Zen 3).
-template <int R>
-__attribute__((target("avx2,fma"))) void panel_f32_avx2(const LinearParams& p, const float* a, const float* w,
-                                                         int64_t m0, int64_t n0) {
-  __m256 acc[2 * R];  // row r: acc[2r] columns 0-7, acc[2r + 1] columns 8-15
+// fp32 on AVX2: R rows x P panels of 8 columns (the next panel Kp * 8 floats on). Every access to the
+// accumulators is unrolled: one indexed by a loop variable puts them in memory, and GCC then stored all
+// of them on every k (12 stores per 12 FMAs, which halved the kernel's speed on Zen 3).
+template <int R, int P>
+__attribute__((target("avx2,fma"))) void panels_f32_avx2(const LinearParams& p, const float* a, const float* w,
+                                                          int64_t m0, int64_t n0) {
+  constexpr int64_t kWidth = 8;
+  const int64_t stride = p.Kp * kWidth;
+  __m256 acc[P * R];  // acc[j * R + r]: row r, panel j
 #pragma GCC unroll 16
-  for (int i = 0; i < 2 * R; ++i) acc[i] = _mm256_setzero_ps();
-  for (int64_t k = 0; k < p.K; ++k, a += R, w += kPanel) {
-    _mm_prefetch(reinterpret_cast<const char*>(w) + kPrefetchBytes, _MM_HINT_T0);
-    const __m256 b0 = _mm256_loadu_ps(w), b1 = _mm256_loadu_ps(w + 8);
-#pragma GCC unroll 8
+  for (int i = 0; i < P * R; ++i) acc[i] = _mm256_setzero_ps();
+  for (int64_t k = 0; k < p.K; ++k, a += R, w += kWidth) {
+    __m256 b[P];
+#pragma GCC unroll 2
+    for (int j = 0; j < P; ++j) {
+      _mm_prefetch(reinterpret_cast<const char*>(w + j * stride) + kPrefetchBytes, _MM_HINT_T0);
+      b[j] = _mm256_loadu_ps(w + j * stride);
+    }
+#pragma GCC unroll 12
     for (int r = 0; r < R; ++r) {
       const __m256 x = _mm256_broadcast_ss(a + r);
-      acc[2 * r] = _mm256_fmadd_ps(x, b0, acc[2 * r]);
-      acc[2 * r + 1] = _mm256_fmadd_ps(x, b1, acc[2 * r + 1]);
+#pragma GCC unroll 2
+      for (int j = 0; j < P; ++j) acc[j * R + r] = _mm256_fmadd_ps(x, b[j], acc[j * R + r]);
     }
   }
-  const int64_t cols = std::min(kPanel, p.N - n0);
-  const __m256i mask_lo = lanes_below(cols), mask_hi = lanes_below(cols - 8);
   float* out = static_cast<float*>(p.out) + m0 * p.N + n0;
-#pragma GCC unroll 8
-  for (int r = 0; r < R; ++r) {
-    _mm256_maskstore_ps(out + r * p.N, mask_lo, bias_relu_avx2(p, acc[2 * r], n0, mask_lo));
-    _mm256_maskstore_ps(out + r * p.N + 8, mask_hi, bias_relu_avx2(p, acc[2 * r + 1], n0 + 8, mask_hi));
+#pragma GCC unroll 2
+  for (int j = 0; j < P; ++j) {
+    const __m256i mask = lanes_below(p.N - n0 - j * kWidth);
+#pragma GCC unroll 12
+    for (int r = 0; r < R; ++r)
+      _mm256_maskstore_ps(out + r * p.N + j * kWidth, mask, bias_relu_avx2(p, acc[j * R + r], n0 + j * kWidth, mask));
   }
 }
 
 #endif
+
+// Columns per panel: 16 (one AVX-512 vector; bf16), 8 for fp32 on AVX2 (one 8-lane vector, so that a
+// decode block of up to 12 rows holds one panel's accumulators in registers). The columns are padded
+// to 16 either way (two AVX2 panels make one unit of the 6-row kernel).
+int64_t panel_width(bool bf16) { return bf16 || best_isa() == Isa::kAvx512 ? kPanel : 8; }
+int64_t padded_columns(int64_t N) { return (N + kPanel - 1) / kPanel * kPanel; }
 
 // A block of rows of x transposed for broadcasting: a[k][r] (bf16: a[k pair][r] as one 32-bit word),
 // K padded to Kp with zeros.
@@ -144,18 +157,25 @@ void transpose_rows(const LinearParams& p, int64_t m0, int64_t rows, A* a) {
 template <typename A>
 using PanelKernel = void (*)(const LinearParams&, const A*, const A*, int64_t, int64_t);
 
+// The kernels of one ISA and dtype: by_rows[r - 1] multiplies r rows by `columns` columns of panels.
+template <typename A, size_t kRows>
+struct Kernels {
+  std::array<PanelKernel<A>, kRows> by_rows;
+  int64_t columns;
+};
+
 // Row blocks that share each panel while it is in cache: up to 4 blocks of x are transposed, then
 // every panel multiplies all of them.
 constexpr int64_t kBlocksPerGroup = 4;
 
-// Rows [m_begin, m_end) of x (at most kBlocksPerGroup blocks of up to kRows) times panels [begin, end),
-// each block with the kernel instantiated for its row count (accumulators stay registers). The rows are
-// spread evenly over the blocks: a block of few rows has too few accumulators to hide the FMA latency
-// (8 rows on AVX2 as 6 + 2 take 10 FMA cycles per k, as 4 + 4 take 8: 1.17x faster with the weight in L2,
-// one thread, Zen 3).
+// Rows [m_begin, m_end) of x (at most kBlocksPerGroup blocks of up to kRows) times column units
+// [begin, end) of kernels.columns each, each block with the kernel instantiated for its row count
+// (accumulators stay registers). The rows are spread evenly over the blocks: a block of few rows has
+// too few accumulators to hide the FMA latency (8 rows on AVX2 as 6 + 2 take 10 FMA cycles per k, as
+// 4 + 4 take 8: 1.17x faster with the weight in L2, one thread, Zen 3).
 template <typename T, typename A, size_t kRows>
 void multiply(const LinearParams& p, int64_t m_begin, int64_t m_end, int64_t begin, int64_t end,
-              const std::array<PanelKernel<A>, kRows>& kernels) {
+              const Kernels<A, kRows>& kernels) {
   constexpr int64_t per = sizeof(A) / sizeof(T);
   const int64_t tile = kRows * p.Kp / per, blocks = (m_end - m_begin + kRows - 1) / kRows;
   const int64_t base = (m_end - m_begin) / blocks, extra = (m_end - m_begin) % blocks;
@@ -165,44 +185,49 @@ void multiply(const LinearParams& p, int64_t m_begin, int64_t m_end, int64_t beg
   tiles.resize(std::max<size_t>(tiles.size(), blocks * tile));
   for (int64_t i = 0; i < blocks; ++i) transpose_rows<T>(p, first_row(i), rows_of(i), tiles.data() + i * tile);
   const A* packed = static_cast<const A*>(p.packed);
-  for (int64_t panel = begin; panel < end; ++panel)
-    for (int64_t i = 0; i < blocks; ++i)
-      kernels[rows_of(i) - 1](p, tiles.data() + i * tile, packed + panel * p.Kp / per * kPanel, first_row(i),
-                              panel * kPanel);
+  for (int64_t n0 = begin * kernels.columns; n0 < end * kernels.columns; n0 += kernels.columns)
+    for (int64_t i = 0; i < blocks; ++i)  // panels of any width start n0 * Kp elements in
+      kernels.by_rows[rows_of(i) - 1](p, tiles.data() + i * tile, packed + n0 * p.Kp / per, first_row(i), n0);
 }
 
-// A few rows (decode): the threads split the panels, each weight element is read once. Many rows
+// A few rows (decode): the threads split the columns, each weight element is read once. Many rows
 // (prefill): the threads split groups of rows, so each row is transposed once.
 template <typename T, typename A, size_t kRows>
-void run(const LinearParams& p, int64_t panels, const std::array<PanelKernel<A>, kRows>& kernels) {
-  const int64_t group = kRows * kBlocksPerGroup;
+void run(const LinearParams& p, const Kernels<A, kRows>& kernels) {
+  const int64_t group = kRows * kBlocksPerGroup, units = padded_columns(p.N) / kernels.columns;
   if (p.M <= group) {
-    at::parallel_for(0, panels, 1, [&](int64_t begin, int64_t end) { multiply<T>(p, 0, p.M, begin, end, kernels); });
+    at::parallel_for(0, units, 1, [&](int64_t begin, int64_t end) { multiply<T>(p, 0, p.M, begin, end, kernels); });
     return;
   }
   at::parallel_for(0, (p.M + group - 1) / group, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t g = begin; g < end; ++g) multiply<T>(p, g * group, std::min(p.M, (g + 1) * group), 0, panels, kernels);
+    for (int64_t g = begin; g < end; ++g) multiply<T>(p, g * group, std::min(p.M, (g + 1) * group), 0, units, kernels);
   });
 }
 
 #if defined(__x86_64__) && defined(__GNUC__)
 template <int... R>
-constexpr std::array<PanelKernel<float>, sizeof...(R)> f32_avx512(std::integer_sequence<int, R...>) {
-  return {&panel_f32_avx512<R + 1>...};
+constexpr Kernels<float, sizeof...(R)> f32_avx512(std::integer_sequence<int, R...>) {
+  return {{&panel_f32_avx512<R + 1>...}, kPanel};
 }
 template <int... R>
-constexpr std::array<PanelKernel<uint32_t>, sizeof...(R)> bf16_avx512(std::integer_sequence<int, R...>) {
-  return {&panel_bf16_avx512<R + 1>...};
+constexpr Kernels<uint32_t, sizeof...(R)> bf16_avx512(std::integer_sequence<int, R...>) {
+  return {{&panel_bf16_avx512<R + 1>...}, kPanel};
 }
-template <int... R>
-constexpr std::array<PanelKernel<float>, sizeof...(R)> f32_avx2(std::integer_sequence<int, R...>) {
-  return {&panel_f32_avx2<R + 1>...};
+template <int P, int... R>
+constexpr Kernels<float, sizeof...(R)> f32_avx2(std::integer_sequence<int, R...>) {
+  return {{&panels_f32_avx2<R + 1, P>...}, 8 * P};
 }
-// Rows per block: AVX-512 has 32 vector registers (16 accumulators, the panel row, broadcasts);
-// AVX2 has 16 (6 rows x 2 halves).
+// Rows per block: AVX-512 has 32 vector registers (16 accumulators, the panel row, broadcasts); AVX2
+// has 16: 6 rows x 2 panels, or up to 12 rows x 1 panel, so that a decode batch of up to 12 rows reads
+// each weight once, as it streams from memory. As two blocks of 4 rows the second block re-read each
+// panel from L2 while no weights streamed in: all linears of OPT-1.3b at 8 rows took the time of 4 rows
+// (memory) plus 4 rows' FMAs, 289 ms; with one block 252 ms (2 threads, Zen 3; alternated runs: 381
+// and 422 -> 262 and 249 ms). At 16 rows two 8-row blocks ran slower than three of 6 x 2 panels
+// (351-403 -> 514-543 ms), so larger batches keep those.
 constexpr auto kF32Avx512 = f32_avx512(std::make_integer_sequence<int, 16>{});
 constexpr auto kBf16Avx512 = bf16_avx512(std::make_integer_sequence<int, 16>{});
-constexpr auto kF32Avx2 = f32_avx2(std::make_integer_sequence<int, 6>{});
+constexpr auto kF32Avx2 = f32_avx2<2>(std::make_integer_sequence<int, 6>{});
+constexpr auto kF32Avx2Decode = f32_avx2<1>(std::make_integer_sequence<int, 12>{});
 #endif
 
 bool has_avx512_bf16() {
@@ -225,22 +250,22 @@ at::Tensor pack_linear_weight(const at::Tensor& weight) {
   check_input(weight, "pack_linear_weight", "weight", 2, "[out_features, in_features]");
   check_float_dtype(weight, "pack_linear_weight", "weight");
   const bool bf16 = weight.scalar_type() == at::kBFloat16;
-  const int64_t N = weight.size(0), K = weight.size(1), per = bf16 ? 2 : 1;
-  const int64_t panels = (N + kPanel - 1) / kPanel, Kp = (K + per - 1) / per * per;
+  const int64_t N = weight.size(0), K = weight.size(1), per = bf16 ? 2 : 1, width = panel_width(bf16);
+  const int64_t panels = padded_columns(N) / width, Kp = (K + per - 1) / per * per;
   // Written in place (no padded temporary: HybridEngine repacks every iteration, and a transient copy
   // of each weight would stay behind as heap the engine does not account for).
-  at::Tensor packed = at::empty({panels, Kp / per, kPanel, per}, weight.options());
+  at::Tensor packed = at::empty({panels, Kp / per, width, per}, weight.options());
   const int64_t bytes = weight.element_size();
   const char* src = static_cast<const char*>(weight.data_ptr());
   char* dst = static_cast<char*>(packed.data_ptr());
   at::parallel_for(0, panels, 1, [&](int64_t begin, int64_t end) {
     for (int64_t panel = begin; panel < end; ++panel) {
-      char* out = dst + panel * Kp * kPanel * bytes;
-      std::memset(out, 0, Kp * kPanel * bytes);
-      for (int64_t c = 0; c < std::min(kPanel, N - panel * kPanel); ++c) {
-        const char* row = src + (panel * kPanel + c) * K * bytes;
+      char* out = dst + panel * Kp * width * bytes;
+      std::memset(out, 0, Kp * width * bytes);
+      for (int64_t c = 0; c < std::min(width, N - panel * width); ++c) {
+        const char* row = src + (panel * width + c) * K * bytes;
         for (int64_t k = 0; k < K; ++k)  // element (k / per, c, k % per) of the panel
-          std::memcpy(out + ((k / per * kPanel + c) * per + k % per) * bytes, row + k * bytes, bytes);
+          std::memcpy(out + ((k / per * width + c) * per + k % per) * bytes, row + k * bytes, bytes);
       }
     }
   });
@@ -251,15 +276,16 @@ at::Tensor packed_linear(const at::Tensor& x, const at::Tensor& packed, int64_t 
                          const c10::optional<at::Tensor>& bias, bool relu) {
   check_input(x, kOp, "x", 2, "[rows, in_features]");
   check_float_dtype(x, kOp, "x");
-  check_input(packed, kOp, "packed", 4, "[panels, k steps, 16, k per step] (pack_linear_weight)");
+  check_input(packed, kOp, "packed", 4, "[panels, k steps, columns, k per step] (pack_linear_weight)");
   check_same_dtype(packed, x, kOp, "packed", "x");
   const bool bf16 = x.scalar_type() == at::kBFloat16;
   const int64_t K = x.size(1), per = bf16 ? 2 : 1, Kp = (K + per - 1) / per * per;
-  TORCH_CHECK(packed.size(2) == kPanel && packed.size(3) == per && packed.size(1) * per == Kp, kOp,
+  TORCH_CHECK(packed.size(2) == panel_width(bf16) && packed.size(3) == per && packed.size(1) * per == Kp, kOp,
               ": packed has shape ", packed.sizes(), ", which is not a packed weight with in_features ", K,
               " (x has shape ", x.sizes(), ")");
-  TORCH_CHECK(out_features > 0 && (out_features + kPanel - 1) / kPanel == packed.size(0), kOp, ": out_features ",
-              out_features, " does not match packed's ", packed.size(0), " panels of ", kPanel, " columns");
+  TORCH_CHECK(out_features > 0 && padded_columns(out_features) == packed.size(0) * packed.size(2), kOp,
+              ": out_features ", out_features, " does not match packed's ", packed.size(0) * packed.size(2),
+              " columns (out_features rounded up to ", kPanel, ")");
   TORCH_CHECK(packed_linear_supported(x.scalar_type()), kOp, ": this CPU has no kernel for ", x.scalar_type(),
               " (float32 needs AVX2 and FMA, bfloat16 AVX-512 BF16); use torch.nn.functional.linear");
   at::Tensor bias32;
@@ -276,13 +302,16 @@ at::Tensor packed_linear(const at::Tensor& x, const at::Tensor& packed, int64_t 
 #if defined(__x86_64__) && defined(__GNUC__)
   if (bf16) {
     record_isa(Isa::kAvx512);
-    run<uint16_t>(p, packed.size(0), kBf16Avx512);
+    run<uint16_t>(p, kBf16Avx512);
   } else if (best_isa() == Isa::kAvx512) {
     record_isa(Isa::kAvx512);
-    run<float>(p, packed.size(0), kF32Avx512);
+    run<float>(p, kF32Avx512);
   } else {
     record_isa(Isa::kAvx2);
-    run<float>(p, packed.size(0), kF32Avx2);
+    if (p.M <= int64_t(kF32Avx2Decode.by_rows.size()))
+      run<float>(p, kF32Avx2Decode);
+    else
+      run<float>(p, kF32Avx2);
   }
 #endif
   return out;

@@ -50,8 +50,9 @@ std::tuple<at::Tensor, at::Tensor> add_norm(const at::Tensor& x, const c10::opti
 // x [..., 2I] -> silu(x[..., :I]) * x[..., I:].
 at::Tensor silu_and_mul(const at::Tensor& x);
 
-// weight [N, K] (float32 or bfloat16) -> its panels for packed_linear: [ceil(N / 16), K steps, 16,
-// k per step] with k per step 1 for float32 and 2 for bfloat16 (K padded to even), zero-padded.
+// weight [N, K] (float32 or bfloat16) -> its panels for packed_linear: [panels, K steps, columns,
+// k per step] with 16 columns per panel (8 for float32 on AVX2), N padded to 16, k per step 1 for
+// float32 and 2 for bfloat16 (K padded to even), zero-padded.
 at::Tensor pack_linear_weight(const at::Tensor& weight);
 
 // relu?(x W^T + bias) for x [M, K] with W packed by pack_linear_weight; bias [out_features] in any
