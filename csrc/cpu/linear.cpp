@@ -24,7 +24,8 @@ namespace hybrid_engine::cpu {
 namespace {
 
 constexpr const char* kOp = "packed_linear";
-constexpr int64_t kPanel = 16;  // output columns per panel
+constexpr int64_t kPanel = 16;     // output columns per panel
+constexpr int64_t kAvx2Panel = 8;  // fp32 on AVX2: one 8-lane vector (panel_width)
 // The weights stream from memory while the FMA units are busy, which leaves the out-of-order core
 // few loads in flight: fetching 2 KB ahead made a pass over all linears of OPT-125m/1.3b at 16 rows
 // 1.25-1.35x faster than without (1, 2 and 4 KB measured; 2-4 KB best, 1.2x over oneDNN at 16 rows).
@@ -105,12 +106,11 @@ __attribute__((target("avx2,fma"))) HE_INLINE __m256 bias_relu_avx2(const Linear
 template <int R, int P>
 __attribute__((target("avx2,fma"))) void panels_f32_avx2(const LinearParams& p, const float* a, const float* w,
                                                           int64_t m0, int64_t n0) {
-  constexpr int64_t kWidth = 8;
-  const int64_t stride = p.Kp * kWidth;
+  const int64_t stride = p.Kp * kAvx2Panel;
   __m256 acc[P * R];  // acc[j * R + r]: row r, panel j
 #pragma GCC unroll 16
   for (int i = 0; i < P * R; ++i) acc[i] = _mm256_setzero_ps();
-  for (int64_t k = 0; k < p.K; ++k, a += R, w += kWidth) {
+  for (int64_t k = 0; k < p.K; ++k, a += R, w += kAvx2Panel) {
     __m256 b[P];
 #pragma GCC unroll 2
     for (int j = 0; j < P; ++j) {
@@ -127,10 +127,11 @@ __attribute__((target("avx2,fma"))) void panels_f32_avx2(const LinearParams& p, 
   float* out = static_cast<float*>(p.out) + m0 * p.N + n0;
 #pragma GCC unroll 2
   for (int j = 0; j < P; ++j) {
-    const __m256i mask = lanes_below(p.N - n0 - j * kWidth);
+    const __m256i mask = lanes_below(p.N - n0 - j * kAvx2Panel);
 #pragma GCC unroll 12
     for (int r = 0; r < R; ++r)
-      _mm256_maskstore_ps(out + r * p.N + j * kWidth, mask, bias_relu_avx2(p, acc[j * R + r], n0 + j * kWidth, mask));
+      _mm256_maskstore_ps(out + r * p.N + j * kAvx2Panel, mask,
+                          bias_relu_avx2(p, acc[j * R + r], n0 + j * kAvx2Panel, mask));
   }
 }
 
@@ -139,7 +140,7 @@ __attribute__((target("avx2,fma"))) void panels_f32_avx2(const LinearParams& p, 
 // Columns per panel: 16 (one AVX-512 vector; bf16), 8 for fp32 on AVX2 (one 8-lane vector, so that a
 // decode block of up to 12 rows holds one panel's accumulators in registers). The columns are padded
 // to 16 either way (two AVX2 panels make one unit of the 6-row kernel).
-int64_t panel_width(bool bf16) { return bf16 || best_isa() == Isa::kAvx512 ? kPanel : 8; }
+int64_t panel_width(bool bf16) { return bf16 || best_isa() == Isa::kAvx512 ? kPanel : kAvx2Panel; }
 int64_t padded_columns(int64_t N) { return (N + kPanel - 1) / kPanel * kPanel; }
 
 // A block of rows of x transposed for broadcasting: a[k][r] (bf16: a[k pair][r] as one 32-bit word),
@@ -215,7 +216,7 @@ constexpr Kernels<uint32_t, sizeof...(R)> bf16_avx512(std::integer_sequence<int,
 }
 template <int P, int... R>
 constexpr Kernels<float, sizeof...(R)> f32_avx2(std::integer_sequence<int, R...>) {
-  return {{&panels_f32_avx2<R + 1, P>...}, 8 * P};
+  return {{&panels_f32_avx2<R + 1, P>...}, kAvx2Panel * P};
 }
 // Rows per block: AVX-512 has 32 vector registers (16 accumulators, the panel row, broadcasts); AVX2
 // has 16: 6 rows x 2 panels, or up to 12 rows x 1 panel, so that a decode batch of up to 12 rows reads
