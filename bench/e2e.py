@@ -100,7 +100,8 @@ def ppo_argv(args: argparse.Namespace, path: str, tp: int, checkpoints: dict[str
     if args.gradient_checkpointing:
         argv += ["--actor_gradient_checkpointing", "--critic_gradient_checkpointing"]
     if path.startswith("hybrid_engine"):
-        argv += ["--enable_hybrid_engine", "--inference_tp_size", str(tp)]
+        argv += ["--enable_hybrid_engine", "--inference_tp_size", str(tp),
+                 "--old_logprobs_from", args.old_logprobs_from]
     return argv
 
 
@@ -546,6 +547,9 @@ def add_path_flags(p: argparse.ArgumentParser) -> None:
                         "for actors of >= 1B parameters, which do not fit trained in full next to the other models)")
     p.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None,
                    help="recompute activations in the actor and critic backward (default: on for actors >= 1B)")
+    p.add_argument("--old-logprobs-from", choices=["auto", "generation", "training"], default="auto",
+                   help="the hybrid_engine path's rlhf --old_logprobs_from: the actor's logprobs of its answers as "
+                        "sampled or by the training model (auto: as sampled in fp32)")
     p.add_argument("--seed", type=int, default=1234, help="seed of weights, prompts and sampling")
     p.add_argument("--ignore-memory-plan", action="store_true", help="run even when the memory plan does not fit")
     p.add_argument("--out", default=None, help="JSON path (default results/e2e-<model>-<world>.json); the PNG goes "

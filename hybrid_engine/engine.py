@@ -128,7 +128,8 @@ class HybridEngine:
         n = options.get("num_return_sequences", 1)
         mine = slice(first_row * n, (first_row + rows) * n)
         skip = group_ids.shape[1] - width  # left padding added only to line prompts up with the group's
-        out = GenerationOutput(out.sequences[mine, skip:], out.attention_mask[mine, skip:], out.generated_lengths[mine])
+        out = GenerationOutput(out.sequences[mine, skip:], out.attention_mask[mine, skip:], out.generated_lengths[mine],
+                               None if out.logprobs is None else out.logprobs[mine])
         self._record(seconds, int(out.generated_lengths.sum()))
         return out
 

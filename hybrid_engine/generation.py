@@ -21,6 +21,9 @@ class GenerationOutput:
     sequences: torch.Tensor          # int64 [B * n, L + max_new_tokens]: prompt as given, new tokens, pad after EOS
     attention_mask: torch.Tensor     # [B * n, L + max_new_tokens]: prompt mask, 1 for each generated token
     generated_lengths: torch.Tensor  # int64 [B * n]: new tokens per row, EOS included
+    # float32 [B * n, max_new_tokens] with return_logprobs: log p of each new token under the model's
+    # logits (before temperature and filtering), 0 after the row's last token
+    logprobs: torch.Tensor | None = None
 
 
 @dataclass
@@ -72,10 +75,12 @@ class Generator:
                  max_new_tokens: int = 20, min_new_tokens: int = 0, do_sample: bool = False,
                  temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, num_return_sequences: int = 1,
                  eos_token_id: int | list[int] | None = None, pad_token_id: int | None = None,
-                 seed: int | None = None, generator: torch.Generator | None = None) -> GenerationOutput:
+                 seed: int | None = None, generator: torch.Generator | None = None,
+                 return_logprobs: bool = False) -> GenerationOutput:
         """Like transformers' generate on left-padded input_ids [B, L] (attention_mask 1 = token).
         eos_token_id / pad_token_id default to the model config's; pass eos_token_id=[] for none.
-        top_k=0 and top_p=1 disable those filters."""
+        top_k=0 and top_p=1 disable those filters. return_logprobs: also the log-probability of every
+        generated token as it was chosen (an RL trainer's old logprobs without a second forward)."""
         options = sampling_options(self.model.config, max_new_tokens, min_new_tokens, do_sample, temperature,
                                    top_k, top_p, eos_token_id, pad_token_id, self.model.device)
         input_ids, attention_mask = check_prompts(self.model, input_ids, attention_mask, max_new_tokens)
@@ -83,13 +88,14 @@ class Generator:
             raise ValueError(f"num_return_sequences must be >= 1, got {num_return_sequences}")
         generator = device_generator(seed, generator, self.model.device)
         run = Run(self.model, self._cache_for(attention_mask, num_return_sequences, max_new_tokens), options,
-                  input_ids, attention_mask, num_return_sequences, generator, self.max_prefill_tokens)
+                  input_ids, attention_mask, num_return_sequences, generator, self.max_prefill_tokens, return_logprobs)
         with torch.inference_mode():
             output = run.execute()
         self.stats = run.stats
         # Outside inference mode, so that a trainer can feed the results to autograd-tracked forwards.
         return GenerationOutput(output.sequences.clone(), output.attention_mask.clone(),
-                                output.generated_lengths.clone())
+                                output.generated_lengths.clone(),
+                                None if output.logprobs is None else output.logprobs.clone())
 
     def _cache_for(self, attention_mask: torch.Tensor, n: int, max_new_tokens: int) -> PagedKVCache:
         """Check that every sequence fits alone, and size the cache when no budget was given."""
@@ -180,7 +186,8 @@ class Run:
     """One generate call: waiting groups, running rows, and the output being written."""
 
     def __init__(self, model: CausalLM, cache: PagedKVCache, options: SamplingOptions, input_ids: torch.Tensor,
-                 attention_mask: torch.Tensor, n: int, generator: torch.Generator | None, max_prefill_tokens: int):
+                 attention_mask: torch.Tensor, n: int, generator: torch.Generator | None, max_prefill_tokens: int,
+                 return_logprobs: bool = False):
         self.model, self.cache, self.alloc, self.options = model, cache, cache.allocator, options
         self.generator, self.max_prefill_tokens, self.n = generator, max_prefill_tokens, n
         device, width = model.device, input_ids.shape[1]
@@ -191,6 +198,8 @@ class Run:
         self.out[:, :width] = input_ids.repeat_interleave(n, dim=0)
         self.first_new = width  # column of each row's first generated token
         self.num_generated = torch.zeros(len(self.out), dtype=torch.int64, device=device)
+        self.logprobs = (torch.zeros(len(self.out), options.max_new_tokens, dtype=torch.float32, device=device)
+                         if return_logprobs else None)
         self.waiting = deque(Group(list(range(b * n, (b + 1) * n)), p) for b, p in enumerate(self.prompts))
         # The running rows, in admission order (the newest last: preempted first).
         self.running: list[int] = []
@@ -215,7 +224,7 @@ class Run:
             raise
         new_mask = torch.arange(self.options.max_new_tokens, device=self.out.device) < self.num_generated[:, None]
         mask = torch.cat([self.prompt_mask, new_mask.to(self.prompt_mask.dtype)], dim=1)
-        return GenerationOutput(self.out, mask, self.num_generated)
+        return GenerationOutput(self.out, mask, self.num_generated, self.logprobs)
 
     def admit(self) -> list[Group]:
         """Waiting groups whose prompt blocks fit, keeping one spare block per running row for its next
@@ -303,7 +312,11 @@ class Run:
     def sample(self, rows: torch.Tensor, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Choose and record the next token of rows; returns (tokens, rows now finished)."""
         num_generated = self.num_generated[rows]
+        if self.logprobs is not None:  # of the raw logits: choose_tokens may mask some in place
+            log_z = logits.float().logsumexp(-1)
         tokens = choose_tokens(logits, self.options, num_generated, self.generator)
+        if self.logprobs is not None:  # a chosen token was never masked
+            self.logprobs[rows, num_generated] = logits.gather(1, tokens[:, None])[:, 0].float() - log_z
         self.out[rows, self.first_new + num_generated] = tokens
         self.num_generated[rows] = num_generated + 1
         done = num_generated + 1 >= self.options.max_new_tokens

@@ -82,6 +82,13 @@ def add_hybrid(parser: argparse.ArgumentParser) -> None:
         action="store_true")
     add(parser, "inference_tp_size", "Tensor-parallel ranks per generation group (divides the world size and "
         "the attention heads); needs --enable_hybrid_engine.", type=int, default=1)
+    add(parser, "old_logprobs_from", "Where the actor's log-probabilities of its answers (PPO's old logprobs) "
+        "come from: 'generation' records each token's as HybridEngine samples it (no forward of the actor in "
+        "the experience phase); 'training' runs the training model on the padded batch, as DeepSpeed-Chat does; "
+        "'auto' (default): generation with --enable_hybrid_engine in fp32 (the two agree within 2e-5), else "
+        "training (in bf16/fp16 the two forwards round differently, which would move the first epoch's ratios "
+        "off 1). 'generation' needs --enable_hybrid_engine.",
+        choices=["auto", "generation", "training"], default="auto")
     add_no_effect(parser, "unpin_actor_parameters", "no parameter is pinned for generation.", action="store_true")
     add_no_effect(parser, "release_inference_cache", "the inference weights and KV cache are always given back "
                   "before training.", action="store_true")
@@ -170,6 +177,10 @@ def check_args(args: argparse.Namespace) -> None:
     resolve_dtype(args)
     if args.inference_tp_size > 1 and not args.enable_hybrid_engine:
         raise ValueError("--inference_tp_size > 1 needs --enable_hybrid_engine")
+    if args.old_logprobs_from == "generation" and not args.enable_hybrid_engine:
+        raise ValueError("--old_logprobs_from generation needs --enable_hybrid_engine (it records them as it samples)")
+    if args.old_logprobs_from == "auto":
+        args.old_logprobs_from = "generation" if args.enable_hybrid_engine and args.dtype == "fp32" else "training"
     if not 0 <= args.min_answer_seq_len <= args.max_answer_seq_len:
         raise ValueError(f"--min_answer_seq_len must be in [0, --max_answer_seq_len], got {args.min_answer_seq_len}")
     if args.only_optimize_lora and args.actor_lora_dim <= 0 and args.critic_lora_dim <= 0:

@@ -2,7 +2,8 @@
 
 1. generate_experience: a batch of prompts -> G answers each from a rollout (rlhf.rollout), answers of
    at most one token dropped (PPO), then the experience forwards: actor and reference logprobs of the
-   answer tokens, reward-model scores, critic values (PPO) or the group advantages (GRPO / RLOO).
+   answer tokens (the actor's as they were sampled when the rollout records them, --old_logprobs_from),
+   reward-model scores, critic values (PPO) or the group advantages (GRPO / RLOO).
 2. train_iteration: --ppo_epochs passes over mini-batches of the experience. PPO: per-token rewards
    (KL penalty + clipped score at the last answer token), GAE advantages and returns, one actor step
    (ratio clip) and one critic step (value clip). GRPO / RLOO: one actor step on the group advantages
@@ -34,7 +35,7 @@ from rlhf.ppo_args import minibatches
 from rlhf.ppo_math import (RunningMoments, actor_loss, compute_rewards, critic_loss, ema_update, gae,
                            group_advantages, group_policy_loss, masked_mean, whiten)
 from rlhf.rlhf_engine import RLHFEngine
-from rlhf.rollout import Generate, Sampling
+from rlhf.rollout import Generate, Rollout, Sampling
 from rlhf.supervised import token_nll
 
 TRIM_BYTES = 256 << 20
@@ -148,13 +149,13 @@ def gather_rows(x: torch.Tensor) -> torch.Tensor:
 
 
 def rollout_answers(rollout: Generate, input_ids: torch.Tensor, attention_mask: torch.Tensor, sampling: Sampling,
-                    samples: int, state: LoopState):
-    """(sequences, lengths) of a rollout; its inner seconds (reshard, gather) and stats go to state."""
+                    samples: int, state: LoopState) -> Rollout:
+    """A rollout's answers; its inner seconds (reshard, gather) and stats go to state."""
     out = rollout(input_ids, attention_mask, sampling, samples, state.generator)
     for name, seconds in out.times.items():
         state.add_time(name, seconds)
     state.stats.update(out.stats)
-    return out.sequences, out.lengths
+    return out
 
 
 @torch.no_grad()
@@ -169,14 +170,15 @@ def generate_experience(models: RLHFEngine, rollout: Generate, prompts: dict, cf
     models.actor.eval()
     try:
         with state.phase("generation"):
-            seq, lengths = rollout_answers(rollout, input_ids, prompt_mask, cfg.sampling, cfg.samples, state)
-        return score_answers(models, seq, lengths, prompt_mask.repeat_interleave(cfg.samples, 0), cfg, state)
+            out = rollout_answers(rollout, input_ids, prompt_mask, cfg.sampling, cfg.samples, state)
+        return score_answers(models, out, prompt_mask.repeat_interleave(cfg.samples, 0), cfg, state)
     finally:
         models.actor.train()
 
 
-def score_answers(models: RLHFEngine, seq: torch.Tensor, lengths: torch.Tensor, prompt_mask: torch.Tensor,
-                  cfg: PPOConfig, state: LoopState) -> Experience | None:
+def score_answers(models: RLHFEngine, out: Rollout, prompt_mask: torch.Tensor, cfg: PPOConfig,
+                  state: LoopState) -> Experience | None:
+    seq, lengths = out.sequences, out.lengths
     keep = lengths > 1 if models.critic is not None else torch.ones_like(lengths, dtype=torch.bool)
     state.stats.update(dropped_answers=float((~keep).sum()), answers=float(len(keep)))
     if not all_ranks_agree(int(keep.sum()) >= cfg.minibatches):
@@ -186,9 +188,13 @@ def score_answers(models: RLHFEngine, seq: torch.Tensor, lengths: torch.Tensor, 
     seq, lengths, prompt_mask = seq[keep, :prompt_width + width], lengths[keep], prompt_mask[keep]
     attention_mask, action_mask = sequence_masks(prompt_mask, lengths, width)
     with state.phase("experience"):
-        exp = Experience(seq, attention_mask, action_mask, answer_logprobs(models.actor, seq, attention_mask, width),
-                         models.ref.token_logprobs(seq, attention_mask, width),
-                         models.reward.end_values(seq, attention_mask))
+        if out.logprobs is None:
+            logprobs = answer_logprobs(models.actor, seq, attention_mask, width)
+        else:  # as sampled (--old_logprobs_from generation): no forward of the actor
+            logprobs = out.logprobs[keep, :width]
+        ref_logprobs = models.ref.token_logprobs(seq, attention_mask, width)
+        scores = models.reward.end_values(seq, attention_mask)
+        exp = Experience(seq, attention_mask, action_mask, logprobs, ref_logprobs, scores)
         if models.critic is not None:
             exp.values = answer_values(unwrap(models.critic), seq, attention_mask, width)
     if cfg.normalize_reward:
@@ -419,7 +425,8 @@ def evaluate(models: RLHFEngine, rollout: Generate, loader, cfg: PPOConfig, stat
     models.actor.eval()
     for batch in loader:
         ids, mask = batch["input_ids"].to(models.actor.device), batch["attention_mask"].to(models.actor.device)
-        seq, lengths = rollout_answers(rollout, ids, mask, cfg.sampling, 1, state)
+        out = rollout_answers(rollout, ids, mask, cfg.sampling, 1, state)
+        seq, lengths = out.sequences, out.lengths
         attention_mask, _ = sequence_masks(mask, lengths, seq.shape[1] - ids.shape[1])
         scores = models.reward.end_values(seq, attention_mask)
         rule = sum(metric(*decode_pair(models.tokenizer, p, a[:n])) for p, a, n in

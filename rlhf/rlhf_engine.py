@@ -178,7 +178,8 @@ def build_rlhf_engine(args: argparse.Namespace, tokenizer, steps: dict[str, int]
     hybrid = HybridEngine(actor, tp_size=args.inference_tp_size, dtype=DTYPES[args.dtype], report=False)
     ref = inference_scorer(load_actor(args, DTYPES[args.dtype]), hybrid)
     reward = inference_scorer(load_critic(args.critic_model_name_or_path, pad), hybrid)
-    return RLHFEngine(actor, ref, critic, reward, ema, HybridGenerate(hybrid), tokenizer)
+    rollout = HybridGenerate(hybrid, logprobs=args.old_logprobs_from == "generation")
+    return RLHFEngine(actor, ref, critic, reward, ema, rollout, tokenizer)
 
 
 def inference_scorer(model: PreTrainedModel, hybrid: HybridEngine) -> Scorer:

@@ -10,7 +10,9 @@ ways a user can generate from a (ZeRO-3) DeepSpeed actor:
                   weights and a paged KV cache, given back before training.
 
 Each is called as rollout(input_ids, attention_mask, sampling, samples, generator) -> Rollout, where
-row b * samples + k of the output is answer k to prompt b.
+row b * samples + k of the output is answer k to prompt b. HybridGenerate(..., logprobs=True) also
+returns each answer token's log-probability as it was sampled; the others leave it to the caller's
+training forward.
 """
 import time
 from dataclasses import asdict, dataclass, field
@@ -48,6 +50,7 @@ class Rollout:
     lengths: torch.Tensor    # int64 [B * G]: new tokens per row, EOS included
     times: dict[str, float] = field(default_factory=dict)  # seconds of parts inside generation (reshard, gather)
     stats: dict[str, float] = field(default_factory=dict)  # e.g. the KV cache's peak blocks
+    logprobs: torch.Tensor | None = None  # float32 [B * G, A]: log p of each answer token as sampled, 0 after
 
 
 class Generate(Protocol):
@@ -122,18 +125,21 @@ class GatherOnce:
 
 
 class HybridGenerate:
-    def __init__(self, hybrid: HybridEngine):
-        self.hybrid = hybrid
+    """logprobs: record each answer token's log-probability under the inference weights as it is sampled."""
+
+    def __init__(self, hybrid: HybridEngine, logprobs: bool = False):
+        self.hybrid, self.logprobs = hybrid, logprobs
 
     def __call__(self, input_ids, attention_mask, sampling, samples, generator) -> Rollout:
         start = time.perf_counter()
         self.hybrid.eval()
         resharded = time.perf_counter() - start
         try:
-            out = self.hybrid.generate(input_ids, attention_mask, generator=generator, **sampling.options(samples))
+            out = self.hybrid.generate(input_ids, attention_mask, generator=generator, return_logprobs=self.logprobs,
+                                       **sampling.options(samples))
             stats = {f"kv_{k}": float(v) for k, v in self.hybrid.generator.stats.items() if "blocks" in k}
             cache = self.hybrid.generator.cache
             stats["kv_block_bytes"] = float(cache.k[:, 0].nbytes + cache.v[:, 0].nbytes)
         finally:
             self.hybrid.train()  # inference weights and KV cache go back before training
-        return Rollout(out.sequences, out.generated_lengths, {"reshard": resharded}, stats)
+        return Rollout(out.sequences, out.generated_lengths, {"reshard": resharded}, stats, out.logprobs)

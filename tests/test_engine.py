@@ -54,7 +54,8 @@ def engine_worker(rank: int, world: int, family: str, tp: int, stage: int, devic
     ids, mask = (t.to(place) for t in ragged_prompts(100 + rank, 2 + rank, plain.config.vocab_size, pad))
     options = dict(max_new_tokens=6, min_new_tokens=6, eos_token_id=[], pad_token_id=pad)
     before = gathered_state(engine)
-    ours = he.generate(ids, mask, **options)
+    ours = he.generate(ids, mask, **options, return_logprobs=True)
+    expected_logprobs = unpadded_logprobs(plain, ours.sequences, ours.attention_mask, 6)
     unchanged = all(torch.equal(before[n], t) for n, t in gathered_state(engine).items())
     expected_hf = plain.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=6, min_new_tokens=6)
     expected_single = hybrid_engine.generate(plain, ids, mask, **options).sequences
@@ -70,7 +71,19 @@ def engine_worker(rank: int, world: int, family: str, tp: int, stage: int, devic
     return {"ours": ours.sequences.cpu(), "hf": expected_hf.cpu(), "single": expected_single.cpu(),
             "unchanged": unchanged, "changed": changed, "after_step": after_step.cpu(),
             "expected_after": expected_after.cpu(), "mask_ok": torch.equal(ours.attention_mask[:, :ids.shape[1]], mask),
-            "eval_after": he.is_eval, "device": str(he.device)}
+            "eval_after": he.is_eval, "device": str(he.device), "logprobs": ours.logprobs.cpu(),
+            "expected_logprobs": expected_logprobs.cpu()}
+
+
+def unpadded_logprobs(model, seq: torch.Tensor, mask: torch.Tensor, width: int) -> torch.Tensor:
+    """log p of each row's last `width` tokens by a transformers forward of the row without its padding."""
+    rows = []
+    with torch.no_grad():
+        for tokens, row_mask in zip(seq, mask.bool()):
+            real = tokens[row_mask][None]
+            logp = model(real).logits[0, -width - 1:-1].float().log_softmax(-1)
+            rows.append(logp.gather(1, real[0, -width:, None])[:, 0])
+    return torch.stack(rows)
 
 
 @pytest.mark.parametrize("family, tp, stage", [("opt", 2, 3), ("opt", 1, 3), ("llama", 2, 3), ("llama", 1, 3),
@@ -90,6 +103,8 @@ def check_engine_results(results: list[dict]) -> None:
         assert r["unchanged"], "generate changed the training weights"
         assert r["changed"], "the training step did not change the weights"
         assert torch.equal(r["after_step"], r["expected_after"]), "the second generate did not use the new weights"
+        # each token's log p as generated (tp 2: the TP group's union batch, this rank's rows kept)
+        torch.testing.assert_close(r["logprobs"], r["expected_logprobs"], atol=2e-5, rtol=1e-5)
 
 
 def misuse_worker(rank: int, world: int) -> dict:

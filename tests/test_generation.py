@@ -144,6 +144,37 @@ def test_tiny_kv_budget_preempts_and_matches_unconstrained():
     assert tight.cache.allocator.num_free_blocks == tight.cache.num_blocks
 
 
+def logprobs_of_rows(hf, out) -> torch.Tensor:
+    """log p of each generated token by a transformers forward of its row without padding; 0 after its end."""
+    expected = torch.zeros(out.logprobs.shape)
+    with torch.no_grad():
+        rows = zip(out.sequences, out.attention_mask.bool(), out.generated_lengths.tolist())
+        for b, (row, mask, n) in enumerate(rows):
+            real = row[mask]
+            logp = hf(real[None]).logits[0].float().log_softmax(-1)
+            expected[b, :n] = logp[len(real) - n - 1:-1].gather(1, real[-n:, None])[:, 0]
+    return expected
+
+
+@pytest.mark.parametrize("name", ["opt_post", "llama_gqa"])
+def test_logprobs_as_sampled_equal_a_forward_of_each_row(name):
+    """return_logprobs: each token's log p under the model's own logits (not under the temperature / top-p
+    distribution it was drawn from), through forks, EOS, min_new_tokens and preemption by a tight KV budget."""
+    hf = hf_model(name)
+    ids, mask = ragged_prompts(LENGTHS, WIDTH, pad=PAD)
+    model = from_hf(hf)
+    options = dict(max_new_tokens=12, do_sample=True, temperature=0.7, top_p=0.9, num_return_sequences=2,
+                   pad_token_id=PAD, seed=5)
+    free_run = Generator(model, block_size=4).generate(ids, mask, eos_token_id=[], **options)
+    eos = free_run.sequences[:, WIDTH + 2:].flatten().bincount().topk(3).indices.tolist()  # tokens it samples often
+    tight = Generator(model, kv_cache_bytes=6 * hybrid_engine.PagedKVCache.block_bytes(model, 4), block_size=4)
+    out = tight.generate(ids, mask, eos_token_id=eos, min_new_tokens=2, return_logprobs=True, **options)
+    assert tight.stats["preemptions"] > 0 and bool((out.generated_lengths < 12).any())
+    torch.testing.assert_close(out.logprobs, logprobs_of_rows(hf, out), atol=2e-5, rtol=1e-5)
+    assert bool((out.logprobs[:, :2] < 0).all())  # min_new_tokens: the first two tokens are never EOS, all scored
+    assert free_run.logprobs is None
+
+
 def test_sequence_larger_than_budget_fails_before_work():
     model = from_hf(hf_model("opt_pre"))
     generator = Generator(model, kv_cache_bytes=3 * hybrid_engine.PagedKVCache.block_bytes(model, 4), block_size=4)

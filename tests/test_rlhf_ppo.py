@@ -78,10 +78,16 @@ def test_help_defaults_and_no_effect_flags():
     assert parse_args(REQUIRED + ["--enable_test_mode", "--test_stop_step", "7"]).max_steps == 7
     assert args.algorithm == "ppo" and args.num_samples_per_prompt == 1
     assert parse_args(REQUIRED + ["--algorithm", "rloo"]).num_samples_per_prompt == 8
+    # the actor's old logprobs as sampled only where generation and training forwards agree (fp32)
+    hybrid = REQUIRED + ["--enable_hybrid_engine", "--dtype"]
+    assert [parse_args(argv).old_logprobs_from for argv in (REQUIRED + ["--dtype", "fp32"], hybrid + ["fp32"],
+                                                           hybrid + ["bf16"])] == ["training", "generation", "training"]
+    assert parse_args(hybrid + ["bf16", "--old_logprobs_from", "generation"]).old_logprobs_from == "generation"
 
 
 @pytest.mark.parametrize("flags, match", [
     (["--inference_tp_size", "2"], "--enable_hybrid_engine"),
+    (["--old_logprobs_from", "generation"], "--old_logprobs_from generation needs --enable_hybrid_engine"),
     (["--dtype", "fp16"], "fp16"),
     (["--per_device_generation_batch_size", "0"], "--per_device_generation_batch_size"),
     (["--min_answer_seq_len", "300"], "--min_answer_seq_len"),
@@ -184,7 +190,8 @@ def experience_worker(rank: int, world: int, task: str, out: str) -> dict:
     plain = AutoModelForCausalLM.from_config(unwrap(models.actor).config)
     rollouts = {"hybrid": models.rollout, "hf": ZeRO3Generate(models.actor), "gather_once": GatherOnce(models.actor, plain)}
     result = {name: asdict(generate_experience(models, rollout, batch, cfg, state)) for name, rollout in rollouts.items()}
-    return {**result, "prompts": prompts, "gather_s": state.times["gather"]}
+    return {**result, "prompts": prompts, "gather_s": state.times["gather"],
+            "old_logprobs_from": args.old_logprobs_from}
 
 
 def unpadded_oracle(task: str, exp: dict) -> dict:
@@ -213,6 +220,10 @@ def test_experience_equals_unpadded_forwards_and_both_generation_paths_agree(tas
     for other in (hf, result["gather_once"]):
         assert torch.equal(hybrid["seq"], other["seq"]) and torch.equal(hybrid["action_mask"], other["action_mask"])
     assert result["gather_s"] > 0
+    # fp32: the actor's logprobs are recorded as HybridEngine samples, and equal the training model's
+    # padded forward (the hf rollout's experience) and the unpadded oracle below
+    assert result["old_logprobs_from"] == "generation"
+    torch.testing.assert_close(hybrid["logprobs"], hf["logprobs"], atol=2e-5, rtol=1e-5)
     assert hybrid["action_mask"].sum(1).min() > 1 and hybrid["seq"].shape[0] == len(result["prompts"])
     oracle = unpadded_oracle(task, hybrid)
     for b in range(len(hybrid["seq"])):
@@ -245,7 +256,8 @@ CONFIGS = {  # together: ZeRO 0 and 3, hybrid engine on and off, TP 1 and 2, LoR
     "zero3-hybrid-tp1-lora": (2, ["--actor_zero_stage", "3", "--critic_zero_stage", "3", "--enable_hybrid_engine",
                                   "--actor_lora_dim", "4", "--only_optimize_lora", "--actor_lora_learning_rate", "1e-2"]),
     "zero3-hybrid-tp2-ema": (2, ["--actor_zero_stage", "3", "--critic_zero_stage", "3", "--enable_hybrid_engine",
-                                 "--inference_tp_size", "2", "--enable_ema", "--dtype", "bf16"]),
+                                 "--inference_tp_size", "2", "--enable_ema", "--dtype", "bf16",
+                                 "--old_logprobs_from", "generation"]),
     "zero3-hf": (2, ["--actor_zero_stage", "3", "--critic_zero_stage", "3"]),
     "grpo-zero3-hybrid": (2, ["--algorithm", "grpo", "--num_samples_per_prompt", "3", "--actor_zero_stage", "3",
                               "--enable_hybrid_engine", "--per_device_generation_batch_size", "2"]),
