@@ -34,9 +34,11 @@ two); the answers are then filled up to --answer-len with random tokens so that 
 training run on the same lengths as every other path. Such a path says so: `extrapolated` and
 `timed_answer_tokens` in its row and in the JSON.
 
-Reported per path: the median over measured iterations (each the slowest rank's time) of every
-phase, seconds per sequence (all ranks' sequences), generated tokens/s (all ranks), per-rank peak RSS
-(VmHWM over the whole rank, loading included, and over the measured iterations alone), and each
+Reported per path: which forward gave the actor's old logprobs (--old-logprobs-from: recorded as
+sampled on our path in fp32, else the training model's), the median over measured iterations (each the
+slowest rank's time) of every phase, seconds per sequence (all ranks' sequences), generated tokens/s
+(all ranks), per-rank peak RSS (VmHWM over the whole rank, loading included, and over the measured
+iterations alone), and each
 path's speed-up against ds_chat and gather_once. Memory is planned before anything is launched: the
 per-rank estimate of every path is printed, and a run whose estimate exceeds the memory available
 now is refused with what would fit.
@@ -247,7 +249,7 @@ def worker(rank: int, world: int, args: argparse.Namespace, path: str, tp: int, 
         kv = prompt_kv(rollout, batches[-1], cfg, state) if path.startswith("hybrid") and args.samples > 1 else None
         return {"iterations": records[1:], "peak_rss_bytes": max(setup_peak, *peaks),
                 "peak_rss_iterations_bytes": max(peaks[len(PHASES):]), "phase_usage": phase_usage(usage[1:]),
-                "prompt_kv": kv}
+                "prompt_kv": kv, "old_logprobs_from": ppo_args.old_logprobs_from}
 
 
 def phase_usage(iterations: list[dict]) -> dict[str, dict]:
@@ -289,7 +291,7 @@ def summarize(results: list[dict], args: argparse.Namespace, path: str, tp: int)
     row = {k: statistics.median(record[k] for record in slowest) for k in keys}
     timed = args.slow_answer_len if path == "ds_chat" and args.slow_answer_len else args.answer_len
     row.update({f"{phase}_s_per_seq": row[f"{phase}_s"] / sequences for phase in (*PHASES, "iteration")})
-    row.update(tp=tp if path.startswith("hybrid_engine") else None,
+    row.update(tp=tp if path.startswith("hybrid_engine") else None, old_logprobs_from=results[0]["old_logprobs_from"],
                generated_tokens=sum(r["iterations"][-1]["generated_tokens"] for r in results),
                extrapolated=timed != args.answer_len, timed_answer_tokens=timed,
                peak_rss_gib_per_rank=[r["peak_rss_bytes"] / GIB for r in results],
@@ -316,7 +318,8 @@ def table_rows(paths: dict[str, dict]) -> list[dict]:
                                                             "training_s", "iteration_s")},
                  **{f"{p[:3]}_s/seq": row[f"{p}_s_per_seq"] for p in PHASES}, "tokens/s": row["tokens_per_s"],
                  "peak_rss_gib": "/".join(f"{g:.2f}" for g in row["peak_rss_gib_per_rank"]),
-                 "extrapolated": f"yes ({row['timed_answer_tokens']} timed)" if row["extrapolated"] else "no"}
+                 "extrapolated": f"yes ({row['timed_answer_tokens']} timed)" if row["extrapolated"] else "no",
+                 "old_logprobs": row["old_logprobs_from"]}
         for base in BASELINES:
             ratios = row.get(f"x_vs_{base}", {})
             cells[f"gen_x_{base}"] = ratios.get("generation_s")
@@ -645,10 +648,11 @@ def print_results(args: argparse.Namespace, results: dict[str, dict]) -> None:
           f"that baseline; tokens/s over all ranks; load average {os.getloadavg()[0]:.2f})")
     columns = ["path", "generation_s", "reshard_s", "gather_s", "experience_s", "training_s", "iteration_s",
                "gen_s/seq", "exp_s/seq", "tra_s/seq", "tokens/s", "gen_x_ds_chat", "iter_x_ds_chat",
-               "gen_x_gather_once", "iter_x_gather_once", "peak_rss_gib", "extrapolated"]
+               "gen_x_gather_once", "iter_x_gather_once", "peak_rss_gib", "extrapolated", "old_logprobs"]
     print_table(table_rows(results), columns)
     print("peak_rss_gib: VmHWM of each rank over its whole life (loading included); generation_s includes reshard_s "
-          "and gather_s")
+          "and gather_s; old_logprobs: the actor's logprobs recorded as sampled (generation) or by a forward of the "
+          "training model in the experience phase (training)")
     rows, columns = phase_rows(results)
     print("\nper phase: seconds (slowest rank, median), % of that path's iteration, x: the baseline's seconds over the "
           "path's")

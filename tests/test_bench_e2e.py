@@ -60,6 +60,9 @@ def test_json_shape_and_phases_within_the_iteration(result):
         assert row["x_vs_ds_chat"]["iteration_s"] == pytest.approx(
             data["paths"]["ds_chat"]["iteration_s"] / row["iteration_s"])
         assert name in stdout
+        # the actor's old logprobs as sampled only on our path, and there only in fp32 (rlhf's auto)
+        sampled = name == "hybrid_engine" and data["config"]["dtype"] == "fp32"
+        assert row["old_logprobs_from"] == ("generation" if sampled else "training"), name
     # the switch to generation is timed inside generation, and only on the path that does it
     assert 0 < data["paths"]["hybrid_engine"]["reshard_s"] < data["paths"]["hybrid_engine"]["generation_s"]
     assert 0 < data["paths"]["gather_once"]["gather_s"] < data["paths"]["gather_once"]["generation_s"]
