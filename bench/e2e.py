@@ -38,10 +38,9 @@ Reported per path: which forward gave the actor's old logprobs (--old-logprobs-f
 sampled on our path in fp32, else the training model's), the median over measured iterations (each the
 slowest rank's time) of every phase, seconds per sequence (all ranks' sequences), generated tokens/s
 (all ranks), per-rank peak RSS (VmHWM over the whole rank, loading included, and over the measured
-iterations alone), and each
-path's speed-up against ds_chat and gather_once. Memory is planned before anything is launched: the
-per-rank estimate of every path is printed, and a run whose estimate exceeds the memory available
-now is refused with what would fit.
+iterations alone), and each path's speed-up against ds_chat and gather_once. Memory is planned before
+anything is launched: the per-rank estimate of every path is printed, and a run whose estimate exceeds
+the memory available now is refused with what would fit.
 """
 import bench  # noqa: F401  (sets OMP_WAIT_POLICY=PASSIVE before torch is imported)
 
@@ -66,7 +65,7 @@ from hybrid_engine.engine import unwrap
 from hybrid_engine.memory import reset_peak, status_bytes
 from hybrid_engine.models import prepack
 from rlhf.args import add_dtype
-from rlhf.ppo_args import samples_per_prompt
+from rlhf.ppo_args import OLD_LOGPROBS_FROM, samples_per_prompt
 
 GIB = 2**30
 LORA_MODULES = "layers."  # OPT's model.decoder.layers.N and LLaMA's model.layers.N
@@ -550,7 +549,7 @@ def add_path_flags(p: argparse.ArgumentParser) -> None:
                         "for actors of >= 1B parameters, which do not fit trained in full next to the other models)")
     p.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None,
                    help="recompute activations in the actor and critic backward (default: on for actors >= 1B)")
-    p.add_argument("--old-logprobs-from", choices=["auto", "generation", "training"], default="auto",
+    p.add_argument("--old-logprobs-from", choices=OLD_LOGPROBS_FROM, default="auto",
                    help="the hybrid_engine path's rlhf --old_logprobs_from: the actor's logprobs of its answers as "
                         "sampled or by the training model (auto: as sampled in fp32)")
     p.add_argument("--seed", type=int, default=1234, help="seed of weights, prompts and sampling")

@@ -74,6 +74,9 @@ def add_optim(parser: argparse.ArgumentParser) -> None:
                       "are partitioned like their trained twins.", action="store_true")
 
 
+OLD_LOGPROBS_FROM = ("auto", "generation", "training")
+
+
 def add_hybrid(parser: argparse.ArgumentParser) -> None:
     add(parser, "enable_hybrid_engine", "Generate with hybrid_engine.HybridEngine (resharded tensor-parallel "
         "weights, paged KV cache, fused kernels), and score with the frozen reference and reward model in its "
@@ -88,7 +91,7 @@ def add_hybrid(parser: argparse.ArgumentParser) -> None:
         "'auto' (default): generation with --enable_hybrid_engine in fp32 (the two agree within 2e-5), else "
         "training (in bf16/fp16 the two forwards round differently, which would move the first epoch's ratios "
         "off 1). 'generation' needs --enable_hybrid_engine.",
-        choices=["auto", "generation", "training"], default="auto")
+        choices=OLD_LOGPROBS_FROM, default="auto")
     add_no_effect(parser, "unpin_actor_parameters", "no parameter is pinned for generation.", action="store_true")
     add_no_effect(parser, "release_inference_cache", "the inference weights and KV cache are always given back "
                   "before training.", action="store_true")
