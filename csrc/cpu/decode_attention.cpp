@@ -164,7 +164,7 @@ HE_INLINE void decode_task(const DecodeParams& p, int64_t b, int64_t kv0, int64_
                                                 std::min(lanes<V>, n - t0), D));
         std::fill(s + n, s + stride, -INFINITY);
         std::fill(s, s + behind_window, -INFINITY);
-        online_softmax_step(s, stride, row_max[h], row_sum[h], acc + h * D, D);
+        online_softmax_step<V>(s, stride, row_max[h], row_sum[h], acc + h * D, D);
         accumulate_values<T, kD, V>(acc + h * D, s, v + j * D, token_stride, n, D);
       }
     }

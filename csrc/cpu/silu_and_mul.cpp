@@ -16,10 +16,10 @@ struct SiluParams {
   int64_t inter;  // I: x rows are [gate (I), up (I)]
 };
 
-// silu(g) = g / (1 + exp(-g)); exp16 is only accurate up to 88, and beyond it silu(g) is -0 anyway.
+// silu(g) = g / (1 + exp(-g)); exp_v is only accurate up to 88, and beyond it silu(g) is -0 anyway.
 HE_INLINE f32x16 silu16(f32x16 g) {
   const f32x16 neg = -g;
-  return g / (1.0f + exp16(neg > 88.0f ? f32x16{} + 88.0f : neg));
+  return g / (1.0f + exp_v(neg > 88.0f ? f32x16{} + 88.0f : neg));
 }
 
 template <typename T>

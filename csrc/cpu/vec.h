@@ -24,6 +24,7 @@ typedef float f32x16 __attribute__((vector_size(64)));
 typedef float f32x8 __attribute__((vector_size(32)));
 typedef float f32x4 __attribute__((vector_size(16)));
 typedef int32_t i32x16 __attribute__((vector_size(64)));
+typedef int32_t i32x8 __attribute__((vector_size(32)));
 typedef uint32_t u32x16 __attribute__((vector_size(64)));
 typedef uint32_t u32x8 __attribute__((vector_size(32)));
 typedef uint16_t u16x16 __attribute__((vector_size(32)));
@@ -94,19 +95,23 @@ HE_INLINE void store16(uint16_t* p, f32x16 v) {  // round to nearest even like f
 
 // Horizontal reductions as a tree of halvings: a lane-by-lane loop would be one long dependency
 // chain (no fast-math, so the compiler may not reorder it).
-HE_INLINE float hsum(f32x16 v) {
-  const f32x8 a = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
-                  __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+HE_INLINE float hsum(f32x8 a) {
   const f32x4 b = __builtin_shufflevector(a, a, 0, 1, 2, 3) + __builtin_shufflevector(a, a, 4, 5, 6, 7);
   return (b[0] + b[2]) + (b[1] + b[3]);
+}
+HE_INLINE float hsum(f32x16 v) {
+  return hsum(__builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
+              __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15));
+}
+HE_INLINE float hmax(f32x8 a) {
+  const f32x4 blo = __builtin_shufflevector(a, a, 0, 1, 2, 3), bhi = __builtin_shufflevector(a, a, 4, 5, 6, 7);
+  const f32x4 b = blo > bhi ? blo : bhi;
+  return std::max(std::max(b[0], b[1]), std::max(b[2], b[3]));
 }
 HE_INLINE float hmax(f32x16 v) {
   const f32x8 lo = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7);
   const f32x8 hi = __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
-  const f32x8 a = lo > hi ? lo : hi;
-  const f32x4 blo = __builtin_shufflevector(a, a, 0, 1, 2, 3), bhi = __builtin_shufflevector(a, a, 4, 5, 6, 7);
-  const f32x4 b = blo > bhi ? blo : bhi;
-  return std::max(std::max(b[0], b[1]), std::max(b[2], b[3]));
+  return hmax(lo > hi ? lo : hi);
 }
 
 // out[t] = hsum(part[t]) for 16 vectors at once: a transposing tree of two-source shuffles, about
@@ -142,19 +147,22 @@ HE_INLINE f32x16 hsum_lanes(const f32x16 (&part)[16]) { return hsum16(part); }
 HE_INLINE f32x8 hsum_lanes(const f32x8 (&part)[8]) { return hsum8(part); }
 
 // exp(x) to ~2 ulp (Cephes expf polynomial); 0 below -87 (so -inf gives 0), x <= 88 assumed:
-// softmax only exponentiates x - max <= 0.
-HE_INLINE f32x16 exp16(f32x16 x) {
-  const f32x16 lo = x < -87.0f ? f32x16{} - 87.0f : x;
-  const f32x16 n = (lo * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round to nearest
-  const f32x16 r = (lo - n * 0.693359375f) + n * 2.12194440e-4f;
-  f32x16 y = 1.9875691500e-4f * r + 1.3981999507e-3f;
+// softmax only exponentiates x - max <= 0. V: f32x16 or f32x8 (AVX2 code should use the latter:
+// there a 16-lane vector's temporaries go through the stack).
+template <typename V>
+HE_INLINE V exp_v(V x) {
+  using I = std::conditional_t<lanes<V> == 16, i32x16, i32x8>;
+  const V lo = x < -87.0f ? V{} - 87.0f : x;
+  const V n = (lo * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round to nearest
+  const V r = (lo - n * 0.693359375f) + n * 2.12194440e-4f;
+  V y = 1.9875691500e-4f * r + 1.3981999507e-3f;
   y = y * r + 8.3334519073e-3f;
   y = y * r + 4.1665795894e-2f;
   y = y * r + 1.6666665459e-1f;
   y = y * r + 5.0000001201e-1f;
   y = y * (r * r) + r + 1.0f;
-  const f32x16 scale = (f32x16)((__builtin_convertvector(n, i32x16) + 127) << 23);
-  return x < -87.0f ? f32x16{} : y * scale;
+  const V scale = (V)((__builtin_convertvector(n, I) + 127) << 23);
+  return x < -87.0f ? V{} : y * scale;
 }
 
 // Rows in the storage type are read 32 elements at a time as two fp32 vectors. For bf16 these are
@@ -219,14 +227,16 @@ HE_INLINE void scale_inplace(float* y, float alpha, int64_t n) {
   for (; d < n; ++d) y[d] *= alpha;
 }
 
-// One online-softmax step for a row of scores padded with -inf to a multiple of kLanes:
+// One online-softmax step for a row of scores padded with -inf to a multiple of lanes<V>:
 // exponentiates the scores in place (as weights relative to the new running max) and rescales
 // the running sum and the output accumulator acc[0:head_dim].
+template <typename V>
 HE_INLINE void online_softmax_step(float* scores, int64_t padded_len, float& row_max, float& row_sum,
                                    float* acc, int64_t head_dim) {
-  f32x16 mx = load16(scores);
-  for (int64_t t = kLanes; t < padded_len; t += kLanes) {
-    const f32x16 s = load16(scores + t);
+  constexpr int64_t L = lanes<V>;
+  V mx = loadv<V>(scores);
+  for (int64_t t = L; t < padded_len; t += L) {
+    const V s = loadv<V>(scores + t);
     mx = s > mx ? s : mx;
   }
   const float new_max = std::fmax(row_max, hmax(mx));
@@ -235,10 +245,10 @@ HE_INLINE void online_softmax_step(float* scores, int64_t padded_len, float& row
     return;
   }
   const float correction = std::exp(row_max - new_max);
-  f32x16 sum{};
-  for (int64_t t = 0; t < padded_len; t += kLanes) {
-    const f32x16 p = exp16(load16(scores + t) - new_max);
-    store16(scores + t, p);
+  V sum{};
+  for (int64_t t = 0; t < padded_len; t += L) {
+    const V p = exp_v(loadv<V>(scores + t) - new_max);
+    storev(scores + t, p);
     sum += p;
   }
   row_sum = row_sum * correction + hsum(sum);
