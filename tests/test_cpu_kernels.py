@@ -147,6 +147,28 @@ def test_prefill_attention_odd_head_dims(head_dim):
     check_prefill([17, 90], 6, 3, head_dim, torch.float32, causal=True)
 
 
+# Views of one fused projection [T, (H + 2 KVH) D] are read in place (the token stride is the whole
+# projection row); any other layout (heads not adjacent) is copied first. Both must give the same
+# result as contiguous inputs.
+@pytest.mark.parametrize("layout", ["fused", "heads-strided"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_prefill_attention_strided_inputs(dtype, layout):
+    torch.manual_seed(1)
+    seq_lens, heads, kv_heads, head_dim = [37, 70], 8, 2, 64
+    cu_seqlens = torch.tensor([0, *seq_lens], dtype=torch.int32).cumsum(0, dtype=torch.int32)
+    if layout == "fused":
+        qkv = randn(sum(seq_lens), (heads + 2 * kv_heads) * head_dim, dtype=dtype)
+        q, k, v = qkv.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1)
+        q, k, v = (t.unflatten(-1, (-1, head_dim)) for t in (q, k, v))
+    else:
+        q, k, v = (randn(n, sum(seq_lens), head_dim, dtype=dtype).transpose(0, 1) for n in (heads, kv_heads, kv_heads))
+    assert not (q.is_contiguous() or k.is_contiguous() or v.is_contiguous())
+    out = ops.prefill_attention(q, k, v, cu_seqlens, True, 0.125)
+    assert out.is_contiguous()
+    expected = reference.prefill_attention(q.contiguous(), k.contiguous(), v.contiguous(), cu_seqlens, scale=0.125)
+    assert_matches(out, expected)
+
+
 def test_prefill_attention_large_scores_stay_finite():
     torch.manual_seed(0)
     check_prefill([100, 7], 4, 2, 64, torch.float32, causal=True, scale=30.0, tol=1e-3)

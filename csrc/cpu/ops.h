@@ -27,9 +27,10 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache, cons
                             const at::Tensor& block_tables, const at::Tensor& context_lens, double scale,
                             int64_t window);
 
-// Packed variable-length batch: q [T, H, D], k/v [T, KVH, D], cu_seqlens int32 [B + 1]; causal masks
-// within each sequence; window > 0 (causal only) also hides keys window or more positions behind
-// the query (sliding-window attention). Returns [T, H, D] in q's dtype.
+// Packed variable-length batch: q [T, H, D], k/v [T, KVH, D] (any strides: views of a fused
+// projection are read in place), cu_seqlens int32 [B + 1]; causal masks within each sequence;
+// window > 0 (causal only) also hides keys window or more positions behind the query
+// (sliding-window attention). Returns [T, H, D] in q's dtype.
 at::Tensor prefill_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                              const at::Tensor& cu_seqlens, bool causal, double scale, int64_t window);
 
@@ -64,10 +65,19 @@ at::Tensor packed_linear(const at::Tensor& x, const at::Tensor& packed, int64_t 
 bool packed_linear_supported(at::ScalarType dtype);
 
 // Shared argument checks: every message names the op and the argument.
-inline void check_input(const at::Tensor& t, const char* op, const char* name, int64_t dim, const char* shape) {
+inline void check_cpu_shape(const at::Tensor& t, const char* op, const char* name, int64_t dim, const char* shape) {
   TORCH_CHECK(t.device().is_cpu(), op, ": ", name, " must be a CPU tensor, got device ", t.device());
   TORCH_CHECK(t.dim() == dim, op, ": ", name, " must be ", shape, ", got shape ", t.sizes());
+}
+inline void check_input(const at::Tensor& t, const char* op, const char* name, int64_t dim, const char* shape) {
+  check_cpu_shape(t, op, name, dim, shape);
   TORCH_CHECK(t.is_contiguous(), op, ": ", name, " must be contiguous (call .contiguous())");
+}
+
+// t [T, heads, D] itself when each token's [heads, D] is contiguous (a view split from a fused
+// projection is), else a contiguous copy: kernels reading such rows take any token stride.
+inline at::Tensor with_contiguous_rows(const at::Tensor& t) {
+  return t.stride(2) == 1 && t.stride(1) == t.size(2) ? t : t.contiguous();
 }
 
 inline void check_float_dtype(const at::Tensor& t, const char* op, const char* name) {

@@ -41,6 +41,7 @@ struct PrefillParams {
   const void* v;
   void* out;
   const QuerySpan* spans;
+  int64_t q_stride, k_stride, v_stride;  // elements between tokens (views of a fused projection)
   int64_t num_spans, workers, num_heads, num_kv_heads, head_dim, padded_dim, tile_tokens, max_seq_len;
   int64_t window;  // 0: none
   bool causal;
@@ -189,7 +190,7 @@ template <typename T, typename V>
 HE_INLINE void query_tile(const PrefillParams& p, const QuerySpan& span, int64_t q_begin, int64_t q_end, int64_t kvh,
                           float* scratch, int64_t& packed) {
   const int64_t group = p.num_heads / p.num_kv_heads, D = p.head_dim, Dp = p.padded_dim;
-  const int64_t rows = (q_end - q_begin) * group, kv_stride = p.num_kv_heads * D;
+  const int64_t rows = (q_end - q_begin) * group;
   const int64_t max_rows = p.tile_tokens * group;
   float* o = scratch;
   float* q = o + max_rows * Dp;
@@ -200,9 +201,8 @@ HE_INLINE void query_tile(const PrefillParams& p, const QuerySpan& span, int64_t
   float* v = kt + key_tiles(p.max_seq_len) * Dp * kKeyTile;
 
   // Rows are (token, head in group): the group's heads of one token are adjacent in q and out.
-  const int64_t token_stride = p.num_heads * D;
-  const T* q_src = static_cast<const T*>(p.q) + (q_begin * p.num_heads + kvh * group) * D;
-  for (int64_t i = 0; i < q_end - q_begin; ++i) pack_rows(q_src + i * token_stride, D, group, D, Dp, q + i * group * Dp);
+  const T* q_src = static_cast<const T*>(p.q) + q_begin * p.q_stride + kvh * group * D;
+  for (int64_t i = 0; i < q_end - q_begin; ++i) pack_rows(q_src + i * p.q_stride, D, group, D, Dp, q + i * group * Dp);
   std::fill(o, o + rows * Dp, 0.f);
   std::fill(row_max, row_max + rows, -INFINITY);
   std::fill(row_sum, row_sum + rows, 0.f);
@@ -213,9 +213,9 @@ HE_INLINE void query_tile(const PrefillParams& p, const QuerySpan& span, int64_t
     float* kt_tile = kt + tile * Dp * kKeyTile;
     float* v_tile = v + tile * Dp * kKeyTile;
     if (tile >= packed) {  // tiles are visited in order, so this is the next one: pack all its keys
-      const int64_t keys = std::min(kKeyTile, span.seq_end - k0), kv_offset = (k0 * p.num_kv_heads + kvh) * D;
-      pack_keys_transposed(static_cast<const T*>(p.k) + kv_offset, kv_stride, keys, D, Dp, kt_tile);
-      pack_rows(static_cast<const T*>(p.v) + kv_offset, kv_stride, keys, D, Dp, v_tile);
+      const int64_t keys = std::min(kKeyTile, span.seq_end - k0);
+      pack_keys_transposed(static_cast<const T*>(p.k) + k0 * p.k_stride + kvh * D, p.k_stride, keys, D, Dp, kt_tile);
+      pack_rows(static_cast<const T*>(p.v) + k0 * p.v_stride + kvh * D, p.v_stride, keys, D, Dp, v_tile);
       packed = tile + 1;
     }
     if (p.window > 0 && k0 + n <= q_begin - p.window + 1) continue;
@@ -233,7 +233,7 @@ HE_INLINE void query_tile(const PrefillParams& p, const QuerySpan& span, int64_t
   T* out = static_cast<T*>(p.out) + (q_begin * p.num_heads + kvh * group) * D;
   for (int64_t r = 0; r < rows; ++r) {
     scale_inplace(o + r * Dp, 1.f / row_sum[r], D);
-    T* out_row = out + r / group * token_stride + r % group * D;
+    T* out_row = out + r / group * p.num_heads * D + r % group * D;
     for (int64_t d = 0; d < D; ++d) out_row[d] = from_float<T>(o[r * Dp + d]);
   }
 }
@@ -266,9 +266,9 @@ HE_MULTIVERSION(run_prefill, prefill_range, PrefillParams)
 
 void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cu_seqlens,
                   double scale, bool causal, int64_t window) {
-  check_input(q, kOp, "q", 3, "[total_tokens, num_heads, head_dim]");
-  check_input(k, kOp, "k", 3, "[total_tokens, num_kv_heads, head_dim]");
-  check_input(v, kOp, "v", 3, "[total_tokens, num_kv_heads, head_dim]");
+  check_cpu_shape(q, kOp, "q", 3, "[total_tokens, num_heads, head_dim]");
+  check_cpu_shape(k, kOp, "k", 3, "[total_tokens, num_kv_heads, head_dim]");
+  check_cpu_shape(v, kOp, "v", 3, "[total_tokens, num_kv_heads, head_dim]");
   check_input(cu_seqlens, kOp, "cu_seqlens", 1, "[batch + 1]");
   check_attention(q, k, v, kOp, "k", "v", scale, window);
   check_int32(cu_seqlens, kOp, "cu_seqlens");
@@ -309,15 +309,16 @@ at::Tensor prefill_attention(const at::Tensor& q, const at::Tensor& k, const at:
   const int64_t seqs = std::max<int64_t>(1, cu_seqlens.numel() - 1);
   const int64_t parts = (4 * at::get_num_threads() + seqs * k.size(1) - 1) / (seqs * k.size(1));
   const std::vector<QuerySpan> spans = query_spans(cu_seqlens, q.size(0), tile_tokens, parts);
-  at::Tensor out = at::empty_like(q);
+  at::Tensor out = at::empty(q.sizes(), q.options());
   if (q.numel() == 0) return out;
   int64_t max_seq_len = 0;
   for (const QuerySpan& span : spans) max_seq_len = std::max(max_seq_len, span.seq_end - span.seq_begin);
   const int64_t num_spans = static_cast<int64_t>(spans.size());
   const int64_t workers = std::min<int64_t>(num_spans * k.size(1), at::get_num_threads());
-  const PrefillParams p{q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), spans.data(), num_spans,
-                        workers, q.size(1), k.size(1), q.size(2), (q.size(2) + kLanes - 1) / kLanes * kLanes,
-                        tile_tokens, max_seq_len, window, causal, static_cast<float>(scale)};
+  const at::Tensor qr = with_contiguous_rows(q), kr = with_contiguous_rows(k), vr = with_contiguous_rows(v);
+  const PrefillParams p{qr.data_ptr(), kr.data_ptr(), vr.data_ptr(), out.data_ptr(), spans.data(),
+                        qr.stride(0), kr.stride(0), vr.stride(0), num_spans, workers, q.size(1), k.size(1),
+                        q.size(2), (q.size(2) + kLanes - 1) / kLanes * kLanes, tile_tokens, max_seq_len, window, causal, static_cast<float>(scale)};
   parallel_run(q.scalar_type(), workers, 1, p, run_prefill<float>, run_prefill<uint16_t>);
   return out;
 }

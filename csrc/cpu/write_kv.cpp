@@ -10,12 +10,6 @@ namespace {
 
 constexpr const char* kOp = "write_kv";
 
-// The rows of t [T, KVH, D] must be contiguous inside (a view split from a fused projection is);
-// only the token stride may differ.
-at::Tensor with_contiguous_rows(const at::Tensor& t) {
-  return t.stride(2) == 1 && t.stride(1) == t.size(2) ? t : t.contiguous();
-}
-
 template <typename Index>
 void copy_rows(const at::Tensor& key, const at::Tensor& value, at::Tensor& k_cache, at::Tensor& v_cache,
                const Index* slots) {

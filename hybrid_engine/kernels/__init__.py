@@ -165,7 +165,7 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seql
     if backend == "triton":
         return _triton("prefill_attention").prefill_attention(q, k, v, cu_seqlens, bool(causal), scale, window)
     if backend == "cpp":
-        return torch.ops.hybrid_engine.prefill_attention(*_contiguous(q, k, v, cu_seqlens), bool(causal), scale,
+        return torch.ops.hybrid_engine.prefill_attention(q, k, v, cu_seqlens.contiguous(), bool(causal), scale,
                                                          window or 0)
     return reference.prefill_attention(q, k, v, cu_seqlens, causal=bool(causal), scale=scale, window=window)
 
