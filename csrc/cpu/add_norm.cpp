@@ -24,21 +24,22 @@ struct NormParams {
 };
 
 // h = x (+ residual), rounded to T, into the fp32 row; returns sum(h).
-template <typename T>
+template <typename T, typename V>
 HE_INLINE float load_sum(const NormParams& p, int64_t row, float* h) {
+  constexpr int64_t L = lanes<V>;
   const int64_t N = p.hidden;
   const T* x = static_cast<const T*>(p.x) + row * N;
   const T* res = p.residual ? static_cast<const T*>(p.residual) + row * N : nullptr;
   T* new_res = res ? static_cast<T*>(p.new_residual) + row * N : nullptr;
-  f32x16 sum{};
+  V sum{};
   int64_t c = 0;
-  for (; c + kLanes <= N; c += kLanes) {
-    f32x16 v = load16(x + c);
+  for (; c + L <= N; c += L) {
+    V v = loadv<V>(x + c);
     if (res) {
-      store16(new_res + c, v + load16(res + c));
-      v = load16(new_res + c);  // the rounded value is what the next layer sees
+      storev(new_res + c, v + loadv<V>(res + c));
+      v = loadv<V>(new_res + c);  // the rounded value is what the next layer sees
     }
-    store16(h + c, v);
+    storev(h + c, v);
     sum += v;
   }
   float s = hsum(sum);
@@ -54,25 +55,26 @@ HE_INLINE float load_sum(const NormParams& p, int64_t row, float* h) {
   return s;
 }
 
-template <typename T>
+template <typename T, typename V>
 HE_INLINE void norm_row(const NormParams& p, int64_t row, float* h) {
+  constexpr int64_t L = lanes<V>;
   const int64_t N = p.hidden;
-  const float sum = load_sum<T>(p, row, h);
+  const float sum = load_sum<T, V>(p, row, h);
   const float mean = p.rms ? 0.f : sum / N;
-  f32x16 sq{};
+  V sq{};
   int64_t c = 0;
-  for (; c + kLanes <= N; c += kLanes) {
-    const f32x16 d = load16(h + c) - mean;
+  for (; c + L <= N; c += L) {
+    const V d = loadv<V>(h + c) - mean;
     sq += d * d;
   }
   float sum_sq = hsum(sq);
   for (; c < N; ++c) sum_sq += (h[c] - mean) * (h[c] - mean);
   const float rstd = 1.0f / std::sqrt(sum_sq / N + p.eps);
   T* out = static_cast<T*>(p.out) + row * N;
-  for (c = 0; c + kLanes <= N; c += kLanes) {
-    f32x16 y = (load16(h + c) - mean) * rstd * load16(p.weight + c);
-    if (p.bias) y += load16(p.bias + c);
-    store16(out + c, y);
+  for (c = 0; c + L <= N; c += L) {
+    V y = (loadv<V>(h + c) - mean) * rstd * loadv<V>(p.weight + c);
+    if (p.bias) y += loadv<V>(p.bias + c);
+    storev(out + c, y);
   }
   for (; c < N; ++c) out[c] = from_float<T>((h[c] - mean) * rstd * p.weight[c] + (p.bias ? p.bias[c] : 0.f));
 }
@@ -80,7 +82,12 @@ HE_INLINE void norm_row(const NormParams& p, int64_t row, float* h) {
 template <typename T>
 HE_INLINE void norm_range(const NormParams& p, int64_t begin, int64_t end) {
   std::vector<float> h(p.hidden);
-  for (int64_t row = begin; row < end; ++row) norm_row<T>(p, row, h.data());
+  for (int64_t row = begin; row < end; ++row) {
+    if (best_isa() == Isa::kAvx512)
+      norm_row<T, f32x16>(p, row, h.data());
+    else
+      norm_row<T, f32x8>(p, row, h.data());
+  }
 }
 
 HE_MULTIVERSION(run_norm, norm_range, NormParams)

@@ -232,7 +232,7 @@ HE_INLINE void query_tile(const PrefillParams& p, const QuerySpan& span, int64_t
 
   T* out = static_cast<T*>(p.out) + (q_begin * p.num_heads + kvh * group) * D;
   for (int64_t r = 0; r < rows; ++r) {
-    scale_inplace(o + r * Dp, 1.f / row_sum[r], D);
+    scale_inplace<V>(o + r * Dp, 1.f / row_sum[r], D);
     T* out_row = out + r / group * p.num_heads * D + r % group * D;
     for (int64_t d = 0; d < D; ++d) out_row[d] = from_float<T>(o[r * Dp + d]);
   }

@@ -17,25 +17,35 @@ struct SiluParams {
 };
 
 // silu(g) = g / (1 + exp(-g)); exp_v is only accurate up to 88, and beyond it silu(g) is -0 anyway.
-HE_INLINE f32x16 silu16(f32x16 g) {
-  const f32x16 neg = -g;
-  return g / (1.0f + exp_v(neg > 88.0f ? f32x16{} + 88.0f : neg));
+template <typename V>
+HE_INLINE V silu_v(V g) {
+  const V neg = -g;
+  return g / (1.0f + exp_v(neg > 88.0f ? V{} + 88.0f : neg));
 }
 
-template <typename T>
-HE_INLINE void silu_range(const SiluParams& p, int64_t begin, int64_t end) {
+template <typename T, typename V>
+HE_INLINE void silu_rows(const SiluParams& p, int64_t begin, int64_t end) {
+  constexpr int64_t L = lanes<V>;
   const int64_t I = p.inter;
   for (int64_t row = begin; row < end; ++row) {
     const T* gate = static_cast<const T*>(p.x) + row * 2 * I;
     const T* up = gate + I;
     T* out = static_cast<T*>(p.out) + row * I;
     int64_t c = 0;
-    for (; c + kLanes <= I; c += kLanes) store16(out + c, silu16(load16(gate + c)) * load16(up + c));
+    for (; c + L <= I; c += L) storev(out + c, silu_v(loadv<V>(gate + c)) * loadv<V>(up + c));
     for (; c < I; ++c) {
       const float g = to_float(gate[c]);
       out[c] = from_float<T>(g / (1.0f + std::exp(-g)) * to_float(up[c]));
     }
   }
+}
+
+template <typename T>
+HE_INLINE void silu_range(const SiluParams& p, int64_t begin, int64_t end) {
+  if (best_isa() == Isa::kAvx512)
+    silu_rows<T, f32x16>(p, begin, end);
+  else
+    silu_rows<T, f32x8>(p, begin, end);
 }
 
 HE_MULTIVERSION(run_silu, silu_range, SiluParams)

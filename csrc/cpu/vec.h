@@ -63,7 +63,6 @@ HE_INLINE f32x16 load16(const uint16_t* p) {
   std::memcpy(&h, p, sizeof(h));
   return (f32x16)(__builtin_convertvector(h, u32x16) << 16);
 }
-HE_INLINE void store16(float* p, f32x16 v) { std::memcpy(p, &v, sizeof(v)); }
 
 // fp32 vectors of either width (V: f32x16 or f32x8), for kernels blocked per instruction set.
 template <typename V>
@@ -86,10 +85,13 @@ HE_INLINE V loadv(const uint16_t* p) {  // bf16 widened to fp32
 }
 template <typename V>
 HE_INLINE void storev(float* p, V v) { std::memcpy(p, &v, sizeof(v)); }
-HE_INLINE void store16(uint16_t* p, f32x16 v) {  // round to nearest even like from_float, NaN stays NaN
-  const u32x16 bits = (u32x16)v;
-  const u32x16 rounded = (bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16;
-  const u16x16 h = __builtin_convertvector(v != v ? u32x16{} + 0x7fc0u : rounded, u16x16);
+template <typename V>
+HE_INLINE void storev(uint16_t* p, V v) {  // round to nearest even like from_float, NaN stays NaN
+  using U = std::conditional_t<lanes<V> == kLanes, u32x16, u32x8>;
+  using H = std::conditional_t<lanes<V> == kLanes, u16x16, u16x8>;
+  const U bits = (U)v;
+  const U rounded = (bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16;
+  const H h = __builtin_convertvector(v != v ? U{} + 0x7fc0u : rounded, H);
   std::memcpy(p, &h, sizeof(h));
 }
 
@@ -221,9 +223,10 @@ HE_INLINE void from_pair_layout(const float* src, T* dst, int64_t n, float scale
   for (int64_t c = 0; c < n; ++c) dst[natural_index<T>(c, n)] = from_float<T>(src[c] * scale);
 }
 
+template <typename V>
 HE_INLINE void scale_inplace(float* y, float alpha, int64_t n) {
   int64_t d = 0;
-  for (; d + kLanes <= n; d += kLanes) store16(y + d, load16(y + d) * alpha);
+  for (; d + lanes<V> <= n; d += lanes<V>) storev(y + d, loadv<V>(y + d) * alpha);
   for (; d < n; ++d) y[d] *= alpha;
 }
 
@@ -252,7 +255,7 @@ HE_INLINE void online_softmax_step(float* scores, int64_t padded_len, float& row
     sum += p;
   }
   row_sum = row_sum * correction + hsum(sum);
-  if (correction != 1.0f) scale_inplace(acc, correction, head_dim);
+  if (correction != 1.0f) scale_inplace<V>(acc, correction, head_dim);
   row_max = new_max;
 }
 
