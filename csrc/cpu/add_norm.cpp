@@ -79,15 +79,18 @@ HE_INLINE void norm_row(const NormParams& p, int64_t row, float* h) {
   for (; c < N; ++c) out[c] = from_float<T>((h[c] - mean) * rstd * p.weight[c] + (p.bias ? p.bias[c] : 0.f));
 }
 
+template <typename T, typename V>
+HE_INLINE void norm_rows(const NormParams& p, int64_t begin, int64_t end) {
+  std::vector<float> h(p.hidden);
+  for (int64_t row = begin; row < end; ++row) norm_row<T, V>(p, row, h.data());
+}
+
 template <typename T>
 HE_INLINE void norm_range(const NormParams& p, int64_t begin, int64_t end) {
-  std::vector<float> h(p.hidden);
-  for (int64_t row = begin; row < end; ++row) {
-    if (best_isa() == Isa::kAvx512)
-      norm_row<T, f32x16>(p, row, h.data());
-    else
-      norm_row<T, f32x8>(p, row, h.data());
-  }
+  if (best_isa() == Isa::kAvx512)
+    norm_rows<T, f32x16>(p, begin, end);
+  else
+    norm_rows<T, f32x8>(p, begin, end);
 }
 
 HE_MULTIVERSION(run_norm, norm_range, NormParams)

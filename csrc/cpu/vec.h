@@ -153,7 +153,7 @@ HE_INLINE f32x8 hsum_lanes(const f32x8 (&part)[8]) { return hsum8(part); }
 // there a 16-lane vector's temporaries go through the stack).
 template <typename V>
 HE_INLINE V exp_v(V x) {
-  using I = std::conditional_t<lanes<V> == 16, i32x16, i32x8>;
+  using I = std::conditional_t<lanes<V> == kLanes, i32x16, i32x8>;
   const V lo = x < -87.0f ? V{} - 87.0f : x;
   const V n = (lo * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round to nearest
   const V r = (lo - n * 0.693359375f) + n * 2.12194440e-4f;
