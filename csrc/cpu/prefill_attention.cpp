@@ -318,7 +318,8 @@ at::Tensor prefill_attention(const at::Tensor& q, const at::Tensor& k, const at:
   const at::Tensor qr = with_contiguous_rows(q), kr = with_contiguous_rows(k), vr = with_contiguous_rows(v);
   const PrefillParams p{qr.data_ptr(), kr.data_ptr(), vr.data_ptr(), out.data_ptr(), spans.data(),
                         qr.stride(0), kr.stride(0), vr.stride(0), num_spans, workers, q.size(1), k.size(1),
-                        q.size(2), (q.size(2) + kLanes - 1) / kLanes * kLanes, tile_tokens, max_seq_len, window, causal, static_cast<float>(scale)};
+                        q.size(2), (q.size(2) + kLanes - 1) / kLanes * kLanes, tile_tokens, max_seq_len, window,
+                        causal, static_cast<float>(scale)};
   parallel_run(q.scalar_type(), workers, 1, p, run_prefill<float>, run_prefill<uint16_t>);
   return out;
 }
