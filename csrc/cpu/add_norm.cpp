@@ -85,15 +85,7 @@ HE_INLINE void norm_rows(const NormParams& p, int64_t begin, int64_t end) {
   for (int64_t row = begin; row < end; ++row) norm_row<T, V>(p, row, h.data());
 }
 
-template <typename T>
-HE_INLINE void norm_range(const NormParams& p, int64_t begin, int64_t end) {
-  if (best_isa() == Isa::kAvx512)
-    norm_rows<T, f32x16>(p, begin, end);
-  else
-    norm_rows<T, f32x8>(p, begin, end);
-}
-
-HE_MULTIVERSION(run_norm, norm_range, NormParams)
+HE_MULTIVERSION(run_norm, norm_rows, NormParams)
 
 at::Tensor vector_param(const at::Tensor& t, const at::Tensor& x, const char* name) {
   TORCH_CHECK(t.device().is_cpu(), kOp, ": ", name, " must be a CPU tensor, got device ", t.device());

@@ -189,15 +189,7 @@ HE_INLINE void decode_tasks(const DecodeParams& p, int64_t begin, int64_t end) {
   }
 }
 
-template <typename T>
-HE_INLINE void decode_range(const DecodeParams& p, int64_t begin, int64_t end) {
-  if (best_isa() == Isa::kAvx512)
-    decode_tasks<T, f32x16>(p, begin, end);
-  else
-    decode_tasks<T, f32x8>(p, begin, end);
-}
-
-HE_MULTIVERSION(run_decode, decode_range, DecodeParams)
+HE_MULTIVERSION(run_decode, decode_tasks, DecodeParams)
 
 void check_inputs(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                   const at::Tensor& block_tables, const at::Tensor& context_lens, double scale, int64_t window) {

@@ -254,15 +254,7 @@ HE_INLINE void prefill_tasks(const PrefillParams& p, int64_t begin, int64_t end)
     }
 }
 
-template <typename T>
-HE_INLINE void prefill_range(const PrefillParams& p, int64_t begin, int64_t end) {
-  if (best_isa() == Isa::kAvx512)
-    prefill_tasks<T, f32x16>(p, begin, end);
-  else
-    prefill_tasks<T, f32x8>(p, begin, end);
-}
-
-HE_MULTIVERSION(run_prefill, prefill_range, PrefillParams)
+HE_MULTIVERSION(run_prefill, prefill_tasks, PrefillParams)
 
 void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cu_seqlens,
                   double scale, bool causal, int64_t window) {

@@ -40,15 +40,7 @@ HE_INLINE void silu_rows(const SiluParams& p, int64_t begin, int64_t end) {
   }
 }
 
-template <typename T>
-HE_INLINE void silu_range(const SiluParams& p, int64_t begin, int64_t end) {
-  if (best_isa() == Isa::kAvx512)
-    silu_rows<T, f32x16>(p, begin, end);
-  else
-    silu_rows<T, f32x8>(p, begin, end);
-}
-
-HE_MULTIVERSION(run_silu, silu_range, SiluParams)
+HE_MULTIVERSION(run_silu, silu_rows, SiluParams)
 
 }  // namespace
 

@@ -303,19 +303,21 @@ HE_INLINE void record_isa(Isa isa) {
 #endif
 
 // Defines `template <typename T> void name(const Params&, int64_t begin, int64_t end)` running
-// `impl<T>` (an HE_INLINE function template with that signature) compiled for the best ISA.
+// `impl<T, V>` (an HE_INLINE function template with that signature) compiled for the best ISA, V
+// being the float vector as wide as that ISA's registers (f32x16 on AVX-512, f32x8 below it: a
+// wider one is split by the compiler into halves that spill through the stack).
 #define HE_MULTIVERSION(name, impl, Params)                                                      \
   template <typename T>                                                                          \
-  HE_TARGET_AVX512 void name##_avx512(const Params& p, int64_t begin, int64_t end) {            \
-    impl<T>(p, begin, end);                                                                      \
+  HE_TARGET_AVX512 void name##_avx512(const Params& p, int64_t begin, int64_t end) {             \
+    impl<T, ::hybrid_engine::cpu::f32x16>(p, begin, end);                                        \
   }                                                                                              \
   template <typename T>                                                                          \
-  HE_TARGET_AVX2 void name##_avx2(const Params& p, int64_t begin, int64_t end) {                \
-    impl<T>(p, begin, end);                                                                      \
+  HE_TARGET_AVX2 void name##_avx2(const Params& p, int64_t begin, int64_t end) {                 \
+    impl<T, ::hybrid_engine::cpu::f32x8>(p, begin, end);                                         \
   }                                                                                              \
   template <typename T>                                                                          \
   void name##_baseline(const Params& p, int64_t begin, int64_t end) {                            \
-    impl<T>(p, begin, end);                                                                      \
+    impl<T, ::hybrid_engine::cpu::f32x8>(p, begin, end);                                         \
   }                                                                                              \
   template <typename T>                                                                          \
   void name(const Params& p, int64_t begin, int64_t end) {                                       \
