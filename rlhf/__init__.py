@@ -6,3 +6,11 @@ rlhf.rollout (prompts in, answers out) and rlhf.ppo_loop (the iteration, in the 
 
 hybrid_engine never imports this package; this package imports hybrid_engine and never bench.
 """
+import os
+
+# Transparent huge pages for CPU tensors of 2 MiB and more (read by PyTorch's CPU allocator at its first
+# such allocation, so set before any): a ZeRO-3 step allocates and frees gigabytes (logits, flattened
+# gradients, gathered layers), each a fresh mapping the kernel would otherwise fault in and zero 4 KiB
+# at a time. OPT-125M actor + critic step, 2 ranks, fp32: 2.1M -> 0.12M page faults, system time
+# 13-17 -> 7-9 s, the step 46 -> 38 s. A user's own setting (THP_MEM_ALLOC_ENABLE=0) is kept.
+os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
