@@ -5,6 +5,10 @@ import os
 os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# Importing rlhf turns huge pages on for every process started after it, so the tests that measure RSS
+# (to 4 KiB) would see 2 MiB steps or not depending on which tests ran first: off for the whole suite,
+# and tests/test_memory.py checks the import's effect in processes of its own.
+os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "0")
 
 import pytest  # noqa: E402
 
