@@ -24,7 +24,6 @@ def test_status_bytes_names_a_missing_field():
         status_bytes("VmNothing")
 
 
-
 ALIGNMENT_PROBE = """
 import torch
 {imports}
