@@ -62,7 +62,7 @@ from bench.common import parse_dtype, print_environment, print_table, write_json
 from bench.launch import run_ranks
 from bench.zero3 import DTYPES, MODELS, check_tp
 from hybrid_engine.engine import unwrap
-from hybrid_engine.memory import reset_peak, status_bytes
+from hybrid_engine.memory import CACHE_HEADROOM, reset_peak, status_bytes
 from hybrid_engine.models import prepack
 from rlhf.args import add_dtype
 from rlhf.ppo_args import OLD_LOGPROBS_FROM, samples_per_prompt
@@ -462,7 +462,10 @@ def memory_plan(args: argparse.Namespace, path: str, tp: int) -> dict[str, float
     plan["loading peak (whole actor, reference)"] = loading
     itemised = max(loading, plan["steady + largest phase"]) - runtime
     plan["unitemised (0.1 x itemised + 1 GiB)"] = UNITEMISED * itemised + UNITEMISED_FIXED
-    plan["peak"] = runtime + itemised + plan["unitemised (0.1 x itemised + 1 GiB)"]
+    # rlhf keeps freed tensors for reuse, at most CACHE_HEADROOM x the live bytes' peak beyond it
+    cached = CACHE_HEADROOM * itemised if os.environ.get("HE_CPU_CACHE", "1") != "0" else 0.0
+    plan[f"CPU cache (at most {CACHE_HEADROOM} x itemised)"] = cached
+    plan["peak"] = runtime + itemised + plan["unitemised (0.1 x itemised + 1 GiB)"] + cached
     return plan
 
 

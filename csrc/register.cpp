@@ -3,6 +3,7 @@
 #include <torch/extension.h>
 
 #include "block_allocator.h"
+#include "cpu_cache.h"
 #include "reshard_plan.h"
 #include "cpu/ops.h"
 #include "cpu/vec.h"
@@ -106,6 +107,18 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     }
     return names;
   }, "Instruction-set variants (baseline, avx2, avx512) that the CPU kernels have run in this process.");
+  m.def("install_cpu_cache", &hybrid_engine::install_cpu_cache, py::arg("headroom"),
+        "Puts hybrid_engine's cache of large blocks in front of PyTorch's CPU allocator (see csrc/cpu_cache.h).");
+  m.def("hand_back_frees", &hybrid_engine::hand_back_frees, py::arg("on"),
+        "While on, CPU blocks freed go back to the system instead of the cache.");
+  m.def("cpu_cache_installed", &hybrid_engine::cpu_cache_installed);
+  m.def("empty_cpu_cache", &hybrid_engine::empty_cpu_cache, "Frees the cached CPU blocks; a new peak window.");
+  m.def("cpu_cache_stats", [] {
+    const hybrid_engine::CpuCacheStats s = hybrid_engine::cpu_cache_stats();
+    return py::dict(py::arg("live_bytes") = s.live_bytes, py::arg("cached_bytes") = s.cached_bytes,
+                    py::arg("peak_live_bytes") = s.peak_live_bytes, py::arg("hits") = s.hits, py::arg("misses") = s.misses,
+                    py::arg("system_bytes") = s.system_bytes, py::arg("evicted_bytes") = s.evicted_bytes);
+  }, "Bytes live, cached and at peak, and requests served by the cache (hits) or the system (misses).");
   m.def("packed_linear_supported", [](bool bf16) {
     return hybrid_engine::cpu::packed_linear_supported(bf16 ? at::kBFloat16 : at::kFloat);
   }, py::arg("bf16"), "Whether this CPU has a packed_linear kernel for bfloat16 (else float32) inputs.");

@@ -17,7 +17,7 @@ import torch.distributed as dist
 from torch import nn
 
 from hybrid_engine.generation import GenerationOutput, Generator
-from hybrid_engine.memory import return_freed_memory
+from hybrid_engine.memory import handing_back, return_freed_memory
 from hybrid_engine.models.registry import empty_model, model_class, weight_map
 from hybrid_engine.reshard import Resharder, new_tp_group
 
@@ -99,7 +99,8 @@ class HybridEngine:
     def train(self) -> "HybridEngine":
         """Give back the inference weights and the KV cache. The resharder's two exchange buffers
         (at most one bucket each) stay for the next iteration; `resharder.release()` frees them."""
-        self.model = self.generator = None
+        with handing_back():
+            self.model = self.generator = None
         return_freed_memory()
         return self
 

@@ -2,9 +2,12 @@
 import ctypes
 import ctypes.util
 import functools
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+
+from hybrid_engine import _C
 
 
 @functools.cache
@@ -14,9 +17,37 @@ def _malloc_trim():
     return getattr(ctypes.CDLL(name), "malloc_trim", None) if name else None
 
 
+CACHE_HEADROOM = 0.25  # OPT-125M actor + critic steps, 2 ranks: no page faults after the first step
+
+
+def cache_cpu_blocks(headroom: float = CACHE_HEADROOM) -> bool:
+    """For the rest of the process, keep freed CPU tensors of 1 MiB and more and hand them out again:
+    a training step then reuses the pages the last one touched instead of the kernel zeroing fresh
+    ones (glibc unmaps every block above its mmap threshold at free). The process grows at most by
+    `headroom` times its peak of live tensor bytes. False if another CPU allocator holds priority."""
+    return _C.install_cpu_cache(headroom)
+
+
+def cpu_cache_stats() -> dict[str, int]:
+    """live_bytes, cached_bytes, peak_live_bytes, hits, misses, system_bytes, evicted_bytes (zeros
+    without cache_cpu_blocks)."""
+    return _C.cpu_cache_stats()
+
+
+@contextmanager
+def handing_back():
+    """Tensors freed inside go back to the system, not to the CPU cache: for memory dropped for good."""
+    _C.hand_back_frees(True)
+    try:
+        yield
+    finally:
+        _C.hand_back_frees(False)
+
+
 def return_freed_memory() -> None:
     """Hand freed memory back to the system so training can use it: torch's CUDA cache, and on
-    glibc the heap, which otherwise keeps large freed blocks (its mmap threshold grows with them)."""
+    glibc the heap, which otherwise keeps large freed blocks (its mmap threshold grows with them).
+    The CPU cache keeps its blocks: they are the next step's; `_C.empty_cpu_cache()` frees them."""
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     trim = _malloc_trim()
@@ -35,10 +66,11 @@ def status_bytes(field: str = "VmRSS") -> int:
 
 
 def reset_peak(hand_back: bool = True) -> int:
-    """Start a new peak-memory window: freed heap handed back (unless hand_back=False: a measurement
-    that must not change what the next allocations cost), VmHWM reset to the resident bytes (Linux >=
-    4.0), which are returned."""
+    """Start a new peak-memory window: freed heap and the CPU cache handed back (unless hand_back=False:
+    a measurement that must not change what the next allocations cost), VmHWM reset to the resident
+    bytes (Linux >= 4.0), which are returned."""
     if hand_back:
+        _C.empty_cpu_cache()
         return_freed_memory()
     Path("/proc/self/clear_refs").write_text("5")
     return status_bytes("VmRSS")

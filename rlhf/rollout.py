@@ -25,7 +25,7 @@ from torch import nn
 from hybrid_engine import HybridEngine
 from hybrid_engine.engine import unwrap, weights_device
 from hybrid_engine.lora import base_name, find_adapters, is_adapter_param, merged
-from hybrid_engine.memory import return_freed_memory
+from hybrid_engine.memory import handing_back, return_freed_memory
 
 
 @dataclass(frozen=True)
@@ -103,8 +103,9 @@ class GatherOnce:
         return out
 
     def release(self) -> None:
-        for p in self.params.values():
-            p.data = torch.empty(0, dtype=p.dtype, device=self.device)
+        with handing_back():
+            for p in self.params.values():
+                p.data = torch.empty(0, dtype=p.dtype, device=self.device)
         return_freed_memory()
 
     @torch.no_grad()

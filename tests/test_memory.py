@@ -1,3 +1,4 @@
+import json
 import os
 import subprocess
 import sys
@@ -45,3 +46,113 @@ def test_importing_rlhf_backs_large_tensors_with_huge_pages():
     assert page_offset("") != 0
     assert page_offset("import rlhf") == 0
     assert page_offset("import rlhf", THP_MEM_ALLOC_ENABLE="0") != 0  # the user's choice is kept
+
+
+CACHE_PROBE = """
+import json, resource, torch
+from hybrid_engine.memory import cache_cpu_blocks, cpu_cache_stats, handing_back, reset_peak, status_bytes
+{body}
+"""
+
+
+def cache_probe(body: str, **env) -> dict:
+    """Runs body (which sets `out`) in a fresh process, huge pages off unless env says: hybrid_engine's
+    CPU cache stays installed for the rest of a process once it is."""
+    environ = {k: v for k, v in os.environ.items() if k not in ("THP_MEM_ALLOC_ENABLE", "HE_CPU_CACHE")}
+    code = CACHE_PROBE.format(body=body) + "\nprint(json.dumps(out))"
+    result = subprocess.run([sys.executable, "-c", code], env=environ | {"THP_MEM_ALLOC_ENABLE": "0"} | env,
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout.splitlines()[-1])
+
+
+def test_cpu_cache_hands_a_freed_block_out_again_for_the_same_size_within_an_eighth():
+    out = cache_probe("""
+assert cache_cpu_blocks(0.25)
+x = torch.empty(3_000_001)
+block = x.data_ptr()
+values = torch.empty(3_000_001)
+del x
+y = torch.empty(2_800_003)  # 7% smaller: the same block
+z = torch.empty(2_800_003)  # a second one while y is live: a new block
+same = y.data_ptr() == block
+del y
+w = torch.empty(2_000_000)  # a third smaller than the cached block: not served by it
+live = [values, z, w, torch.empty(10)]  # no two share bytes: each keeps what was written last
+for i, t in enumerate(live):
+    t.fill_(i)
+out = dict(same=same, other=w.data_ptr() != block, stats=cpu_cache_stats(),
+           intact=[bool((t == i).all()) for i, t in enumerate(live)])
+""")
+    assert out["same"] and out["other"] and all(out["intact"]), out
+    assert out["stats"]["hits"] == 1 and out["stats"]["misses"] == 4, out  # x, values, z, w
+
+
+def test_cpu_cache_never_holds_more_than_its_headroom_over_the_peak():
+    """Random sizes from 1 to 24 MiB allocated and freed in random order; after every step, live +
+    cached <= (1 + headroom) x peak live bytes, and the bound did evict (not vacuous)."""
+    for headroom in (0.0, 0.25):
+        out = cache_probe(f"""
+assert cache_cpu_blocks({headroom})
+g = torch.Generator().manual_seed(1)
+live, worst = [], 0.0
+for step in range(400):
+    if live and (len(live) > 12 or torch.rand(1, generator=g).item() < 0.45):
+        live.pop(int(torch.randint(len(live), (1,), generator=g)))
+    else:
+        n = int(torch.randint(1 << 18, 6 << 20, (1,), generator=g))
+        live.append(torch.empty(n).fill_(step))
+    s = cpu_cache_stats()
+    worst = max(worst, (s["live_bytes"] + s["cached_bytes"]) / s["peak_live_bytes"])
+out = dict(worst=worst, stats=cpu_cache_stats())
+""")
+        assert out["worst"] <= 1 + headroom + 1e-9, (headroom, out)
+        assert out["stats"]["evicted_bytes"] > 0 and out["stats"]["hits"] > 0, out
+
+
+def test_cpu_cache_makes_repeated_large_allocations_fault_free():
+    """64 MiB written 10 times: the kernel faults in (and zeroes) every page each time without the cache
+    (4 KiB pages: >= 80k faults), at most 1k faults with it."""
+    loop = """
+def faults():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+torch.empty(16 << 20).fill_(1.0)
+start = faults()
+for i in range(10):
+    torch.empty(16 << 20).fill_(float(i))
+out = faults() - start
+"""
+    uncached = cache_probe(loop)
+    cached = cache_probe("assert cache_cpu_blocks()\n" + loop)
+    assert uncached >= 80_000 and cached <= 1_000, (uncached, cached)
+
+
+def test_handing_back_and_reset_peak_return_cached_memory_to_the_system():
+    out = cache_probe("""
+assert cache_cpu_blocks()
+def touched():
+    return torch.rand(64 << 20)  # 256 MiB
+x = touched()
+rss = status_bytes()
+del x
+kept = rss - status_bytes()  # freed into the cache: still resident
+y = touched()
+rss = status_bytes()
+with handing_back():
+    del y
+handed = rss - status_bytes()
+z = touched()
+del z
+rss = status_bytes()
+reset_peak()
+out = dict(kept=kept, handed=handed, reset=rss - status_bytes(), cached=cpu_cache_stats()["cached_bytes"])
+""")
+    mib = 2**20
+    assert out["kept"] < 16 * mib and out["handed"] > 200 * mib and out["reset"] > 200 * mib, out
+    assert out["cached"] == 0
+
+
+def test_importing_rlhf_installs_the_cpu_cache_unless_told_not_to():
+    body = "import rlhf\nfrom hybrid_engine import _C\nout = _C.cpu_cache_installed()"
+    assert cache_probe(body) is True
+    assert cache_probe(body, HE_CPU_CACHE="0") is False

@@ -1,0 +1,34 @@
+#pragma once
+
+#include <cstdint>
+
+namespace hybrid_engine {
+
+// A cache in front of PyTorch's CPU allocator for blocks of 1 MiB and more. Freed blocks are kept and
+// handed out again for requests of their size (up to an eighth smaller), so a training step reuses
+// the pages the last one faulted in instead of the kernel mapping and zeroing fresh ones: glibc
+// returns every block above its mmap threshold at free, and a ZeRO-3 step allocates gigabytes of
+// gathered layers, logits and flattened gradients. The process stays within `headroom` of its own
+// peak: a request the cache cannot serve first evicts cached blocks (largest first) until live +
+// cached + the new block fit under (1 + headroom) x the highest live bytes since the last empty().
+struct CpuCacheStats {
+  int64_t live_bytes;       // in blocks handed out and not yet freed
+  int64_t cached_bytes;     // freed, kept for reuse
+  int64_t peak_live_bytes;  // since the last empty()
+  int64_t hits;             // requests served from the cache
+  int64_t misses;           // requests that went to the system
+  int64_t system_bytes;     // the bytes those requests took from the system
+  int64_t evicted_bytes;    // cached bytes given back to make room or by empty()
+};
+
+// Puts the cache in front of PyTorch's CPU allocator for the rest of the process (once; later calls
+// do nothing). False if another allocator of higher priority is installed.
+bool install_cpu_cache(double headroom);
+bool cpu_cache_installed();
+// While on, freed blocks go back to the system at once: for memory dropped for good.
+void hand_back_frees(bool on);
+// Frees every cached block and starts a new peak window.
+void empty_cpu_cache();
+CpuCacheStats cpu_cache_stats();
+
+}  // namespace hybrid_engine
