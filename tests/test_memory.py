@@ -160,3 +160,10 @@ def test_importing_rlhf_installs_the_cpu_cache_unless_told_not_to():
     body = "import rlhf\nfrom hybrid_engine import _C\nout = _C.cpu_cache_installed()"
     assert cache_probe(body) is True
     assert cache_probe(body, HE_CPU_CACHE="0") is False
+
+
+def test_cpu_cache_refuses_a_negative_headroom_before_installing_anything():
+    from hybrid_engine.memory import cache_cpu_blocks
+
+    with pytest.raises(RuntimeError, match="headroom is a fraction of the peak live bytes, >= 0; got -0.5"):
+        cache_cpu_blocks(-0.5)
