@@ -61,6 +61,7 @@ from bench.checkpoints import random_tokens, write_checkpoints
 from bench.common import parse_dtype, print_environment, print_table, write_json
 from bench.launch import run_ranks
 from bench.zero3 import DTYPES, MODELS, check_tp
+from hybrid_engine import _C
 from hybrid_engine.engine import unwrap
 from hybrid_engine.memory import CACHE_HEADROOM, reset_peak, status_bytes
 from hybrid_engine.models import prepack
@@ -462,8 +463,9 @@ def memory_plan(args: argparse.Namespace, path: str, tp: int) -> dict[str, float
     plan["loading peak (whole actor, reference)"] = loading
     itemised = max(loading, plan["steady + largest phase"]) - runtime
     plan["unitemised (0.1 x itemised + 1 GiB)"] = UNITEMISED * itemised + UNITEMISED_FIXED
-    # rlhf keeps freed tensors for reuse, at most CACHE_HEADROOM x the live bytes' peak beyond it
-    cached = CACHE_HEADROOM * itemised if os.environ.get("HE_CPU_CACHE", "1") != "0" else 0.0
+    # importing rlhf (as this module does, and every rank) installs the cache unless HE_CPU_CACHE=0: freed
+    # tensors kept for reuse, at most CACHE_HEADROOM x the live bytes' peak beyond it
+    cached = CACHE_HEADROOM * itemised if _C.cpu_cache_installed() else 0.0
     plan[f"CPU cache (at most {CACHE_HEADROOM} x itemised)"] = cached
     plan["peak"] = runtime + itemised + plan["unitemised (0.1 x itemised + 1 GiB)"] + cached
     return plan
