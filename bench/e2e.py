@@ -63,7 +63,7 @@ from bench.launch import run_ranks
 from bench.zero3 import DTYPES, MODELS, check_tp
 from hybrid_engine import _C
 from hybrid_engine.engine import unwrap
-from hybrid_engine.memory import CACHE_HEADROOM, reset_peak, status_bytes
+from hybrid_engine.memory import CACHE_HEADROOM, limit_cpu_cache, reset_peak, status_bytes
 from hybrid_engine.models import prepack
 from rlhf.args import add_dtype
 from rlhf.ppo_args import OLD_LOGPROBS_FROM, samples_per_prompt
@@ -220,7 +220,8 @@ def answer_config(cfg, length: int):
     return replace(cfg, sampling=replace(cfg.sampling, max_new_tokens=length, min_new_tokens=length))
 
 
-def worker(rank: int, world: int, args: argparse.Namespace, path: str, tp: int, checkpoints: dict) -> dict:
+def worker(rank: int, world: int, args: argparse.Namespace, path: str, tp: int, checkpoints: dict,
+           cache_bytes: float) -> dict:
     from tqdm import tqdm
     from transformers import AutoTokenizer
 
@@ -229,6 +230,8 @@ def worker(rank: int, world: int, args: argparse.Namespace, path: str, tp: int, 
     from rlhf.ppo_loop import PPOConfig, new_state
     from rlhf.rlhf_engine import build_rlhf_engine, check_models
 
+    if _C.cpu_cache_installed():
+        limit_cpu_cache(int(cache_bytes))
     device = init_distributed()
     with tempfile.TemporaryDirectory() as out:
         ppo_args = ppo_parse_args(ppo_argv(args, path, tp, checkpoints, out))
@@ -446,6 +449,9 @@ def phase_bytes(args: argparse.Namespace, n: dict, path: str, tp: int) -> dict[s
             "training": activations + logits + ZERO3_STEP * n["actor"] * b}
 
 
+CACHE_PART = f"CPU cache (<= {CACHE_HEADROOM} x itemised, in the memory left)"
+
+
 def memory_plan(args: argparse.Namespace, path: str, tp: int) -> dict[str, float]:
     """Estimated bytes per rank of one path, by part. Trained weights under ZeRO-3 in bf16 cost 2 bytes
     (partitioned) + 16 (fp32 master, Adam m and v, fp32 gradient, partitioned); frozen ones 2
@@ -464,10 +470,12 @@ def memory_plan(args: argparse.Namespace, path: str, tp: int) -> dict[str, float
     itemised = max(loading, plan["steady + largest phase"]) - runtime
     plan["unitemised (0.1 x itemised + 1 GiB)"] = UNITEMISED * itemised + UNITEMISED_FIXED
     # importing rlhf (as this module does, and every rank) installs the cache unless HE_CPU_CACHE=0: freed
-    # tensors kept for reuse, at most CACHE_HEADROOM x the live bytes' peak beyond it
-    cached = CACHE_HEADROOM * itemised if _C.cpu_cache_installed() else 0.0
-    plan[f"CPU cache (at most {CACHE_HEADROOM} x itemised)"] = cached
-    plan["peak"] = runtime + itemised + plan["unitemised (0.1 x itemised + 1 GiB)"] + cached
+    # tensors kept for reuse, at most CACHE_HEADROOM x the live bytes' peak beyond it, and on each rank no more
+    # than the memory the rest of the plan leaves (the worker sets that limit): the cache never refuses a run
+    uncached = runtime + itemised + plan["unitemised (0.1 x itemised + 1 GiB)"]
+    room = max(0.0, mem_available() / args.world - uncached)
+    plan[CACHE_PART] = min(CACHE_HEADROOM * itemised, room) if _C.cpu_cache_installed() else 0.0
+    plan["peak"] = uncached + plan[CACHE_PART]
     return plan
 
 
@@ -638,7 +646,8 @@ def run_paths(args: argparse.Namespace, paths: list[tuple[str, int]], plans: dic
     with tempfile.TemporaryDirectory(prefix="bench-e2e-") as root:
         checkpoints = write_checkpoints(args, root)
         for name, tp in paths:
-            ranks = run_ranks(args.world, worker, args, name, tp, checkpoints, threads=args.threads)
+            cache_bytes = plans[name][CACHE_PART] * GIB
+            ranks = run_ranks(args.world, worker, args, name, tp, checkpoints, cache_bytes, threads=args.threads)
             results[name] = summarize(ranks, args, name, tp)
             results[name]["memory_plan_gib_per_rank"] = plans[name]["peak"]
             results[name]["load_average_after"] = os.getloadavg()

@@ -4,6 +4,7 @@
 #include <c10/util/Exception.h>
 
 #include <algorithm>
+#include <limits>
 #include <map>
 #include <mutex>
 #include <unordered_map>
@@ -40,6 +41,16 @@ class CachingCPUAllocator final : public c10::Allocator {
       std::lock_guard<std::mutex> lock(mutex_);
       evict(cached_bytes_, evicted);
       peak_live_ = live_bytes_;
+    }
+    for (void* data : evicted) base_->raw_deallocate(data);
+  }
+
+  void set_limit(size_t max_cached) {
+    std::vector<void*> evicted;
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      max_cached_ = max_cached;
+      trim(evicted);
     }
     for (void* data : evicted) base_->raw_deallocate(data);
   }
@@ -92,6 +103,10 @@ class CachingCPUAllocator final : public c10::Allocator {
     if (footprint > limit) evict(footprint - limit, evicted);
   }
 
+  void trim(std::vector<void*>& evicted) {
+    if (cached_bytes_ > max_cached_) evict(cached_bytes_ - max_cached_, evicted);
+  }
+
   // Largest blocks first: the fewest frees for the bytes, and the sizes least likely to recur.
   void evict(size_t bytes, std::vector<void*>& evicted) {
     size_t freed = 0;
@@ -106,6 +121,7 @@ class CachingCPUAllocator final : public c10::Allocator {
   }
 
   void give_back(void* data) {
+    std::vector<void*> evicted{data};
     {
       std::lock_guard<std::mutex> lock(mutex_);
       auto it = live_.find(data);
@@ -114,17 +130,19 @@ class CachingCPUAllocator final : public c10::Allocator {
         live_.erase(it);
         live_bytes_ -= size;
         if (!hand_back_) {
+          evicted.clear();
           cached_bytes_ += size;
           free_.emplace(size, data);
-          return;
+          trim(evicted);
         }
       }
     }
-    base_->raw_deallocate(data);
+    for (void* block : evicted) base_->raw_deallocate(block);
   }
 
   c10::Allocator* base_;
   double headroom_;
+  size_t max_cached_ = std::numeric_limits<size_t>::max();
   bool hand_back_ = false;
   std::mutex mutex_;
   std::multimap<size_t, void*> free_;
@@ -156,6 +174,12 @@ bool install_cpu_cache(double headroom) {
 }
 
 bool cpu_cache_installed() { return cache != nullptr && c10::GetCPUAllocator() == cache; }
+
+void limit_cpu_cache(int64_t max_cached_bytes) {
+  TORCH_CHECK(max_cached_bytes >= 0, "the CPU cache's limit is a number of bytes >= 0; got ", max_cached_bytes);
+  TORCH_CHECK(cache != nullptr, "limit_cpu_cache: the CPU cache is not installed (hybrid_engine.memory.cache_cpu_blocks)");
+  cache->set_limit(size_t(max_cached_bytes));
+}
 
 void hand_back_frees(bool on) {
   if (cache != nullptr) cache->set_hand_back(on);

@@ -11,6 +11,7 @@ namespace hybrid_engine {
 // gathered layers, logits and flattened gradients. The process stays within `headroom` of its own
 // peak: a request the cache cannot serve first evicts cached blocks (largest first) until live +
 // cached + the new block fit under (1 + headroom) x the highest live bytes since the last empty().
+// A limit in bytes may bound the cached blocks too, where memory is planned for the whole machine.
 struct CpuCacheStats {
   int64_t live_bytes;       // in blocks handed out and not yet freed
   int64_t cached_bytes;     // freed, kept for reuse
@@ -25,6 +26,8 @@ struct CpuCacheStats {
 // do nothing). False if another allocator of higher priority is installed.
 bool install_cpu_cache(double headroom);
 bool cpu_cache_installed();
+// Cached blocks beyond max_cached_bytes go back to the system (largest first), now and after every free.
+void limit_cpu_cache(int64_t max_cached_bytes);
 // While on, freed blocks go back to the system at once: for memory dropped for good.
 void hand_back_frees(bool on);
 // Frees every cached block and starts a new peak window.

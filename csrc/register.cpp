@@ -112,6 +112,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("hand_back_frees", &hybrid_engine::hand_back_frees, py::arg("on"),
         "While on, CPU blocks freed go back to the system instead of the cache.");
   m.def("cpu_cache_installed", &hybrid_engine::cpu_cache_installed);
+  m.def("limit_cpu_cache", &hybrid_engine::limit_cpu_cache, py::arg("max_cached_bytes"),
+        "Bounds the bytes the installed CPU cache keeps; beyond them, freed blocks go back to the system.");
   m.def("empty_cpu_cache", &hybrid_engine::empty_cpu_cache, "Frees the cached CPU blocks; a new peak window.");
   m.def("cpu_cache_stats", [] {
     const hybrid_engine::CpuCacheStats s = hybrid_engine::cpu_cache_stats();

@@ -28,6 +28,12 @@ def cache_cpu_blocks(headroom: float = CACHE_HEADROOM) -> bool:
     return _C.install_cpu_cache(headroom)
 
 
+def limit_cpu_cache(max_cached_bytes: int) -> None:
+    """Bound the bytes the installed cache keeps (what a memory plan for every rank of the machine left
+    it); beyond them, freed blocks go back to the system."""
+    _C.limit_cpu_cache(max_cached_bytes)
+
+
 def cpu_cache_stats() -> dict[str, int]:
     """live_bytes, cached_bytes, peak_live_bytes, hits, misses, system_bytes, evicted_bytes (zeros
     without cache_cpu_blocks)."""

@@ -135,12 +135,33 @@ def test_memory_plan_refuses_what_does_not_fit(monkeypatch, capsys):
     plan = memory_plan(args, "gather_once", 1)
     # a full-parameter 1.3B actor: 16 bytes per parameter over 2 ranks in its optimizer alone
     assert plan["actor optimizer"] == pytest.approx(1.316e9 * 16 / 2, rel=0.01)
-    monkeypatch.setattr(e2e, "mem_available", lambda: int(plan["peak"] * 2) - 1)
+    uncached = plan["peak"] - plan[e2e.CACHE_PART]
+    monkeypatch.setattr(e2e, "mem_available", lambda: int(uncached * 2) - 1)
     with pytest.raises(SystemExit, match="refused.*--lora-dim 128"):
         e2e.check_memory(args, [("gather_once", 1)])
-    monkeypatch.setattr(e2e, "mem_available", lambda: int(plan["peak"] * 2) + 1)
+    monkeypatch.setattr(e2e, "mem_available", lambda: int(uncached * 2) + 1)
     e2e.check_memory(args, [("gather_once", 1)])
     assert "gather_once" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("spare_gib", [0.0, 0.5, 100.0])
+def test_memory_plan_gives_the_cpu_cache_only_the_memory_left(monkeypatch, spare_gib):
+    """The cache's share is CACHE_HEADROOM x the itemised bytes, cut to what the rest of the plan leaves on
+    each rank, so it never makes a run refused; without the cache installed it is 0."""
+    from bench import e2e
+    from hybrid_engine.memory import CACHE_HEADROOM
+
+    args = parse_args(["--model", "opt-1.3b", "--dtype", "bf16"])
+    monkeypatch.setattr(e2e, "mem_available", lambda: 10**15)
+    unbounded = memory_plan(args, "hybrid_engine", 2)
+    uncached = unbounded["peak"] - unbounded[e2e.CACHE_PART]
+    itemised = uncached - unbounded["runtime (torch, DeepSpeed, gloo)"] - unbounded["unitemised (0.1 x itemised + 1 GiB)"]
+    monkeypatch.setattr(e2e, "mem_available", lambda: int(2 * (uncached + spare_gib * e2e.GIB)))
+    monkeypatch.setattr(e2e._C, "cpu_cache_installed", lambda: True)
+    cached = memory_plan(args, "hybrid_engine", 2)[e2e.CACHE_PART]
+    assert cached == pytest.approx(min(CACHE_HEADROOM * itemised, spare_gib * e2e.GIB), abs=2)
+    monkeypatch.setattr(e2e._C, "cpu_cache_installed", lambda: False)
+    assert memory_plan(args, "hybrid_engine", 2)[e2e.CACHE_PART] == 0
 
 
 def test_grpo_trains_no_critic_on_every_answer_of_every_group(grpo):

@@ -51,7 +51,7 @@ def test_importing_rlhf_backs_large_tensors_with_huge_pages():
 
 CACHE_PROBE = """
 import json, resource, torch
-from hybrid_engine.memory import cache_cpu_blocks, cpu_cache_stats, handing_back, reset_peak, status_bytes
+from hybrid_engine.memory import cache_cpu_blocks, cpu_cache_stats, handing_back, limit_cpu_cache, reset_peak, status_bytes
 {body}
 """
 
@@ -109,6 +109,41 @@ out = dict(worst=worst, stats=cpu_cache_stats())
 """)
         assert out["worst"] <= 1 + headroom + 1e-9, (headroom, out)
         assert out["stats"]["evicted_bytes"] > 0 and out["stats"]["hits"] > 0, out
+
+
+def test_cpu_cache_keeps_no_more_than_its_limit_in_bytes():
+    """A limit set while blocks are cached trims them at once (largest first); later frees keep the cache
+    under it, whatever the headroom would allow; limit 0 caches nothing."""
+    out = cache_probe("""
+mib = 1 << 20
+assert cache_cpu_blocks(10.0)
+blocks = [torch.empty(n * mib // 4).fill_(n) for n in (3, 5, 7, 9)]
+del blocks
+before = cpu_cache_stats()["cached_bytes"]
+limit_cpu_cache(13 * mib)
+after_limit = cpu_cache_stats()["cached_bytes"]
+worst = 0
+for n in (2, 6, 3, 8, 4, 7, 5):
+    t = torch.empty(n * mib // 4).fill_(n)
+    del t
+    worst = max(worst, cpu_cache_stats()["cached_bytes"])
+limit_cpu_cache(0)
+x = torch.empty(mib).fill_(1)
+del x
+out = dict(before=before, after_limit=after_limit, worst=worst, zero=cpu_cache_stats()["cached_bytes"], mib=mib)
+""")
+    mib = out["mib"]
+    assert out["before"] == 24 * mib and out["after_limit"] == 8 * mib, out  # the 9 and 7 MiB blocks go
+    assert 0 < out["worst"] <= 13 * mib and out["zero"] == 0, out
+    uninstalled = cache_probe("try:\n    limit_cpu_cache(1)\nexcept RuntimeError as e:\n    out = str(e)")
+    assert "the CPU cache is not installed" in uninstalled
+
+
+def test_cpu_cache_refuses_a_negative_limit():
+    from hybrid_engine.memory import limit_cpu_cache
+
+    with pytest.raises(RuntimeError, match="limit is a number of bytes >= 0; got -1"):
+        limit_cpu_cache(-1)
 
 
 def test_cpu_cache_makes_repeated_large_allocations_fault_free():
