@@ -68,7 +68,7 @@ from hybrid_engine.models import prepack
 from rlhf.args import add_dtype
 from rlhf.ppo_args import OLD_LOGPROBS_FROM, samples_per_prompt
 
-GIB = 2**30
+GIB, MIB = 2**30, 2**20
 LORA_MODULES = "layers."  # OPT's model.decoder.layers.N and LLaMA's model.layers.N
 BASELINES = ("ds_chat", "gather_once")
 PHASES = ("generation", "experience", "training")
@@ -473,7 +473,7 @@ def memory_plan(args: argparse.Namespace, path: str, tp: int) -> dict[str, float
     # tensors kept for reuse, at most CACHE_HEADROOM x the live bytes' peak beyond it, and on each rank no more
     # than the memory the rest of the plan leaves (the worker sets that limit): the cache never refuses a run
     uncached = runtime + itemised + plan["unitemised (0.1 x itemised + 1 GiB)"]
-    room = max(0.0, mem_available() / args.world - uncached)
+    room = max(0.0, (mem_available() / args.world - uncached) // MIB * MIB)  # whole MiB: never past what is there
     plan[CACHE_PART] = min(CACHE_HEADROOM * itemised, room) if _C.cpu_cache_installed() else 0.0
     plan["peak"] = uncached + plan[CACHE_PART]
     return plan
