@@ -40,14 +40,21 @@ def cpu_cache_stats() -> dict[str, int]:
     return _C.cpu_cache_stats()
 
 
+_handing_back_depth = 0
+
+
 @contextmanager
 def handing_back():
-    """Tensors freed inside go back to the system, not to the CPU cache: for memory dropped for good."""
+    """Tensors freed inside go back to the system, not to the CPU cache: for memory dropped for good.
+    Nests: frees are cached again only when the outermost one ends."""
+    global _handing_back_depth
+    _handing_back_depth += 1
     _C.hand_back_frees(True)
     try:
         yield
     finally:
-        _C.hand_back_frees(False)
+        _handing_back_depth -= 1
+        _C.hand_back_frees(_handing_back_depth > 0)
 
 
 def return_freed_memory() -> None:

@@ -26,21 +26,24 @@ def test_status_bytes_names_a_missing_field():
         status_bytes("VmNothing")
 
 
-ALIGNMENT_PROBE = """
-import torch
-{imports}
-print(max(torch.empty(n).data_ptr() % 4096 for n in (50 << 20, 257 << 20)))
-"""
+def fresh_process(body: str, **env):
+    """Runs body (which sets `out`) in a fresh process and returns out: PyTorch reads its huge-page setting
+    once, and hybrid_engine's CPU cache stays installed for the rest of a process once it is. The
+    process's environment has neither allocator setting (THP_MEM_ALLOC_ENABLE, HE_CPU_CACHE) unless env
+    gives it."""
+    environ = {k: v for k, v in os.environ.items() if k not in ("THP_MEM_ALLOC_ENABLE", "HE_CPU_CACHE")} | env
+    code = f"import json, torch\n{body}\nprint(json.dumps(out))"
+    result = subprocess.run([sys.executable, "-c", code], env=environ, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout.splitlines()[-1])
 
 
 def page_offset(imports: str, **env) -> int:
     """The largest offset from a 4 KiB page of two large CPU tensors (beyond glibc's mmap threshold)
     allocated in a fresh process. PyTorch's allocator starts them on a page, and madvises them
     MADV_HUGEPAGE, exactly when THP_MEM_ALLOC_ENABLE is on; else they follow glibc's chunk header."""
-    environ = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"} | env
-    code = ALIGNMENT_PROBE.format(imports=imports)
-    out = subprocess.run([sys.executable, "-c", code], env=environ, capture_output=True, text=True, check=True)
-    return int(out.stdout)
+    return fresh_process(f"{imports}\nout = max(torch.empty(n).data_ptr() % 4096 for n in (50 << 20, 257 << 20))",
+                         **env)
 
 
 def test_importing_rlhf_backs_large_tensors_with_huge_pages():
@@ -49,22 +52,14 @@ def test_importing_rlhf_backs_large_tensors_with_huge_pages():
     assert page_offset("import rlhf", THP_MEM_ALLOC_ENABLE="0") != 0  # the user's choice is kept
 
 
-CACHE_PROBE = """
-import json, resource, torch
+CACHE_IMPORTS = """import resource
 from hybrid_engine.memory import cache_cpu_blocks, cpu_cache_stats, handing_back, limit_cpu_cache, reset_peak, status_bytes
-{body}
 """
 
 
-def cache_probe(body: str, **env) -> dict:
-    """Runs body (which sets `out`) in a fresh process, huge pages off unless env says: hybrid_engine's
-    CPU cache stays installed for the rest of a process once it is."""
-    environ = {k: v for k, v in os.environ.items() if k not in ("THP_MEM_ALLOC_ENABLE", "HE_CPU_CACHE")}
-    code = CACHE_PROBE.format(body=body) + "\nprint(json.dumps(out))"
-    result = subprocess.run([sys.executable, "-c", code], env=environ | {"THP_MEM_ALLOC_ENABLE": "0"} | env,
-                            capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr
-    return json.loads(result.stdout.splitlines()[-1])
+def cache_probe(body: str, **env):
+    """body in a fresh process with the CPU cache's functions imported, huge pages off unless env says."""
+    return fresh_process(CACHE_IMPORTS + body, **({"THP_MEM_ALLOC_ENABLE": "0"} | env))
 
 
 def test_cpu_cache_hands_a_freed_block_out_again_for_the_same_size_within_an_eighth():
@@ -189,6 +184,24 @@ out = dict(kept=kept, handed=handed, reset=rss - status_bytes(), cached=cpu_cach
     mib = 2**20
     assert out["kept"] < 16 * mib and out["handed"] > 200 * mib and out["reset"] > 200 * mib, out
     assert out["cached"] == 0
+
+
+def test_handing_back_nests():
+    """A free after an inner handing_back() ended, still inside the outer one, goes to the system; after the
+    outer one ends, frees are cached again."""
+    out = cache_probe("""
+assert cache_cpu_blocks()
+with handing_back():
+    with handing_back():
+        pass
+    x = torch.rand(4 << 20)
+    del x
+    inside = cpu_cache_stats()["cached_bytes"]
+y = torch.rand(4 << 20)
+del y
+out = dict(inside=inside, after=cpu_cache_stats()["cached_bytes"])
+""")
+    assert out == {"inside": 0, "after": 16 << 20}, out
 
 
 def test_importing_rlhf_installs_the_cpu_cache_unless_told_not_to():
