@@ -4,7 +4,9 @@
 #include <c10/util/Exception.h>
 
 #include <algorithm>
+#include <fstream>
 #include <limits>
+#include <string>
 #include <map>
 #include <mutex>
 #include <unordered_map>
@@ -19,9 +21,23 @@ constexpr size_t kGranule = size_t(1) << 16;  // sizes a few elements apart shar
 
 size_t block_size(size_t nbytes) { return (nbytes + kGranule - 1) / kGranule * kGranule; }
 
+// A field of /proc/meminfo in bytes (MemAvailable: what the machine can still give without swapping);
+// unlimited where there is none (not Linux).
+size_t meminfo_bytes(const std::string& field) {
+  std::ifstream meminfo("/proc/meminfo");
+  std::string name;
+  size_t kib = 0;
+  while (meminfo >> name >> kib) {
+    if (name == field + ":") return kib << 10;
+    meminfo.ignore(std::numeric_limits<std::streamsize>::max(), '\n');
+  }
+  return std::numeric_limits<size_t>::max();
+}
+
 class CachingCPUAllocator final : public c10::Allocator {
  public:
-  CachingCPUAllocator(c10::Allocator* base, double headroom) : base_(base), headroom_(headroom) {}
+  CachingCPUAllocator(c10::Allocator* base, double headroom)
+      : base_(base), headroom_(headroom), reserve_(meminfo_bytes("MemTotal") / 16) {}
 
   c10::DataPtr allocate(size_t nbytes) override {
     if (nbytes < kMinBytes) return base_->allocate(nbytes);
@@ -55,6 +71,11 @@ class CachingCPUAllocator final : public c10::Allocator {
     for (void* data : evicted) base_->raw_deallocate(data);
   }
 
+  void set_reserve(size_t bytes) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    reserve_ = bytes;
+  }
+
   void set_hand_back(bool on) {
     std::lock_guard<std::mutex> lock(mutex_);
     hand_back_ = on;
@@ -62,7 +83,8 @@ class CachingCPUAllocator final : public c10::Allocator {
 
   CpuCacheStats stats() {
     std::lock_guard<std::mutex> lock(mutex_);
-    return {int64_t(live_bytes_), int64_t(cached_bytes_), int64_t(peak_live_), hits_, misses_, system_bytes_, evicted_bytes_};
+    return {int64_t(live_bytes_), int64_t(cached_bytes_), int64_t(peak_live_), hits_,
+            misses_, system_bytes_, evicted_bytes_, pressure_evictions_};
   }
 
  private:
@@ -97,10 +119,16 @@ class CachingCPUAllocator final : public c10::Allocator {
     return data;
   }
 
+  // The other ranks on the machine have caches and peaks of their own: when the machine runs short, a
+  // request from the system first hands back every cached block, so the cache never causes an OOM kill.
   void make_room(size_t size, std::vector<void*>& evicted) {
     const size_t limit = std::max(size_t(double(peak_live_) * (1 + headroom_)), live_bytes_ + size);
     const size_t footprint = live_bytes_ + size + cached_bytes_;
     if (footprint > limit) evict(footprint - limit, evicted);
+    if (cached_bytes_ > 0 && meminfo_bytes("MemAvailable") < size + reserve_) {
+      ++pressure_evictions_;
+      evict(cached_bytes_, evicted);
+    }
   }
 
   void trim(std::vector<void*>& evicted) {
@@ -143,6 +171,7 @@ class CachingCPUAllocator final : public c10::Allocator {
   c10::Allocator* base_;
   double headroom_;
   size_t max_cached_ = std::numeric_limits<size_t>::max();
+  size_t reserve_;
   bool hand_back_ = false;
   std::mutex mutex_;
   std::multimap<size_t, void*> free_;
@@ -154,6 +183,7 @@ class CachingCPUAllocator final : public c10::Allocator {
   int64_t misses_ = 0;
   int64_t system_bytes_ = 0;
   int64_t evicted_bytes_ = 0;
+  int64_t pressure_evictions_ = 0;
 };
 
 // Never destroyed: tensors may outlive static destruction and still call release.
@@ -181,6 +211,12 @@ void limit_cpu_cache(int64_t max_cached_bytes) {
   cache->set_limit(size_t(max_cached_bytes));
 }
 
+void reserve_free_memory(int64_t bytes) {
+  TORCH_CHECK(bytes >= 0, "the memory the CPU cache leaves free is a number of bytes >= 0; got ", bytes);
+  TORCH_CHECK(cache != nullptr, "reserve_free_memory: the CPU cache is not installed (hybrid_engine.memory.cache_cpu_blocks)");
+  cache->set_reserve(size_t(bytes));
+}
+
 void hand_back_frees(bool on) {
   if (cache != nullptr) cache->set_hand_back(on);
 }
@@ -190,7 +226,7 @@ void empty_cpu_cache() {
 }
 
 CpuCacheStats cpu_cache_stats() {
-  return cache != nullptr ? cache->stats() : CpuCacheStats{0, 0, 0, 0, 0, 0, 0};
+  return cache != nullptr ? cache->stats() : CpuCacheStats{0, 0, 0, 0, 0, 0, 0, 0};
 }
 
 }  // namespace hybrid_engine

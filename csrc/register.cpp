@@ -114,12 +114,16 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("cpu_cache_installed", &hybrid_engine::cpu_cache_installed);
   m.def("limit_cpu_cache", &hybrid_engine::limit_cpu_cache, py::arg("max_cached_bytes"),
         "Bounds the bytes the installed CPU cache keeps; beyond them, freed blocks go back to the system.");
+  m.def("reserve_free_memory", &hybrid_engine::reserve_free_memory, py::arg("bytes"),
+        "The machine's available memory (MemAvailable) below which a request the CPU cache cannot serve first "
+        "hands every cached block back (default: 1/16 of the machine's memory).");
   m.def("empty_cpu_cache", &hybrid_engine::empty_cpu_cache, "Frees the cached CPU blocks; a new peak window.");
   m.def("cpu_cache_stats", [] {
     const hybrid_engine::CpuCacheStats s = hybrid_engine::cpu_cache_stats();
     return py::dict(py::arg("live_bytes") = s.live_bytes, py::arg("cached_bytes") = s.cached_bytes,
                     py::arg("peak_live_bytes") = s.peak_live_bytes, py::arg("hits") = s.hits, py::arg("misses") = s.misses,
-                    py::arg("system_bytes") = s.system_bytes, py::arg("evicted_bytes") = s.evicted_bytes);
+                    py::arg("system_bytes") = s.system_bytes, py::arg("evicted_bytes") = s.evicted_bytes,
+                    py::arg("pressure_evictions") = s.pressure_evictions);
   }, "Bytes live, cached and at peak, and requests served by the cache (hits) or the system (misses).");
   m.def("packed_linear_supported", [](bool bf16) {
     return hybrid_engine::cpu::packed_linear_supported(bf16 ? at::kBFloat16 : at::kFloat);

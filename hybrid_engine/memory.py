@@ -34,9 +34,16 @@ def limit_cpu_cache(max_cached_bytes: int) -> None:
     _C.limit_cpu_cache(max_cached_bytes)
 
 
+def reserve_free_memory(nbytes: int) -> None:
+    """When the machine's available memory (MemAvailable) is below a request + nbytes, a request the cache
+    cannot serve first hands every cached block back: the other processes on the machine (ranks) cannot
+    take this one's cached blocks. Default: 1/16 of the machine's memory."""
+    _C.reserve_free_memory(nbytes)
+
+
 def cpu_cache_stats() -> dict[str, int]:
-    """live_bytes, cached_bytes, peak_live_bytes, hits, misses, system_bytes, evicted_bytes (zeros
-    without cache_cpu_blocks)."""
+    """live_bytes, cached_bytes, peak_live_bytes, hits, misses, system_bytes, evicted_bytes,
+    pressure_evictions (zeros without cache_cpu_blocks)."""
     return _C.cpu_cache_stats()
 
 

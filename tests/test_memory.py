@@ -53,7 +53,8 @@ def test_importing_rlhf_backs_large_tensors_with_huge_pages():
 
 
 CACHE_IMPORTS = """import resource
-from hybrid_engine.memory import cache_cpu_blocks, cpu_cache_stats, handing_back, limit_cpu_cache, reset_peak, status_bytes
+from hybrid_engine.memory import (cache_cpu_blocks, cpu_cache_stats, handing_back, limit_cpu_cache, reserve_free_memory,
+                                  reset_peak, status_bytes)
 """
 
 
@@ -134,11 +135,34 @@ out = dict(before=before, after_limit=after_limit, worst=worst, zero=cpu_cache_s
     assert "the CPU cache is not installed" in uninstalled
 
 
-def test_cpu_cache_refuses_a_negative_limit():
-    from hybrid_engine.memory import limit_cpu_cache
+def test_cpu_cache_hands_every_block_back_when_the_machine_runs_short():
+    """A request from the system while the machine's available memory is below it + the reserve first hands
+    every cached block back (and counts it); with the machine's memory to spare, the cache keeps them."""
+    out = cache_probe("""
+mib = 1 << 20
+assert cache_cpu_blocks(10.0)
+reserve_free_memory(0)
+a = torch.empty(mib // 4).fill_(1)
+del a
+b = torch.empty(4 * mib // 4).fill_(2)  # from the system; 4 MiB are available
+kept = cpu_cache_stats()
+reserve_free_memory(1 << 62)  # more than any machine has
+c = torch.empty(16 * mib // 4).fill_(3)
+short = cpu_cache_stats()
+out = dict(kept=kept, short=short, mib=mib)
+""")
+    mib = out["mib"]
+    assert out["kept"]["cached_bytes"] == mib and out["kept"]["pressure_evictions"] == 0, out
+    assert out["short"]["cached_bytes"] == 0 and out["short"]["pressure_evictions"] == 1, out
+
+
+def test_cpu_cache_refuses_a_negative_limit_or_reserve():
+    from hybrid_engine.memory import limit_cpu_cache, reserve_free_memory
 
     with pytest.raises(RuntimeError, match="limit is a number of bytes >= 0; got -1"):
         limit_cpu_cache(-1)
+    with pytest.raises(RuntimeError, match="leaves free is a number of bytes >= 0; got -2"):
+        reserve_free_memory(-2)
 
 
 def test_cpu_cache_makes_repeated_large_allocations_fault_free():
