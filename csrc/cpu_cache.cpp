@@ -6,9 +6,9 @@
 #include <algorithm>
 #include <fstream>
 #include <limits>
-#include <string>
 #include <map>
 #include <mutex>
+#include <string>
 #include <unordered_map>
 #include <vector>
 
@@ -120,7 +120,7 @@ class CachingCPUAllocator final : public c10::Allocator {
   }
 
   // The other ranks on the machine have caches and peaks of their own: when the machine runs short, a
-  // request from the system first hands back every cached block, so the cache never causes an OOM kill.
+  // request from the system first hands back every cached block, before the kernel has to find the memory.
   void make_room(size_t size, std::vector<void*>& evicted) {
     const size_t limit = std::max(size_t(double(peak_live_) * (1 + headroom_)), live_bytes_ + size);
     const size_t footprint = live_bytes_ + size + cached_bytes_;
