@@ -452,8 +452,9 @@ def phase_bytes(args: argparse.Namespace, n: dict, path: str, tp: int) -> dict[s
 CACHE_PART = f"CPU cache (<= {CACHE_HEADROOM} x itemised, in the memory left)"
 
 
-def memory_plan(args: argparse.Namespace, path: str, tp: int) -> dict[str, float]:
-    """Estimated bytes per rank of one path, by part. Trained weights under ZeRO-3 in bf16 cost 2 bytes
+def memory_plan(args: argparse.Namespace, path: str, tp: int, available: int) -> dict[str, float]:
+    """Estimated bytes per rank of one path, by part, on a machine with `available` bytes free for all ranks
+    (the CPU cache gets what the rest leaves). Trained weights under ZeRO-3 in bf16 cost 2 bytes
     (partitioned) + 16 (fp32 master, Adam m and v, fp32 gradient, partitioned); frozen ones 2
     (partitioned). rlhf loads each model whole in --dtype before partitioning it."""
     n, b = model_sizes(args), DTYPES[args.dtype].itemsize
@@ -473,7 +474,7 @@ def memory_plan(args: argparse.Namespace, path: str, tp: int) -> dict[str, float
     # tensors kept for reuse, at most CACHE_HEADROOM x the live bytes' peak beyond it, and on each rank no more
     # than the memory the rest of the plan leaves (the worker sets that limit): the cache never refuses a run
     uncached = runtime + itemised + plan["unitemised (0.1 x itemised + 1 GiB)"]
-    room = max(0.0, (mem_available() / args.world - uncached) // MIB * MIB)  # whole MiB: never past what is there
+    room = max(0.0, (available / args.world - uncached) // MIB * MIB)  # whole MiB: never past what is there
     plan[CACHE_PART] = min(CACHE_HEADROOM * itemised, room) if _C.cpu_cache_installed() else 0.0
     plan["peak"] = uncached + plan[CACHE_PART]
     return plan
@@ -488,12 +489,12 @@ def mem_available() -> int:
 
 def check_memory(args: argparse.Namespace, paths: list[tuple[str, int]]) -> dict:
     """Print the per-rank plan of every path; refuse when a path's world of ranks would not fit."""
-    plans = {name: memory_plan(args, name, tp) for name, tp in paths}
+    available = mem_available()  # read once: the plans and the check below must see the same bytes
+    plans = {name: memory_plan(args, name, tp, available) for name, tp in paths}
     parts = list(next(iter(plans.values())))
     print(f"memory plan per rank (GiB; {args.world} ranks run at a time, one path after another):")
     print_table([{"part": part, **{name: plan[part] / GIB for name, plan in plans.items()}} for part in parts],
                 ["part", *plans])
-    available = mem_available()
     need = max(plan["peak"] for plan in plans.values()) * args.world
     print(f"largest path: {need / GIB:.1f} GiB for {args.world} ranks; available now: {available / GIB:.1f} GiB")
     if need > available and not args.ignore_memory_plan:
@@ -613,8 +614,9 @@ def choose_tp(args: argparse.Namespace) -> list[int]:
         return args.tp
     if "hybrid_engine" not in args.paths or args.world == 1:
         return [1]
-    tp1, split = (memory_plan(args, "hybrid_engine", tp)["peak"] for tp in (1, args.world))
-    if tp1 * args.world <= mem_available() or split >= tp1:  # fits, or splitting would not help
+    available = mem_available()
+    tp1, split = (memory_plan(args, "hybrid_engine", tp, available)["peak"] for tp in (1, args.world))
+    if tp1 * args.world <= available or split >= tp1:  # fits, or splitting would not help
         return [1]
     print(f"--tp 1 does not fit the memory available (its plan is below); hybrid_engine runs with --tp {args.world}")
     return [args.world]
