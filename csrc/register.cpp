@@ -6,6 +6,7 @@
 #include "cpu_cache.h"
 #include "reshard_plan.h"
 #include "cpu/ops.h"
+#include "cpu/thread_pool.h"
 #include "cpu/vec.h"
 
 namespace py = pybind11;
@@ -125,6 +126,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
                     py::arg("system_bytes") = s.system_bytes, py::arg("evicted_bytes") = s.evicted_bytes,
                     py::arg("pressure_evictions") = s.pressure_evictions);
   }, "Bytes live, cached and at peak, and requests served by the cache (hits) or the system (misses).");
+  m.def("set_cpu_spin_microseconds", &hybrid_engine::cpu::set_spin_microseconds, py::arg("microseconds"),
+        "How long the CPU kernels' worker threads spin for their next job before they sleep (0: sleep at once).");
+  m.def("cpu_spin_microseconds", &hybrid_engine::cpu::spin_microseconds);
+  m.def("cpu_parallel_for_chunks", &hybrid_engine::cpu::parallel_for_chunks, py::arg("n"), py::arg("grain"),
+        py::arg("fail_at") = -1,
+        "For tests: the (begin, end, thread) of each chunk the CPU kernels' parallel_for runs for [0, n), thread 0 "
+        "being the caller; the chunk holding index fail_at raises.");
   m.def("packed_linear_supported", [](bool bf16) {
     return hybrid_engine::cpu::packed_linear_supported(bf16 ? at::kBFloat16 : at::kFloat);
   }, py::arg("bf16"), "Whether this CPU has a packed_linear kernel for bfloat16 (else float32) inputs.");

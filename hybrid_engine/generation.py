@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
+from hybrid_engine import kernels
 from hybrid_engine._C import OutOfBlocksError
 from hybrid_engine.kv_cache import PagedKVCache
 from hybrid_engine.models import CausalLM, from_hf
@@ -281,7 +282,8 @@ class Run:
         positions = self.context_lens.long()
         self.context_lens += 1
         batch = AttentionBatch(slots.to(self.out.device), block_tables=block_tables, context_lens=self.context_lens)
-        logits = self.model.compute_logits(self.model(self.last_tokens, positions, batch, self.cache.layers))
+        with kernels.spinning_workers():
+            logits = self.model.compute_logits(self.model(self.last_tokens, positions, batch, self.cache.layers))
         self.last_tokens, done = self.sample(self.running_rows, logits)
         self.note_blocks_in_use()
         if bool(done.any()):

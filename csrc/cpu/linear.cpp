@@ -197,10 +197,10 @@ template <typename T, typename A, size_t kRows>
 void run(const LinearParams& p, const Kernels<A, kRows>& kernels) {
   const int64_t group = kRows * kBlocksPerGroup, units = padded_columns(p.N) / kernels.columns;
   if (p.M <= group) {
-    at::parallel_for(0, units, 1, [&](int64_t begin, int64_t end) { multiply<T>(p, 0, p.M, begin, end, kernels); });
+    parallel_for(0, units, 1, [&](int64_t begin, int64_t end) { multiply<T>(p, 0, p.M, begin, end, kernels); });
     return;
   }
-  at::parallel_for(0, (p.M + group - 1) / group, 1, [&](int64_t begin, int64_t end) {
+  parallel_for(0, (p.M + group - 1) / group, 1, [&](int64_t begin, int64_t end) {
     for (int64_t g = begin; g < end; ++g) multiply<T>(p, g * group, std::min(p.M, (g + 1) * group), 0, units, kernels);
   });
 }
@@ -259,7 +259,7 @@ at::Tensor pack_linear_weight(const at::Tensor& weight) {
   const int64_t bytes = weight.element_size();
   const char* src = static_cast<const char*>(weight.data_ptr());
   char* dst = static_cast<char*>(packed.data_ptr());
-  at::parallel_for(0, panels, 1, [&](int64_t begin, int64_t end) {
+  parallel_for(0, panels, 1, [&](int64_t begin, int64_t end) {
     for (int64_t panel = begin; panel < end; ++panel) {
       char* out = dst + panel * Kp * width * bytes;
       std::memset(out, 0, Kp * width * bytes);

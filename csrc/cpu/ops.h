@@ -18,6 +18,8 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
+#include "thread_pool.h"
+
 namespace hybrid_engine::cpu {
 
 // q [B, H, D]; k_cache/v_cache [num_blocks, block_size, KVH, D]; block_tables int32 [B, max_blocks]
@@ -123,12 +125,12 @@ inline int64_t rows_per_task(int64_t row_elements) {
   return std::max<int64_t>(1, (int64_t(1) << 15) / std::max<int64_t>(row_elements, 1));
 }
 
-// Runs a kernel over tasks [0, n) on torch's intra-op threads, instantiated for the storage type
+// Runs a kernel over tasks [0, n) on our threads (thread_pool.h), as many as torch's intra-op threads, instantiated for the storage type
 // of dtype: float for float32, uint16_t for bfloat16.
 template <typename Params>
 void parallel_run(at::ScalarType dtype, int64_t n, int64_t grain, const Params& p,
                   void (*f32)(const Params&, int64_t, int64_t), void (*bf16)(const Params&, int64_t, int64_t)) {
-  at::parallel_for(0, n, grain, [&](int64_t begin, int64_t end) {
+  parallel_for(0, n, grain, [&](int64_t begin, int64_t end) {
     (dtype == at::kBFloat16 ? bf16 : f32)(p, begin, end);
   });
 }

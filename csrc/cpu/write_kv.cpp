@@ -25,7 +25,7 @@ void copy_rows(const at::Tensor& key, const at::Tensor& value, at::Tensor& k_cac
                       " must be -1 (skip) or in [0, ", num_slots, ")");
   }
   // Rows per task: a decode step's few rows stay on one thread (waking another costs more than the copy).
-  at::parallel_for(0, key.size(0), 256, [&](int64_t begin, int64_t end) {
+  parallel_for(0, key.size(0), 256, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
       if (slots[t] < 0) continue;
       std::memcpy(kc + slots[t] * row_bytes, k + t * k_stride, row_bytes);

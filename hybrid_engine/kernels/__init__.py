@@ -32,6 +32,7 @@ from collections.abc import Iterator
 
 import torch
 
+from hybrid_engine import _C
 from hybrid_engine.kernels import native, reference
 from hybrid_engine.kernels import validate as check
 
@@ -50,10 +51,12 @@ _CPP_BY_DEFAULT = ("decode_attention", "prefill_attention", "write_kv")
 # step of OPT-1.3b has 49 norms). Prefill-sized inputs stay in torch, as measured above.
 _CPP_NORM_MAX_ELEMENTS = 1 << 16
 _backend_override = contextvars.ContextVar("hybrid_engine_kernels_backend", default="auto")
+# How long the C++ kernels' worker threads wait for the next kernel, spinning, inside spinning_workers().
+WORKER_SPIN_MICROSECONDS = 200
 
 __all__ = [
     "BACKENDS", "use_backend", "current_backend", "reference", "write_kv", "copy_blocks", "prefill_attention", "decode_attention",
-    "linear_act", "silu_and_mul", "add_layer_norm", "add_rms_norm",
+    "linear_act", "silu_and_mul", "add_layer_norm", "add_rms_norm", "spinning_workers",
 ]
 
 
@@ -67,6 +70,20 @@ def use_backend(name: str) -> Iterator[None]:
         yield
     finally:
         _backend_override.reset(token)
+
+
+@contextlib.contextmanager
+def spinning_workers(microseconds: int | None = None) -> Iterator[None]:
+    """Inside the block, the C++ kernels' worker threads spin up to `microseconds` (default
+    WORKER_SPIN_MICROSECONDS) for their next kernel before they sleep, instead of sleeping at once:
+    for a decode step, whose kernels follow each other within tens of microseconds while waking a
+    sleeping thread takes 35-45 (csrc/cpu/thread_pool.h)."""
+    previous = _C.cpu_spin_microseconds()
+    _C.set_cpu_spin_microseconds(WORKER_SPIN_MICROSECONDS if microseconds is None else microseconds)
+    try:
+        yield
+    finally:
+        _C.set_cpu_spin_microseconds(previous)
 
 
 def current_backend() -> str:
