@@ -2,6 +2,8 @@
 the same results whatever the threads and their spinning, errors brought back to the caller, a forked
 child that still runs, and spinning only inside the decode steps of a generation."""
 import math
+import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -88,9 +90,16 @@ def test_a_forked_child_runs_the_kernels_with_threads_of_its_own():
         _, status = os.waitpid(pid, 0)
         print(before, os.waitstatus_to_exitcode(status))
     """)
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.split()[-1] == "0", result.stdout  # the child neither hung nor split differently
+    process = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True, start_new_session=True)
+    try:
+        stdout, stderr = process.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)  # the hung child too, which would spin on
+        process.communicate()
+        pytest.fail("the forked child hung in its first parallel kernel")
+    assert process.returncode == 0, stderr
+    assert stdout.split()[-1] == "0", stdout  # the child split the work as its parent did
 
 
 def test_spinning_workers_nests_and_restores():
