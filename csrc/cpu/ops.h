@@ -125,8 +125,8 @@ inline int64_t rows_per_task(int64_t row_elements) {
   return std::max<int64_t>(1, (int64_t(1) << 15) / std::max<int64_t>(row_elements, 1));
 }
 
-// Runs a kernel over tasks [0, n) on our threads (thread_pool.h), as many as torch's intra-op threads, instantiated for the storage type
-// of dtype: float for float32, uint16_t for bfloat16.
+// Runs a kernel over tasks [0, n) on the kernels' threads (thread_pool.h), as many as torch's intra-op
+// threads, instantiated for the storage type of dtype: float for float32, uint16_t for bfloat16.
 template <typename Params>
 void parallel_run(at::ScalarType dtype, int64_t n, int64_t grain, const Params& p,
                   void (*f32)(const Params&, int64_t, int64_t), void (*bf16)(const Params&, int64_t, int64_t)) {
