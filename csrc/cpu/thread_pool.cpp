@@ -71,9 +71,11 @@ class Pool {
   }
 
   void grow(int64_t workers) {
-    while (static_cast<int64_t>(mailboxes_.size()) < workers) {
+    while (static_cast<int64_t>(threads_.size()) < workers) {
+      const int64_t w = threads_.size() + 1;
       mailboxes_.push_back(std::make_unique<std::atomic<uint64_t>>(0));
-      std::thread([this, w = int64_t(mailboxes_.size())] { work(w); }).detach();  // lives as long as the process
+      threads_.emplace_back([this, w] { work(w); });
+      threads_.back().detach();  // never joined: the pool lives as long as the process
     }
   }
 
@@ -111,7 +113,8 @@ class Pool {
   }
 
   Job job_;
-  std::vector<std::unique_ptr<std::atomic<uint64_t>>> mailboxes_;  // one per worker
+  std::vector<std::unique_ptr<std::atomic<uint64_t>>> mailboxes_;
+  std::vector<std::thread> threads_;
   std::atomic<int64_t> pending_{0};
   std::atomic<int> sleepers_{0};
   std::mutex mutex_;
@@ -135,8 +138,8 @@ Pool& pool() {
 }
 
 int64_t chunks_for(int64_t n, int64_t grain) {
-  const int64_t g = std::max<int64_t>(grain, 1);
-  return std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), (n + g - 1) / g));
+  const int64_t by_grain = (n + std::max<int64_t>(grain, 1) - 1) / std::max<int64_t>(grain, 1);
+  return std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), by_grain));
 }
 
 }  // namespace
