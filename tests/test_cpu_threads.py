@@ -102,6 +102,29 @@ def test_a_forked_child_runs_the_kernels_with_threads_of_its_own():
     assert stdout.split()[-1] == "0", stdout  # the child split the work as its parent did
 
 
+def test_a_pool_that_grows_by_many_workers_at_once_runs_every_chunk():
+    # Each forked child starts with no workers and its first job makes seven of them in one go: a worker
+    # must not read its mailbox from a vector the next one's creation may reallocate.
+    script = textwrap.dedent("""
+        import os, torch
+        from hybrid_engine import _C
+        torch.set_num_threads(8)
+        def ran_right(chunks):  # eight chunks of four, each on a thread of its own, the first on the caller
+            return [(b, e) for b, e, _ in chunks] == [(b, b + 4) for b in range(0, 32, 4)] and \
+                chunks[0][2] == 0 and sorted(t for _, _, t in chunks) == list(range(8))
+        codes = []
+        for _ in range(20):
+            pid = os.fork()
+            if pid == 0:
+                os._exit(0 if ran_right(_C.cpu_parallel_for_chunks(32, 1)) else 3)
+            codes.append(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]))
+        print(codes)
+    """)
+    process = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert process.returncode == 0, process.stderr
+    assert process.stdout.strip() == str([0] * 20), process.stdout
+
+
 def test_spinning_workers_nests_and_restores():
     assert _C.cpu_spin_microseconds() == 0  # the default: workers sleep at once
     with kernels.spinning_workers():

@@ -73,15 +73,15 @@ class Pool {
   void grow(int64_t workers) {
     while (static_cast<int64_t>(threads_.size()) < workers) {
       const int64_t w = threads_.size() + 1;
-      mailboxes_.push_back(std::make_unique<std::atomic<uint64_t>>(0));
-      threads_.emplace_back([this, w] { work(w); });
+      // The worker gets its mailbox, not an index: the next push_back may move the vector under it.
+      std::atomic<uint64_t>* mailbox = mailboxes_.emplace_back(std::make_unique<std::atomic<uint64_t>>(0)).get();
+      threads_.emplace_back([this, w, mailbox] { work(w, *mailbox); });
       threads_.back().detach();  // never joined: the pool lives as long as the process
     }
   }
 
-  void work(int64_t w) {
+  void work(int64_t w, std::atomic<uint64_t>& mailbox) {
     t_in_job = true;
-    std::atomic<uint64_t>& mailbox = *mailboxes_[w - 1];
     uint64_t seen = 0;
     for (;;) {
       wait_for_change(mailbox, seen);
