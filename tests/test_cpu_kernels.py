@@ -288,8 +288,10 @@ def check_linear(rows: int, out_features: int, in_features: int, dtype: torch.dt
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("rows", [1, 5, 12, 13, 16, 17, 40])
-@pytest.mark.parametrize("out_features,in_features", [(16, 64), (37, 33), (100, 300), (1, 7)])
+# Rows around the kernels' block sizes (6 rows take 4 panels per step, 16 one); 1 to 10 panels of 16
+# columns, so that a thread's last step holds 1, 2 or 3 panels.
+@pytest.mark.parametrize("rows", [1, 5, 6, 7, 12, 13, 16, 17, 40])
+@pytest.mark.parametrize("out_features,in_features", [(16, 64), (37, 33), (24, 50), (100, 300), (150, 40), (1, 7)])
 def test_packed_linear(dtype, rows, out_features, in_features):
     check_linear(rows, out_features, in_features, dtype, bias=rows % 2 == 1, relu=out_features != 16)
 
@@ -337,6 +339,8 @@ for dtype in t.DTYPES:
     t.check_silu_and_mul((3, 2 * 77), dtype)
     t.check_linear(9, 37, 45, dtype, True, True)
     t.check_linear(16, 48, 130, dtype, False, False)
+    t.check_linear(16, 40, 30, dtype, True, False)  # 5 panels of 8 columns: a last step of 1 in the 6-row kernel
+    t.check_linear(40, 40, 30, dtype, False, True)
 print(",".join(hybrid_engine._C.cpu_isa_variants_run()))
 """
 

@@ -27,9 +27,13 @@ constexpr const char* kOp = "packed_linear";
 constexpr int64_t kPanel = 16;     // output columns per panel
 constexpr int64_t kAvx2Panel = 8;  // fp32 on AVX2: one 8-lane vector (panel_width)
 // The weights stream from memory while the FMA units are busy, which leaves the out-of-order core
-// few loads in flight: fetching 2 KB ahead made a pass over all linears of OPT-125m/1.3b at 16 rows
-// 1.25-1.35x faster than without (1, 2 and 4 KB measured; 2-4 KB best, 1.2x over oneDNN at 16 rows).
-constexpr int64_t kPrefetchBytes = 2048;
+// few loads in flight, so each k step prefetches its panels this far ahead, shared between them (a
+// kernel of P panels fetches each kPrefetchBytes / P ahead). 2 KB made a pass over all linears of
+// OPT-125m/1.3b at 16 rows 1.25-1.35x faster than none (Zen 4; 1, 2 and 4 KB measured, 2-4 best). On a
+// 2-vCPU Zen 5, in one process alternating round by round over all linears of OPT-1.3b, 8 KB against
+// 2: bf16 16 rows 70-73 -> 50-52 ms, fp32 16 rows 131-143 -> 96-118, 8 rows 97-123 -> 80-115, the AVX2
+// kernels (fp32) 217 -> 189 at 16 rows and 153 -> 116 at 8; 4 KB was slower than 8, 12-16 KB no faster.
+constexpr int64_t kPrefetchBytes = 8192;
 
 struct LinearParams {
   const void* x;       // [M, K], float32 or bfloat16
@@ -56,37 +60,72 @@ __attribute__((target(HE_AVX512))) HE_INLINE __m512 bias_relu_avx512(const Linea
   return p.relu ? _mm512_max_ps(_mm512_setzero_ps(), acc) : acc;  // max(0, NaN) is NaN, as in torch
 }
 
-// fp32: R rows x one 16-column panel, acc[r] += a[k][r] * w[k][0:16] over K.
-template <int R>
-__attribute__((target(HE_AVX512))) void panel_f32_avx512(const LinearParams& p, const float* a, const float* w,
-                                                          int64_t m0, int64_t n0) {
-  __m512 acc[R];
-  for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
+// fp32: R rows x P panels of 16 columns (the next panel K * 16 floats on), acc[j * R + r] += a[k][r] * w_j[k][0:16].
+// Accessing the accumulators only in loops GCC unrolls keeps them in registers (see panels_f32_avx2).
+template <int R, int P>
+__attribute__((target(HE_AVX512))) void panels_f32_avx512(const LinearParams& p, const float* a, const float* w,
+                                                           int64_t m0, int64_t n0) {
+  const int64_t stride = p.Kp * kPanel, ahead = kPrefetchBytes / P;
+  __m512 acc[P * R];
+#pragma GCC unroll 32
+  for (int i = 0; i < P * R; ++i) acc[i] = _mm512_setzero_ps();
   for (int64_t k = 0; k < p.K; ++k, a += R, w += kPanel) {
-    _mm_prefetch(reinterpret_cast<const char*>(w) + kPrefetchBytes, _MM_HINT_T0);
-    const __m512 b = _mm512_loadu_ps(w);
-    for (int r = 0; r < R; ++r) acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(a[r]), b, acc[r]);
+    __m512 b[P];
+#pragma GCC unroll 4
+    for (int j = 0; j < P; ++j) {
+      _mm_prefetch(reinterpret_cast<const char*>(w + j * stride) + ahead, _MM_HINT_T0);
+      b[j] = _mm512_loadu_ps(w + j * stride);
+    }
+#pragma GCC unroll 16
+    for (int r = 0; r < R; ++r) {
+      const __m512 x = _mm512_set1_ps(a[r]);
+#pragma GCC unroll 4
+      for (int j = 0; j < P; ++j) acc[j * R + r] = _mm512_fmadd_ps(x, b[j], acc[j * R + r]);
+    }
   }
-  const __mmask16 mask = column_mask(p, n0);
-  float* out = static_cast<float*>(p.out) + m0 * p.N + n0;
-  for (int r = 0; r < R; ++r) _mm512_mask_storeu_ps(out + r * p.N, mask, bias_relu_avx512(p, acc[r], n0, mask));
+#pragma GCC unroll 4
+  for (int j = 0; j < P; ++j) {
+    const int64_t n = n0 + j * kPanel;
+    const __mmask16 mask = column_mask(p, n);
+    float* out = static_cast<float*>(p.out) + m0 * p.N + n;
+#pragma GCC unroll 16
+    for (int r = 0; r < R; ++r)
+      _mm512_mask_storeu_ps(out + r * p.N, mask, bias_relu_avx512(p, acc[j * R + r], n, mask));
+  }
 }
 
-// bf16: R rows x one panel, acc[r] += a[k][r] . w[k][0:16] over the K / 2 pairs.
-template <int R>
-__attribute__((target(HE_AVX512_BF16))) void panel_bf16_avx512(const LinearParams& p, const uint32_t* a,
-                                                                const uint32_t* w, int64_t m0, int64_t n0) {
-  __m512 acc[R];
-  for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
+// bf16: R rows x P panels, acc[j * R + r] += a[k][r] . w_j[k][0:16] over the K / 2 pairs.
+template <int R, int P>
+__attribute__((target(HE_AVX512_BF16))) void panels_bf16_avx512(const LinearParams& p, const uint32_t* a,
+                                                                 const uint32_t* w, int64_t m0, int64_t n0) {
+  const int64_t stride = p.Kp / 2 * kPanel, ahead = kPrefetchBytes / P;
+  __m512 acc[P * R];
+#pragma GCC unroll 32
+  for (int i = 0; i < P * R; ++i) acc[i] = _mm512_setzero_ps();
   for (int64_t k = 0; k < p.Kp / 2; ++k, a += R, w += kPanel) {
-    _mm_prefetch(reinterpret_cast<const char*>(w) + kPrefetchBytes, _MM_HINT_T0);
-    const __m512bh b = (__m512bh)_mm512_loadu_si512(w);
-    for (int r = 0; r < R; ++r) acc[r] = _mm512_dpbf16_ps(acc[r], (__m512bh)_mm512_set1_epi32(a[r]), b);
+    __m512bh b[P];
+#pragma GCC unroll 4
+    for (int j = 0; j < P; ++j) {
+      _mm_prefetch(reinterpret_cast<const char*>(w + j * stride) + ahead, _MM_HINT_T0);
+      b[j] = (__m512bh)_mm512_loadu_si512(w + j * stride);
+    }
+#pragma GCC unroll 16
+    for (int r = 0; r < R; ++r) {
+      const __m512bh x = (__m512bh)_mm512_set1_epi32(a[r]);
+#pragma GCC unroll 4
+      for (int j = 0; j < P; ++j) acc[j * R + r] = _mm512_dpbf16_ps(acc[j * R + r], x, b[j]);
+    }
   }
-  const __mmask16 mask = column_mask(p, n0);
-  uint16_t* out = static_cast<uint16_t*>(p.out) + m0 * p.N + n0;
-  for (int r = 0; r < R; ++r)
-    _mm256_mask_storeu_epi16(out + r * p.N, mask, (__m256i)_mm512_cvtneps_pbh(bias_relu_avx512(p, acc[r], n0, mask)));
+#pragma GCC unroll 4
+  for (int j = 0; j < P; ++j) {
+    const int64_t n = n0 + j * kPanel;
+    const __mmask16 mask = column_mask(p, n);
+    uint16_t* out = static_cast<uint16_t*>(p.out) + m0 * p.N + n;
+#pragma GCC unroll 16
+    for (int r = 0; r < R; ++r)
+      _mm256_mask_storeu_epi16(out + r * p.N, mask,
+                               (__m256i)_mm512_cvtneps_pbh(bias_relu_avx512(p, acc[j * R + r], n, mask)));
+  }
 }
 
 // AVX2 has no mask registers: lanes [0, count) of an 8-lane half as a vmaskmovps mask.
@@ -106,7 +145,7 @@ __attribute__((target("avx2,fma"))) HE_INLINE __m256 bias_relu_avx2(const Linear
 template <int R, int P>
 __attribute__((target("avx2,fma"))) void panels_f32_avx2(const LinearParams& p, const float* a, const float* w,
                                                           int64_t m0, int64_t n0) {
-  const int64_t stride = p.Kp * kAvx2Panel;
+  const int64_t stride = p.Kp * kAvx2Panel, ahead = kPrefetchBytes / P;
   __m256 acc[P * R];  // acc[j * R + r]: row r, panel j
 #pragma GCC unroll 16
   for (int i = 0; i < P * R; ++i) acc[i] = _mm256_setzero_ps();
@@ -114,7 +153,7 @@ __attribute__((target("avx2,fma"))) void panels_f32_avx2(const LinearParams& p, 
     __m256 b[P];
 #pragma GCC unroll 2
     for (int j = 0; j < P; ++j) {
-      _mm_prefetch(reinterpret_cast<const char*>(w + j * stride) + kPrefetchBytes, _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(w + j * stride) + ahead, _MM_HINT_T0);
       b[j] = _mm256_loadu_ps(w + j * stride);
     }
 #pragma GCC unroll 12
@@ -158,25 +197,25 @@ void transpose_rows(const LinearParams& p, int64_t m0, int64_t rows, A* a) {
 template <typename A>
 using PanelKernel = void (*)(const LinearParams&, const A*, const A*, int64_t, int64_t);
 
-// The kernels of one ISA and dtype: by_rows[r - 1] multiplies r rows by `columns` columns of panels.
-template <typename A, size_t kRows>
+// The kernels of one ISA and dtype: by_rows[r - 1][q - 1] multiplies r rows by q panels of `width` columns.
+template <typename A, size_t kRows, size_t kPanels>
 struct Kernels {
-  std::array<PanelKernel<A>, kRows> by_rows;
-  int64_t columns;
+  std::array<std::array<PanelKernel<A>, kPanels>, kRows> by_rows;
+  int64_t width;
 };
 
 // Row blocks that share each panel while it is in cache: up to 4 blocks of x are transposed, then
 // every panel multiplies all of them.
 constexpr int64_t kBlocksPerGroup = 4;
 
-// Rows [m_begin, m_end) of x (at most kBlocksPerGroup blocks of up to kRows) times column units
-// [begin, end) of kernels.columns each, each block with the kernel instantiated for its row count
-// (accumulators stay registers). The rows are spread evenly over the blocks: a block of few rows has
-// too few accumulators to hide the FMA latency (8 rows on AVX2 as 6 + 2 take 10 FMA cycles per k, as
-// 4 + 4 take 8: 1.17x faster with the weight in L2, one thread, Zen 3).
-template <typename T, typename A, size_t kRows>
+// Rows [m_begin, m_end) of x (at most kBlocksPerGroup blocks of up to kRows) times panels [begin, end),
+// kPanels at a time, each block with the kernel instantiated for its row count (accumulators stay
+// registers). The rows are spread evenly over the blocks: a block of few rows has too few accumulators
+// to hide the FMA latency (8 rows on AVX2 as 6 + 2 take 10 FMA cycles per k, as 4 + 4 take 8: 1.17x
+// faster with the weight in L2, one thread, Zen 3).
+template <typename T, typename A, size_t kRows, size_t kPanels>
 void multiply(const LinearParams& p, int64_t m_begin, int64_t m_end, int64_t begin, int64_t end,
-              const Kernels<A, kRows>& kernels) {
+              const Kernels<A, kRows, kPanels>& kernels) {
   constexpr int64_t per = sizeof(A) / sizeof(T);
   const int64_t tile = kRows * p.Kp / per, blocks = (m_end - m_begin + kRows - 1) / kRows;
   const int64_t base = (m_end - m_begin) / blocks, extra = (m_end - m_begin) % blocks;
@@ -186,49 +225,88 @@ void multiply(const LinearParams& p, int64_t m_begin, int64_t m_end, int64_t beg
   tiles.resize(std::max<size_t>(tiles.size(), blocks * tile));
   for (int64_t i = 0; i < blocks; ++i) transpose_rows<T>(p, first_row(i), rows_of(i), tiles.data() + i * tile);
   const A* packed = static_cast<const A*>(p.packed);
-  for (int64_t n0 = begin * kernels.columns; n0 < end * kernels.columns; n0 += kernels.columns)
+  for (int64_t panel = begin; panel < end; panel += kPanels) {
+    const int64_t n0 = panel * kernels.width, panels = std::min<int64_t>(kPanels, end - panel);
     for (int64_t i = 0; i < blocks; ++i)  // panels of any width start n0 * Kp elements in
-      kernels.by_rows[rows_of(i) - 1](p, tiles.data() + i * tile, packed + n0 * p.Kp / per, first_row(i), n0);
+      kernels.by_rows[rows_of(i) - 1][panels - 1](p, tiles.data() + i * tile, packed + n0 * p.Kp / per,
+                                                  first_row(i), n0);
+  }
 }
 
-// A few rows (decode): the threads split the columns, each weight element is read once. Many rows
-// (prefill): the threads split groups of rows, so each row is transposed once.
-template <typename T, typename A, size_t kRows>
-void run(const LinearParams& p, const Kernels<A, kRows>& kernels) {
-  const int64_t group = kRows * kBlocksPerGroup, units = padded_columns(p.N) / kernels.columns;
+// A few rows (decode): the threads split the columns, kPanels panels at a time, and each weight element is
+// read once. Many rows (prefill): the threads split groups of rows, so each row is transposed once.
+template <typename T, typename A, size_t kRows, size_t kPanels>
+void run(const LinearParams& p, const Kernels<A, kRows, kPanels>& kernels) {
+  const int64_t group = kRows * kBlocksPerGroup, panels = padded_columns(p.N) / kernels.width;
   if (p.M <= group) {
-    parallel_for(0, units, 1, [&](int64_t begin, int64_t end) { multiply<T>(p, 0, p.M, begin, end, kernels); });
+    parallel_for(0, (panels + kPanels - 1) / kPanels, 1, [&](int64_t begin, int64_t end) {
+      multiply<T>(p, 0, p.M, begin * kPanels, std::min<int64_t>(panels, end * kPanels), kernels);
+    });
     return;
   }
   parallel_for(0, (p.M + group - 1) / group, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t g = begin; g < end; ++g) multiply<T>(p, g * group, std::min(p.M, (g + 1) * group), 0, units, kernels);
+    for (int64_t g = begin; g < end; ++g)
+      multiply<T>(p, g * group, std::min(p.M, (g + 1) * group), 0, panels, kernels);
   });
 }
 
 #if defined(__x86_64__) && defined(__GNUC__)
-template <int... R>
-constexpr Kernels<float, sizeof...(R)> f32_avx512(std::integer_sequence<int, R...>) {
-  return {{&panel_f32_avx512<R + 1>...}, kPanel};
+// A family of kernels (one ISA and dtype) as templates over rows and panels, and tables of them.
+struct F32Avx512 {
+  using A = float;
+  static constexpr int64_t kWidth = kPanel;
+  template <int R, int P>
+  static constexpr PanelKernel<A> kernel = &panels_f32_avx512<R, P>;
+};
+struct Bf16Avx512 {
+  using A = uint32_t;
+  static constexpr int64_t kWidth = kPanel;
+  template <int R, int P>
+  static constexpr PanelKernel<A> kernel = &panels_bf16_avx512<R, P>;
+};
+struct F32Avx2 {
+  using A = float;
+  static constexpr int64_t kWidth = kAvx2Panel;
+  template <int R, int P>
+  static constexpr PanelKernel<A> kernel = &panels_f32_avx2<R, P>;
+};
+
+template <typename Family, int R, int... P>
+constexpr std::array<PanelKernel<typename Family::A>, sizeof...(P)> kernel_row(std::integer_sequence<int, P...>) {
+  return {Family::template kernel<R, P + 1>...};
 }
-template <int... R>
-constexpr Kernels<uint32_t, sizeof...(R)> bf16_avx512(std::integer_sequence<int, R...>) {
-  return {{&panel_bf16_avx512<R + 1>...}, kPanel};
+// Kernels of 1..sizeof(R) rows by 1..kPanels panels.
+template <typename Family, int kPanels, int... R>
+constexpr Kernels<typename Family::A, sizeof...(R), kPanels> table(std::integer_sequence<int, R...>) {
+  return {{kernel_row<Family, R + 1>(std::make_integer_sequence<int, kPanels>{})...}, Family::kWidth};
 }
-template <int P, int... R>
-constexpr Kernels<float, sizeof...(R)> f32_avx2(std::integer_sequence<int, R...>) {
-  return {{&panels_f32_avx2<R + 1, P>...}, kAvx2Panel * P};
+
+// Rows per block and panels per step, within 32 vector registers on AVX-512 and 16 on AVX2 (rows x
+// panels accumulators, a panel row each, a broadcast). Each accumulator is a chain of dependent FMAs, so
+// a few rows need several panels to keep both FMA units busy: up to 6 rows take 4 panels per step (all
+// linears of OPT-1.3b, bf16, Zen 5, alternated in one process: 1 row 54.1 -> 51.3 ms, 4 rows 58.3 -> 53.6,
+// 6 rows 58.4 -> 54.9; fp32 1 row 106 -> 101, 4 rows 110 -> 106), while 2 panels for 7-12 rows changed
+// nothing measurable, so more rows take one. AVX2: 6 rows x 2 panels, or up to 12 rows x 1 panel, so
+// that a decode batch of up to 12 rows reads each weight once, as it streams from memory. As two blocks of 4
+// rows the second block re-read each panel from L2 while no weights streamed in: all linears of OPT-1.3b at
+// 8 rows took the time of 4 rows (memory) plus 4 rows' FMAs, 289 ms; with one block 252 ms (2 threads, Zen
+// 3; alternated runs: 381 and 422 -> 262 and 249 ms). At 16 rows two 8-row blocks ran slower than three of
+// 6 x 2 panels (351-403 -> 514-543 ms), so larger batches keep those.
+constexpr auto kF32Avx512 = table<F32Avx512, 1>(std::make_integer_sequence<int, 16>{});
+constexpr auto kF32Avx512Few = table<F32Avx512, 4>(std::make_integer_sequence<int, 6>{});
+constexpr auto kBf16Avx512 = table<Bf16Avx512, 1>(std::make_integer_sequence<int, 16>{});
+constexpr auto kBf16Avx512Few = table<Bf16Avx512, 4>(std::make_integer_sequence<int, 6>{});
+constexpr auto kF32Avx2 = table<F32Avx2, 2>(std::make_integer_sequence<int, 6>{});
+constexpr auto kF32Avx2Decode = table<F32Avx2, 1>(std::make_integer_sequence<int, 12>{});
+
+// The AVX-512 table for M rows: 4 panels at a time for a few rows.
+template <typename T, typename Few, typename Many>
+void run_avx512(const LinearParams& p, const Few& few, const Many& many) {
+  if (p.M <= int64_t(few.by_rows.size()))
+    run<T>(p, few);
+  else
+    run<T>(p, many);
 }
-// Rows per block: AVX-512 has 32 vector registers (16 accumulators, the panel row, broadcasts); AVX2
-// has 16: 6 rows x 2 panels, or up to 12 rows x 1 panel, so that a decode batch of up to 12 rows reads
-// each weight once, as it streams from memory. As two blocks of 4 rows the second block re-read each
-// panel from L2 while no weights streamed in: all linears of OPT-1.3b at 8 rows took the time of 4 rows
-// (memory) plus 4 rows' FMAs, 289 ms; with one block 252 ms (2 threads, Zen 3; alternated runs: 381
-// and 422 -> 262 and 249 ms). At 16 rows two 8-row blocks ran slower than three of 6 x 2 panels
-// (351-403 -> 514-543 ms), so larger batches keep those.
-constexpr auto kF32Avx512 = f32_avx512(std::make_integer_sequence<int, 16>{});
-constexpr auto kBf16Avx512 = bf16_avx512(std::make_integer_sequence<int, 16>{});
-constexpr auto kF32Avx2 = f32_avx2<2>(std::make_integer_sequence<int, 6>{});
-constexpr auto kF32Avx2Decode = f32_avx2<1>(std::make_integer_sequence<int, 12>{});
 #endif
 
 bool has_avx512_bf16() {
@@ -303,10 +381,10 @@ at::Tensor packed_linear(const at::Tensor& x, const at::Tensor& packed, int64_t 
 #if defined(__x86_64__) && defined(__GNUC__)
   if (bf16) {
     record_isa(Isa::kAvx512);
-    run<uint16_t>(p, kBf16Avx512);
+    run_avx512<uint16_t>(p, kBf16Avx512Few, kBf16Avx512);
   } else if (best_isa() == Isa::kAvx512) {
     record_isa(Isa::kAvx512);
-    run<float>(p, kF32Avx512);
+    run_avx512<float>(p, kF32Avx512Few, kF32Avx512);
   } else {
     record_isa(Isa::kAvx2);
     if (p.M <= int64_t(kF32Avx2Decode.by_rows.size()))
