@@ -31,8 +31,8 @@ constexpr int64_t kAvx2Panel = 8;  // fp32 on AVX2: one 8-lane vector (panel_wid
 // kernel of P panels fetches each kPrefetchBytes / P ahead). 2 KB made a pass over all linears of
 // OPT-125m/1.3b at 16 rows 1.25-1.35x faster than none (Zen 4; 1, 2 and 4 KB measured, 2-4 best). On a
 // 2-vCPU Zen 5, in one process alternating round by round over all linears of OPT-1.3b, 8 KB against
-// 2: bf16 16 rows 70-73 -> 50-52 ms, fp32 16 rows 131-143 -> 96-118, 8 rows 97-123 -> 80-115, the AVX2
-// kernels (fp32) 217 -> 189 at 16 rows and 153 -> 116 at 8; 4 KB was slower than 8, 12-16 KB no faster.
+// 2: bf16 16 rows 70-74 -> 50-58 ms, fp32 16 rows 131-143 -> 96-116, 8 rows 97-123 -> 80-114, the AVX2
+// kernels (fp32) 207 -> 189 at 16 rows and 153 -> 116 at 8; 4 KB was slower than 8, 12-16 KB no faster.
 constexpr int64_t kPrefetchBytes = 8192;
 
 struct LinearParams {
