@@ -305,6 +305,28 @@ def test_packed_linear_relu_keeps_nan():
     assert out[1].isnan().all() and not out[[0, 2]].isnan().any() and (out[[0, 2]] >= 0).all()
 
 
+def anon_huge_kib() -> int:
+    with open("/proc/self/smaps_rollup") as f:
+        return int(next(line for line in f if line.startswith("AnonHugePages")).split()[1])
+
+
+def test_packed_weights_ask_for_huge_pages():
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+            mode = f.read().split("[")[1].split("]")[0]
+    except OSError:
+        pytest.skip("no transparent huge pages here")
+    if mode != "madvise":  # "always" backs them with or without asking, "never" refuses
+        pytest.skip(f"transparent huge pages are {mode!r} here: only 'madvise' depends on our advice")
+    weight = torch.randn(4096, 4096)  # 64 MiB: malloc maps it afresh, above its largest mmap threshold
+    before = anon_huge_kib()
+    packed = ops.pack_linear_weight(weight)
+    assert anon_huge_kib() - before >= 60 * 1024, "the packed weight got (almost) no huge pages"
+    if hybrid_engine._C.packed_linear_supported(False):
+        x = torch.randn(3, 4096)
+        torch.testing.assert_close(ops.packed_linear(x, packed, 4096, None, False), x @ weight.T, rtol=1e-4, atol=1e-3)
+
+
 def best_isa_of_this_cpu() -> str:
     """The variant the extension should pick here, from the kernel's own view of the CPU flags."""
     with open("/proc/cpuinfo") as f:

@@ -12,6 +12,7 @@
 // to 12 rows x 8 columns for decode (on a 2-vCPU EPYC Zen 3 at 16 rows over all linears of OPT-125m:
 // 1.0-1.1x oneDNN's packed kernels, 2x F.linear); bf16 needs AVX-512 BF16.
 #include <immintrin.h>
+#include <sys/mman.h>
 
 #include <array>
 #include <utility>
@@ -318,6 +319,21 @@ bool has_avx512_bf16() {
 #endif
 }
 
+// Asks for huge pages behind the 2 MB-aligned interior of t's memory before it is first written (THP in
+// `madvise` mode, a common default, gives none otherwise): a weight streamed from memory every decode step
+// then crosses no 4 KB page boundary, where the hardware prefetchers stop. All linears of OPT-1.3b on a
+// 2-vCPU Zen 5, both packings alternated in one process: bf16 8 rows 56.6 -> 54.3 ms (faster in 9 of 10
+// rounds), 16 rows 49.4 -> 48.4 (8 of 10); fp32 8 rows 118.3 -> 110.9 (7 of 10); packing no slower. Only
+// advice: where the kernel refuses, t keeps small pages.
+void advise_huge_pages(const at::Tensor& t) {
+#ifdef MADV_HUGEPAGE
+  constexpr uintptr_t kHuge = uintptr_t(2) << 20;
+  const auto start = reinterpret_cast<uintptr_t>(t.data_ptr());
+  const uintptr_t begin = (start + kHuge - 1) & ~(kHuge - 1), end = (start + t.nbytes()) & ~(kHuge - 1);
+  if (end > begin) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
+#endif
+}
+
 }  // namespace
 
 bool packed_linear_supported(at::ScalarType dtype) {
@@ -334,6 +350,7 @@ at::Tensor pack_linear_weight(const at::Tensor& weight) {
   // Written in place (no padded temporary: HybridEngine repacks every iteration, and a transient copy
   // of each weight would stay behind as heap the engine does not account for).
   at::Tensor packed = at::empty({panels, Kp / per, width, per}, weight.options());
+  advise_huge_pages(packed);
   const int64_t bytes = weight.element_size();
   const char* src = static_cast<const char*>(weight.data_ptr());
   char* dst = static_cast<char*>(packed.data_ptr());
