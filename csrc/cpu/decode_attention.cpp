@@ -67,6 +67,14 @@ struct PairRows {
   int64_t n = 0;
 };
 
+template <int kLocality, typename T>
+HE_INLINE void prefetch_pair(const PairRows<T>& rows, int64_t token_stride, int64_t D) {
+  for (int64_t t = 0; t < rows.n; ++t) {
+    prefetch_row<kLocality>(rows.k + t * token_stride, D);
+    prefetch_row<kLocality>(rows.v + t * token_stride, D);
+  }
+}
+
 // Scores of one query row (fp32, pair layout) against up to lanes<V> consecutive tokens of a block,
 // reduced together (hsum_lanes). Lanes past m repeat the last token; the caller masks them. One
 // accumulator per token: 16 of 16 lanes on AVX-512, 8 of 8 on AVX2, whose 16 registers cannot hold
@@ -136,10 +144,7 @@ HE_INLINE void accumulate_values(float* acc, const float* p, const T* v, int64_t
     d += 2 * kLanes;
     ahead.n = 0;
   }
-  for (int64_t t = 0; t < ahead.n; ++t) {  // a head too small for the loops above
-    prefetch_row<1>(ahead.k + t * token_stride, D);
-    prefetch_row<1>(ahead.v + t * token_stride, D);
-  }
+  prefetch_pair<1>(ahead, token_stride, D);  // a head too small for the loops above (else ahead.n is 0 by now)
   for (; d < D; ++d)  // a tail shorter than 32 elements stays in natural order (see to_pair_layout)
     for (int64_t t = 0; t < n; ++t) acc[d] += p[t] * to_float(v[t * token_stride + d]);
 }
@@ -183,10 +188,7 @@ HE_INLINE void decode_task(const DecodeParams& p, int64_t b, int64_t kv0, int64_
     const T* v = block_base(p.v_cache, blk);
     for (int64_t j = 0; j < kvn; ++j) {  // the group's heads read the kv head's rows while they are in L1
       const PairRows<T> next = pair_rows(blk * kvn + j + 1), ahead = pair_rows(blk * kvn + j + kPrefetchPairs);
-      for (int64_t t = 0; t < next.n; ++t) {
-        prefetch_row<3>(next.k + t * token_stride, D);
-        prefetch_row<3>(next.v + t * token_stride, D);
-      }
+      prefetch_pair<3>(next, token_stride, D);
       for (int64_t h = j * group; h < (j + 1) * group; ++h) {
         float* s = scores + h * stride;
         for (int64_t t0 = 0; t0 < n; t0 += lanes<V>)

@@ -300,9 +300,9 @@ constexpr auto kBf16Avx512Few = table<Bf16Avx512, 4>(std::make_integer_sequence<
 constexpr auto kF32Avx2 = table<F32Avx2, 2>(std::make_integer_sequence<int, 6>{});
 constexpr auto kF32Avx2Decode = table<F32Avx2, 1>(std::make_integer_sequence<int, 12>{});
 
-// The AVX-512 table for M rows: 4 panels at a time for a few rows.
+// `few` (a decode table: fewer rows, more panels per step) when it holds M rows, else `many`.
 template <typename T, typename Few, typename Many>
-void run_avx512(const LinearParams& p, const Few& few, const Many& many) {
+void run_by_rows(const LinearParams& p, const Few& few, const Many& many) {
   if (p.M <= int64_t(few.by_rows.size()))
     run<T>(p, few);
   else
@@ -398,16 +398,13 @@ at::Tensor packed_linear(const at::Tensor& x, const at::Tensor& packed, int64_t 
 #if defined(__x86_64__) && defined(__GNUC__)
   if (bf16) {
     record_isa(Isa::kAvx512);
-    run_avx512<uint16_t>(p, kBf16Avx512Few, kBf16Avx512);
+    run_by_rows<uint16_t>(p, kBf16Avx512Few, kBf16Avx512);
   } else if (best_isa() == Isa::kAvx512) {
     record_isa(Isa::kAvx512);
-    run_avx512<float>(p, kF32Avx512Few, kF32Avx512);
+    run_by_rows<float>(p, kF32Avx512Few, kF32Avx512);
   } else {
     record_isa(Isa::kAvx2);
-    if (p.M <= int64_t(kF32Avx2Decode.by_rows.size()))
-      run<float>(p, kF32Avx2Decode);
-    else
-      run<float>(p, kF32Avx2);
+    run_by_rows<float>(p, kF32Avx2Decode, kF32Avx2);
   }
 #endif
   return out;
